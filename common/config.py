@@ -1,0 +1,213 @@
+"""Typed configs: dataclass schema first, YAML files on top, ``key=value`` overrides last.
+
+Merge order (later wins):
+  1. the dataclass defaults (``OmegaConf.structured``),
+  2. the stage files ``configs/<section>.yaml`` (each only sets its own section),
+  3. extra files a script names (the quickstart's ``configs/quickstart.yaml``),
+  4. the run folder's saved ``config.yaml`` when the run already exists (a run describes itself),
+  5. ``--env NAME`` (``configs/env/NAME.yaml``), ``--preset NAME`` (``configs/presets/NAME.yaml``)
+     and ``--config FILE``, in the order given,
+  6. ``key=value`` overrides.
+A misspelt key or a value of the wrong type fails with a message naming the key (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import MISSING, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: unknown key, wrong type, missing preset file."""
+
+
+def param(default: Any = MISSING, help: str = "", default_factory: Any = MISSING) -> Any:  # noqa: A002
+    """A dataclass field with a one-line description that ``--help`` prints."""
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where a run lives and how it is tracked."""
+
+    name: str = param("default", "run folder name: artifacts go to <root>/<name>/")
+    root: str = param("runs", "parent folder of all run folders")
+    seed: int = param(0, "master seed: same config and seed give the same numbers on the CPU")
+    device: str = param("cpu", "torch device for training: cpu, cuda, cuda:1, ...")
+    threads: int = param(0, "torch intra-op threads (0: leave torch's default)")
+    wandb: bool = param(False, "also send scalars to wandb (offline unless wandb_mode says otherwise)")
+    wandb_project: str = param("gridworld-sandbox", "wandb project name")
+    wandb_mode: str = param("offline", "wandb mode: offline (no account needed), online or disabled")
+    progress: bool = param(True, "show progress bars")
+
+
+def _apply_merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if key:
+        return f"bad config key '{key}': {message}"
+    return message
+
+
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml syntax errors come in many types
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{what} {path} must hold a mapping of config sections")
+    return loaded
+
+
+def available(kind: str) -> list[str]:
+    """Names of the presets (``kind='presets'``) or env presets (``kind='env'``) in ``configs/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str], bool]:
+    """Split a command line into ordered ``(kind, value)`` file layers, dotlist overrides and help."""
+    layers: list[tuple[str, str]] = []
+    overrides: list[str] = []
+    want_help = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg in ("--preset", "--env", "--config"):
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value")
+            layers.append((arg[2:], args[i + 1]))
+            i += 1
+        elif arg.startswith(("--preset=", "--env=", "--config=")):
+            flag, value = arg[2:].split("=", 1)
+            layers.append((flag, value))
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(
+                f"unrecognised argument '{arg}': use key=value, --preset NAME, --env NAME or --config FILE"
+            )
+        i += 1
+    return layers, overrides, want_help
+
+
+def load_config(
+    schema: type,
+    argv: Sequence[str] | None = None,
+    extra_files: Sequence[str] = (),
+    use_run_config: bool = True,
+) -> DictConfig:
+    """Build a config of dataclass type ``schema`` from the files and command line (see module doc)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    layers, overrides, want_help = parse_argv(argv)
+    cfg = OmegaConf.structured(schema)
+    if want_help:
+        print(format_help(schema))
+        raise SystemExit(0)
+    for section in cfg.keys():
+        stage_file = CONFIG_DIR / f"{section}.yaml"
+        if stage_file.is_file():
+            loaded = _load_yaml(stage_file, "stage config")
+            unexpected = [k for k in loaded.keys() if k != section]
+            if unexpected:
+                raise ConfigError(f"{stage_file} may only set section '{section}', not {unexpected}")
+            cfg = _apply_merge(cfg, loaded, str(stage_file))
+    for name in extra_files:
+        path = CONFIG_DIR / name
+        cfg = _apply_merge(cfg, _load_yaml(path, "config file"), str(path))
+    try:
+        cli = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"command line: {_describe(error)}") from None
+    if use_run_config and "run" in cfg:
+        # The run name (and root) may come from any later layer; resolve them first.
+        probe = cfg
+        for kind, value in layers:
+            probe = _apply_merge(probe, _layer(kind, value), f"--{kind} {value}")
+        probe = _apply_merge(probe, cli, "command line")
+        saved = Path(probe.run.root) / probe.run.name / "config.yaml"
+        if saved.is_file():
+            cfg = _apply_merge(cfg, _load_yaml(saved, "run config"), str(saved))
+    for kind, value in layers:
+        cfg = _apply_merge(cfg, _layer(kind, value), f"--{kind} {value}")
+    cfg = _apply_merge(cfg, cli, "command line")
+    return cfg
+
+
+def _layer(kind: str, value: str) -> DictConfig:
+    if kind == "config":
+        return _load_yaml(Path(value), "config file")
+    folder = "presets" if kind == "preset" else "env"
+    path = CONFIG_DIR / folder / f"{value}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} '{value}': choose one of {available(folder)}")
+    return _load_yaml(path, f"{kind} '{value}'")
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The typed dataclass instance behind ``cfg``."""
+    return OmegaConf.to_object(cfg)
+
+
+def format_help(schema: type, prefix: str = "") -> str:
+    """Every field of ``schema`` with its type, default and description, one per line."""
+    lines = [] if prefix else [_usage()]
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            doc = (kind.__doc__ or "").strip().splitlines()[0] if kind.__doc__ else ""
+            lines.append(f"\n[{key}]  {doc}")
+            lines.append(format_help(kind, prefix=f"{key}."))
+            continue
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "???"
+        type_name = getattr(kind, "__name__", str(kind).replace("typing.", ""))
+        lines.append(f"  {key}: {type_name} = {default!r}    {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _usage() -> str:
+    return (
+        "usage: [--env NAME] [--preset NAME] [--config FILE] [key=value ...]\n"
+        f"  env presets: {', '.join(available('env'))}\n"
+        f"  presets: {', '.join(available('presets'))}\n"
+        "config keys:"
+    )
+
+
+def cli_config(schema: type, argv: Sequence[str] | None = None, extra_files: Sequence[str] = ()) -> DictConfig:
+    """``load_config`` for entry points: a bad config prints its reason and exits with code 2."""
+    try:
+        return load_config(schema, argv, extra_files=extra_files)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

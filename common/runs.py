@@ -1,0 +1,142 @@
+"""Run folders that describe themselves, and the one logging helper.
+
+``runs/<name>/`` holds ``config.yaml`` (the resolved config), ``commands.log`` (every command line
+that touched the run), ``versions.json`` (package versions), ``tb/`` (TensorBoard events),
+``metrics.json``, ``report.md``, ``media/`` and one artifact per stage. Scalars go to TensorBoard
+always and to wandb when ``run.wandb`` is set (offline by default: no account needed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+TRACKED_PACKAGES = (
+    "torch", "gymnasium", "minigrid", "numpy", "omegaconf", "tensorboard", "wandb", "imageio",
+    "matplotlib",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour the results depend on."""
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class RunDir:
+    """A run folder ``<run.root>/<run.name>/``; creating one records config, command and versions."""
+
+    def __init__(self, cfg: DictConfig, stage: str, argv: Iterable[str] | None = None):
+        self.path = Path(cfg.run.root) / cfg.run.name
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(self.path / "versions.json", package_versions())
+        argv = sys.argv if argv is None else list(argv)
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        with open(self.path / "commands.log", "a", encoding="utf-8") as log:
+            log.write(f"{stamp} [{stage}] {shlex.join(argv)}\n")
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def media(self) -> Path:
+        folder = self.path / "media"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def update_metrics(self, section: str, values: Mapping[str, Any]) -> dict:
+        """Merge ``values`` under ``section`` into ``metrics.json`` (atomically)."""
+        path = self.path / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics[section] = dict(values)
+        atomic_write_json(path, metrics)
+        return metrics
+
+
+class Logger:
+    """Scalars to TensorBoard (always) and wandb (opt-in); images as PNG summaries and files.
+
+    Tags are ``<prefix>/<name>`` with the stage as prefix, on one step axis per stage.
+    """
+
+    def __init__(self, run: RunDir, cfg: DictConfig, prefix: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run = run
+        self.prefix = prefix
+        self.tb = SummaryWriter(log_dir=str(run.path / "tb" / prefix))
+        self.wandb = None
+        if cfg.run.wandb and cfg.run.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(run.path))
+            self.wandb = wandb.init(
+                project=cfg.run.wandb_project,
+                name=f"{cfg.run.name}-{prefix}",
+                mode=cfg.run.wandb_mode,
+                dir=str(run.path),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                reinit=True,
+            )
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Log ``{name: value}`` at ``step`` under this logger's prefix."""
+        tagged = {f"{self.prefix}/{k}": float(v) for k, v in values.items()}
+        for tag, value in tagged.items():
+            self.tb.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(tagged, step=step)
+
+    def image(self, step: int, name: str, image: np.ndarray, save: bool = True) -> Path | None:
+        """Log an RGB uint8 image (H, W, 3) and, if ``save``, write ``media/<prefix>_<name>.png``."""
+        self.tb.add_image(f"{self.prefix}/{name}", image, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({f"{self.prefix}/{name}": wandb.Image(image)}, step=step)
+        if save:
+            return write_png(self.run.media / f"{self.prefix}_{name}.png", image)
+        return None
+
+    def close(self) -> None:
+        self.tb.flush()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an RGB uint8 image as PNG, atomically."""
+    import imageio.v3 as iio
+
+    return atomic_write_bytes(path, iio.imwrite("<bytes>", np.asarray(image, dtype=np.uint8), extension=".png"))
+
+
+def write_gif(path: str | os.PathLike, frames: np.ndarray | list, fps: int = 4, scale: int = 1) -> Path:
+    """Write frames (T, H, W, 3) uint8 as a looping GIF, atomically; ``scale`` repeats pixels."""
+    import imageio.v3 as iio
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    return atomic_write_bytes(path, data)

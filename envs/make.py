@@ -1,0 +1,134 @@
+"""The env factory: any MiniGrid id as a gymnasium env with RGB frame observations.
+
+Observation: an RGB uint8 frame, by default the full-grid top-down render (fully observable, so the
+next frame is determined by frame and action), or the agent's egocentric view (``obs="partial"``).
+Every ``reset`` and ``step`` puts the symbolic state in ``info["state"]`` (a uint8 array, see
+:mod:`envs.state`), so datasets, oracles and state heads share one ground truth.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the MiniGrid ids)
+import numpy as np
+from gymnasium import spaces
+
+from common.config import param
+from envs.state import StateCodec, SymbolicState, state_from_env
+
+OBS_MODES = ("full", "partial")
+
+
+@dataclass
+class EnvConfig:
+    """Which environment, and how it is observed."""
+
+    id: str = param("MiniGrid-DoorKey-5x5-v0", "gymnasium id of a MiniGrid env (short forms like DoorKey-5x5 work)")
+    obs: str = param("full", "observation: full (top-down render of the whole grid) or partial (egocentric view)")
+    tile_size: int = param(8, "pixels per grid tile in the rendered frame")
+    max_steps: int = param(0, "episode step limit (0: the env's own default)")
+
+
+def normalize_env_id(env_id: str) -> str:
+    """Return the registered MiniGrid id for ``env_id`` or raise a ValueError with close matches.
+
+    ``DoorKey-5x5`` and ``MiniGrid-DoorKey-5x5`` expand to ``MiniGrid-DoorKey-5x5-v0``.
+    """
+    registry = gym.envs.registry
+    candidates = [env_id, f"{env_id}-v0", f"MiniGrid-{env_id}", f"MiniGrid-{env_id}-v0"]
+    for candidate in candidates:
+        if candidate in registry:
+            spec = registry[candidate]
+            entry = str(spec.entry_point)
+            if "minigrid" not in entry.lower():
+                raise ValueError(f"env id '{env_id}' is not a MiniGrid env (entry point {entry})")
+            return candidate
+    known = [k for k in registry if k.startswith("MiniGrid-")]
+    close = difflib.get_close_matches(env_id, known, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown env id '{env_id}'{hint}")
+
+
+class FrameObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """MiniGrid env whose observation is an RGB frame and whose info carries the symbolic state.
+
+    observation_space: Box(0, 255, (H_px, W_px, 3), uint8); full view: H_px = grid height *
+    tile_size, W_px = grid width * tile_size; partial view: agent_view_size * tile_size squared.
+    action_space: the env's Discrete(7) (left, right, forward, pickup, drop, toggle, done).
+    info["state"]: (width * height * 3 + 6,) uint8, see :class:`envs.state.StateCodec`.
+    """
+
+    def __init__(self, env: gym.Env, obs: str = "full", tile_size: int = 8):
+        gym.utils.RecordConstructorArgs.__init__(self, obs=obs, tile_size=tile_size)
+        gym.Wrapper.__init__(self, env)
+        if obs not in OBS_MODES:
+            raise ValueError(f"unknown observation mode '{obs}': choose one of {OBS_MODES}")
+        base = env.unwrapped
+        self.obs_mode = obs
+        self.tile_size = int(tile_size)
+        if obs == "full":
+            shape = (base.height * tile_size, base.width * tile_size, 3)
+        else:
+            shape = (base.agent_view_size * tile_size, base.agent_view_size * tile_size, 3)
+        self.observation_space = spaces.Box(0, 255, shape=shape, dtype=np.uint8)
+        self.codec = StateCodec(base.width, base.height)
+
+    def frame(self) -> np.ndarray:
+        base = self.env.unwrapped
+        if self.obs_mode == "full":
+            return base.get_full_render(highlight=False, tile_size=self.tile_size)
+        return base.get_pov_render(tile_size=self.tile_size)
+
+    def symbolic_state(self) -> SymbolicState:
+        return state_from_env(self.env)
+
+    def _info(self, info: dict[str, Any]) -> dict[str, Any]:
+        info = dict(info)
+        info["state"] = self.codec.encode(self.symbolic_state())
+        return info
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        _, info = self.env.reset(seed=seed, options=options)
+        return self.frame(), self._info(info)
+
+    def step(self, action):
+        _, reward, terminated, truncated, info = self.env.step(action)
+        return self.frame(), float(reward), bool(terminated), bool(truncated), self._info(info)
+
+    def render(self):
+        return self.frame()
+
+
+def make_env(
+    env_id: str = "MiniGrid-DoorKey-5x5-v0",
+    obs: str = "full",
+    tile_size: int = 8,
+    seed: int | None = None,
+    max_steps: int = 0,
+) -> FrameObservation:
+    """Build a MiniGrid env with RGB frame observations and ``info["state"]``.
+
+    ``seed`` (optional) seeds the first ``reset``; every later ``reset`` should pass its own seed.
+    ``max_steps`` > 0 overrides the env's step limit.
+    """
+    env_id = normalize_env_id(env_id)
+    if obs not in OBS_MODES:
+        raise ValueError(f"unknown observation mode '{obs}': choose one of {OBS_MODES}")
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    kwargs: dict[str, Any] = {"render_mode": "rgb_array"}
+    if max_steps > 0:
+        kwargs["max_steps"] = int(max_steps)
+    env = FrameObservation(gym.make(env_id, **kwargs), obs=obs, tile_size=tile_size)
+    if seed is not None:
+        env.reset(seed=seed)
+    return env
+
+
+def make_env_from_config(env_cfg: Any, seed: int | None = None) -> FrameObservation:
+    """``make_env`` from an :class:`EnvConfig` (or its DictConfig)."""
+    return make_env(env_cfg.id, obs=env_cfg.obs, tile_size=env_cfg.tile_size, seed=seed, max_steps=env_cfg.max_steps)
