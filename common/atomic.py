@@ -48,10 +48,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def write_npz(handle: Any, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
+    """An ``.npz`` archive that ``np.load`` reads, byte-for-byte reproducible.
+
+    ``np.savez`` stamps every member with the current time, so two identical datasets would differ
+    in bytes; here every member carries a fixed date.
+    """
+    import zipfile
+
+    compression = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(handle, mode="w", compression=compression, allowZip64=True) as archive:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
 def atomic_savez(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> Path:
-    """``np.savez_compressed`` (or ``np.savez``) to ``path`` atomically."""
-    save = np.savez_compressed if compress else np.savez
-    return _write_via(path, lambda handle: save(handle, **arrays))
+    """A reproducible (compressed) ``.npz`` of ``arrays`` at ``path``, written atomically."""
+    return _write_via(path, lambda handle: write_npz(handle, arrays, compress=compress))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:

@@ -1,10 +1,36 @@
-"""Dataset I/O: episodes in compressed .npz shards with a card, read as fixed-length windows."""
+"""Dataset I/O: episodes in compressed ``.npz`` shards with a ``card.json``, read as windows.
+
+On disk, a dataset folder holds ``shard_00000.npz``, ``shard_00001.npz``, ... (shard k holds
+episodes ``k * episodes_per_shard`` onwards, in episode order) and ``card.json``, written last,
+which marks the dataset complete. Every file is written atomically.
+
+In memory (and in every shard) the arrays are *frame-aligned*: an episode of T steps has T + 1
+frames, and for each frame index f:
+
+- ``frames[f]`` (H, W, 3) uint8, ``states[f]`` (S,) uint8: what the agent saw, the ground truth;
+- ``actions[f]`` int64: the action taken at frame f (-1 at the episode's last frame);
+- ``rewards[f]`` float32, ``terminated[f]``, ``truncated[f]`` bool: the outcome of that action
+  (0 / False at the last frame).
+
+The format is plain NumPy on purpose: an exporter to Minari (Farama's standard) can be added
+without making it a dependency of the core install.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from common.atomic import atomic_savez
 from common.config import param
+
+CARD_NAME = "card.json"
+SHARD_GLOB = "shard_*.npz"
+FRAME_KEYS = ("frames", "states", "actions", "rewards", "terminated", "truncated")
+EPISODE_KEYS = ("episode_lengths", "episode_seeds", "episode_policies", "episode_indices")
 
 
 @dataclass
@@ -13,3 +39,236 @@ class DataConfig:
 
     path: str = param("", "dataset folder to train on (default: <run folder>/dataset)")
     val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)")
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npz"
+
+
+@dataclass
+class Episode:
+    """One recorded episode: T steps, T + 1 frames."""
+
+    frames: np.ndarray  # (T + 1, H, W, 3) uint8
+    states: np.ndarray  # (T + 1, S) uint8
+    actions: np.ndarray  # (T,) int
+    rewards: np.ndarray  # (T,) float32
+    terminated: np.ndarray  # (T,) bool
+    truncated: np.ndarray  # (T,) bool
+    seed: int
+    policy: int  # index into the card's policy labels
+    index: int  # episode number in the dataset
+
+    @property
+    def length(self) -> int:
+        return int(len(self.actions))
+
+    @property
+    def total_return(self) -> float:
+        return float(np.sum(self.rewards, dtype=np.float64))
+
+
+def episodes_to_arrays(episodes: list[Episode]) -> dict[str, np.ndarray]:
+    """Concatenate episodes into the frame-aligned flat arrays of a shard."""
+    if not episodes:
+        raise ValueError("cannot write a shard with no episodes")
+
+    def pad(values: np.ndarray, fill, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(values, dtype=dtype), np.array([fill], dtype=dtype)])
+
+    return {
+        "frames": np.concatenate([e.frames for e in episodes]).astype(np.uint8, copy=False),
+        "states": np.concatenate([e.states for e in episodes]).astype(np.uint8, copy=False),
+        "actions": np.concatenate([pad(e.actions, -1, np.int64) for e in episodes]),
+        "rewards": np.concatenate([pad(e.rewards, 0.0, np.float32) for e in episodes]),
+        "terminated": np.concatenate([pad(e.terminated, False, np.bool_) for e in episodes]),
+        "truncated": np.concatenate([pad(e.truncated, False, np.bool_) for e in episodes]),
+        "episode_lengths": np.array([e.length for e in episodes], dtype=np.int64),
+        "episode_seeds": np.array([e.seed for e in episodes], dtype=np.int64),
+        "episode_policies": np.array([e.policy for e in episodes], dtype=np.int64),
+        "episode_indices": np.array([e.index for e in episodes], dtype=np.int64),
+    }
+
+
+def write_shard(folder: str | Path, index: int, episodes: list[Episode]) -> Path:
+    """Write episodes as shard ``index`` of ``folder``, atomically."""
+    return atomic_savez(Path(folder) / shard_name(index), **episodes_to_arrays(episodes))
+
+
+def read_shard_lengths(path: str | Path) -> np.ndarray:
+    """Episode lengths of one shard, without decompressing its frames."""
+    with np.load(path) as shard:
+        return shard["episode_lengths"]
+
+
+@dataclass
+class WindowBatch:
+    """Fixed-length windows of consecutive frames, never crossing an episode end.
+
+    Positions past an episode's last frame (episodes shorter than the window) repeat the last frame
+    and have ``mask`` False. ``actions`` is -1 where no action was taken (an episode's last frame).
+    """
+
+    frames: np.ndarray  # (B, L, H, W, 3) uint8
+    states: np.ndarray  # (B, L, S) uint8
+    actions: np.ndarray  # (B, L) int64
+    rewards: np.ndarray  # (B, L) float32
+    terminated: np.ndarray  # (B, L) bool
+    truncated: np.ndarray  # (B, L) bool
+    mask: np.ndarray  # (B, L) bool: a real frame of the episode
+    episodes: np.ndarray  # (B,) episode number within the dataset
+    starts: np.ndarray  # (B,) first frame's position within its episode
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B, L, ...)
+
+
+class EpisodeDataset:
+    """Episodes in memory as frame-aligned flat arrays (see module doc) with episode offsets."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], card: dict | None = None,
+                 extras: dict[str, np.ndarray] | None = None):
+        missing = [k for k in FRAME_KEYS + EPISODE_KEYS if k not in arrays]
+        if missing:
+            raise ValueError(f"dataset arrays lack {missing}")
+        self.arrays = arrays
+        self.card = card or {}
+        self.episode_lengths = arrays["episode_lengths"]
+        frames_per_episode = self.episode_lengths + 1
+        self.episode_starts = np.concatenate([[0], np.cumsum(frames_per_episode)[:-1]]).astype(np.int64)
+        if int(frames_per_episode.sum()) != len(arrays["frames"]):
+            raise ValueError("dataset is inconsistent: episode lengths do not add up to the frame count")
+        self.extras: dict[str, np.ndarray] = dict(extras or {})
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, require_card: bool = True) -> "EpisodeDataset":
+        """Load every shard of the dataset folder ``path`` (complete datasets only by default)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {folder} (run scripts/collect.py first)")
+        card_path = folder / CARD_NAME
+        card = json.loads(card_path.read_text()) if card_path.is_file() else None
+        if require_card and card is None:
+            raise FileNotFoundError(
+                f"dataset {folder} has no {CARD_NAME}: the collection did not finish (re-run it to resume)"
+            )
+        shards = sorted(folder.glob(SHARD_GLOB))
+        if not shards:
+            raise ValueError(f"dataset {folder} is empty: no {SHARD_GLOB} files")
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in FRAME_KEYS + EPISODE_KEYS}
+        for shard in shards:
+            with np.load(shard) as data:
+                for key in parts:
+                    parts[key].append(data[key])
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        arrays["actions"] = arrays["actions"].astype(np.int64)
+        if len(arrays["episode_lengths"]) == 0:
+            raise ValueError(f"dataset {folder} holds no episodes")
+        return cls(arrays, card)
+
+    # ---------------------------------------------------------------- views
+    def __getattr__(self, name: str) -> np.ndarray:
+        arrays = self.__dict__.get("arrays", {})
+        if name in arrays:
+            return arrays[name]
+        raise AttributeError(name)
+
+    @property
+    def num_episodes(self) -> int:
+        return int(len(self.episode_lengths))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.episode_lengths.sum())
+
+    @property
+    def num_frames(self) -> int:
+        return int(len(self.arrays["frames"]))
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return tuple(self.arrays["frames"].shape[1:])
+
+    def episode_returns(self) -> np.ndarray:
+        """(E,) float64 return of every episode."""
+        return np.add.reduceat(self.arrays["rewards"].astype(np.float64), self.episode_starts)
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        """Frame-aligned arrays of episode ``i`` (T + 1 entries each), extras included."""
+        start = self.episode_starts[i]
+        stop = start + self.episode_lengths[i] + 1
+        out = {k: self.arrays[k][start:stop] for k in FRAME_KEYS}
+        out.update({k: v[start:stop] for k, v in self.extras.items()})
+        return out
+
+    def select(self, episode_ids: np.ndarray | list[int]) -> "EpisodeDataset":
+        """A new dataset holding the given episodes (in the given order)."""
+        episode_ids = np.asarray(episode_ids, dtype=np.int64)
+        if len(episode_ids) == 0:
+            raise ValueError("cannot select an empty set of episodes")
+        frame_index = np.concatenate(
+            [np.arange(self.episode_starts[i], self.episode_starts[i] + self.episode_lengths[i] + 1)
+             for i in episode_ids]
+        )
+        arrays = {k: self.arrays[k][frame_index] for k in FRAME_KEYS}
+        arrays.update({k: self.arrays[k][episode_ids] for k in EPISODE_KEYS})
+        extras = {k: v[frame_index] for k, v in self.extras.items()}
+        return EpisodeDataset(arrays, self.card, extras)
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple["EpisodeDataset", "EpisodeDataset | None"]:
+        """Split by episode into (train, validation); validation is None when ``val_fraction`` is 0."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        n = self.num_episodes
+        num_val = int(round(val_fraction * n))
+        if val_fraction > 0 and n >= 2:
+            num_val = min(max(num_val, 1), n - 1)
+        if num_val == 0:
+            return self, None
+        order = np.random.default_rng(seed).permutation(n)
+        return self.select(np.sort(order[num_val:])), self.select(np.sort(order[:num_val]))
+
+    def with_frame_array(self, name: str, array: np.ndarray) -> "EpisodeDataset":
+        """Attach a per-frame array (e.g. tokens, (N_frames, h, w)); windows then carry it in extras."""
+        if len(array) != self.num_frames:
+            raise ValueError(f"frame array '{name}' has {len(array)} rows, the dataset {self.num_frames} frames")
+        self.extras[name] = array
+        return self
+
+    # ---------------------------------------------------------------- windows
+    def window_index(self, episodes: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flat frame indices (B, L) and validity mask (B, L) of the windows given by episode and start."""
+        offsets = np.arange(length)
+        frames_in_episode = self.episode_lengths[episodes] + 1  # (B,)
+        position = starts[:, None] + offsets[None, :]  # (B, L)
+        mask = position < frames_in_episode[:, None]
+        position = np.minimum(position, frames_in_episode[:, None] - 1)
+        return self.episode_starts[episodes][:, None] + position, mask
+
+    def windows_at(self, episodes: np.ndarray, starts: np.ndarray, length: int) -> WindowBatch:
+        """The windows of ``length`` frames starting at frame ``starts`` of ``episodes``."""
+        episodes = np.asarray(episodes, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        index, mask = self.window_index(episodes, starts, length)
+        a = self.arrays
+        actions = np.where(mask, a["actions"][index], -1)
+        return WindowBatch(
+            frames=a["frames"][index],
+            states=a["states"][index],
+            actions=actions,
+            rewards=np.where(mask, a["rewards"][index], 0.0).astype(np.float32),
+            terminated=a["terminated"][index] & mask,
+            truncated=a["truncated"][index] & mask,
+            mask=mask,
+            episodes=episodes,
+            starts=starts,
+            extras={k: v[index] for k, v in self.extras.items()},
+        )
+
+    def sample_windows(self, rng: np.random.Generator, batch_size: int, length: int) -> WindowBatch:
+        """``batch_size`` windows of ``length`` frames, uniform over all windows of the dataset."""
+        if length < 1:
+            raise ValueError(f"window length must be at least 1, got {length}")
+        num_starts = np.maximum(self.episode_lengths + 1 - length + 1, 1)
+        episodes = rng.choice(self.num_episodes, size=batch_size, p=num_starts / num_starts.sum())
+        starts = (rng.random(batch_size) * num_starts[episodes]).astype(np.int64)
+        return self.windows_at(episodes, starts, length)
