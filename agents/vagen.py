@@ -1,0 +1,655 @@
+"""VAGEN-style agent: it says what state it is in, predicts the next state, then acts.
+
+Models and pure functions only (the training loop is :mod:`agents.train_vagen`):
+
+- :class:`Vocab` — the structured response vocabulary of one grid size: cell tokens ``c{x},{y}``,
+  directions, carried-object kinds, door states, ``none``, the seven actions, and ``<bos>``.
+- Response templates per strategy (:data:`STRATEGIES`) and :func:`parse_response`, which turns
+  sampled token ids into a :class:`ParsedResponse` (well-formed or not, fields, action).
+- :func:`state_fields` — the true fields of a symbolic state array, in the same token ids.
+- :func:`world_model_reward` — the per-turn reward for a correct estimate and prediction.
+- :func:`turn_gae`, :func:`bilevel_gae`, :func:`turn_level_advantages` — credit assignment.
+- :func:`ppo_loss` — clipped PPO on token log-probs with a token mask.
+- :class:`VagenNet` — a tiny prefix-LM transformer: the frame's tiles and the turn history are the
+  prefix, the response is decoded causally; one value per response position.
+- :class:`VagenAgent` — the saved policy behind the common interface of :mod:`agents.policy`.
+
+A response is a fixed template of typed slots. With the WorldModeling strategy::
+
+    agent_pos agent_dir carrying key_pos door goal_pos | agent_pos' agent_dir' ... goal_pos' | action
+
+The first six slots are the state estimate (fields of the state before the step), the next six
+the prediction (after the action that follows), the last one the action. Decoding samples every
+token from the full vocabulary (no grammar masking), so a response can break the template: a
+wrong token type in a slot, or an action token too early (an action token always ends the turn).
+Such a response is malformed: it earns only the format penalty and the env gets the no-op
+``done`` action.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
+from envs.state import DOOR, DOOR_CLOSED, DOOR_LOCKED, DOOR_OPEN, EMPTY, GOAL, KEY, StateCodec
+
+STRATEGIES = ("NoThink", "FreeThink", "StateEstimation", "TransitionModeling", "WorldModeling")
+FIELDS = ("agent_pos", "agent_dir", "carrying", "key_pos", "door", "goal_pos")
+ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
+NOOP_ACTION = 6  # "done": no effect in navigation tasks; what a malformed response does
+DIRECTION_NAMES = ("east", "south", "west", "north")
+CARRY_NAMES = ("key", "ball", "box")
+DOOR_STATE_NAMES = {DOOR_OPEN: "open", DOOR_CLOSED: "closed", DOOR_LOCKED: "locked"}
+_CARRY_KIND = {KEY: "key", 6: "ball", 7: "box"}  # minigrid OBJECT_TO_IDX: key 5, ball 6, box 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary, templates, parsing
+# ---------------------------------------------------------------------------------------------
+
+
+class Vocab:
+    """The response vocabulary for a ``width`` x ``height`` grid; token ids are dense from 0.
+
+    Slot types (what a slot accepts): ``cell`` (agent position), ``cell_or_none`` (key, goal),
+    ``dir``, ``carry`` (``none`` or an object kind), ``door`` (``none`` or a door state),
+    ``action``, ``free`` (any token but ``<bos>`` and the actions).
+    """
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = int(width), int(height)
+        names = ["<bos>", "none"]
+        names += [f"carry_{n}" for n in CARRY_NAMES]
+        names += [f"door_{n}" for n in ("open", "closed", "locked")]
+        names += list(DIRECTION_NAMES)
+        names += [f"c{x},{y}" for y in range(self.height) for x in range(self.width)]
+        names += [f"act_{n}" for n in ACTION_NAMES]
+        self.names = names
+        self.ids = {n: i for i, n in enumerate(names)}
+        self.bos, self.none = self.ids["<bos>"], self.ids["none"]
+        self.action_ids = np.array([self.ids[f"act_{n}"] for n in ACTION_NAMES])
+        self.first_action = int(self.action_ids[0])
+        cells = [self.ids[f"c{x},{y}"] for y in range(self.height) for x in range(self.width)]
+        self.slot_tokens: dict[str, frozenset[int]] = {
+            "cell": frozenset(cells),
+            "cell_or_none": frozenset(cells + [self.none]),
+            "dir": frozenset(self.ids[n] for n in DIRECTION_NAMES),
+            "carry": frozenset([self.none] + [self.ids[f"carry_{n}"] for n in CARRY_NAMES]),
+            "door": frozenset([self.none] + [self.ids[f"door_{n}"] for n in ("open", "closed", "locked")]),
+            "action": frozenset(int(a) for a in self.action_ids),
+            "free": frozenset(range(1, self.first_action)),
+        }
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def cell(self, x: int, y: int) -> int:
+        return self.ids[f"c{x},{y}"]
+
+    def is_action(self, token: int) -> bool:
+        return token >= self.first_action
+
+    def action_of(self, token: int) -> int:
+        """Env action (0..6) of an action token."""
+        return int(token) - self.first_action
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return " ".join(self.names[int(t)] for t in tokens)
+
+
+FIELD_SLOT = {
+    "agent_pos": "cell", "agent_dir": "dir", "carrying": "carry",
+    "key_pos": "cell_or_none", "door": "door", "goal_pos": "cell_or_none",
+}
+
+
+def template(strategy: str, free_think_len: int = 12) -> list[tuple[str, str]]:
+    """The slots of a response: a list of ``(part, slot_type)``; part is state, prediction, free or action."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}': choose one of {STRATEGIES}")
+    state = [("state", FIELD_SLOT[f]) for f in FIELDS]
+    prediction = [("prediction", FIELD_SLOT[f]) for f in FIELDS]
+    slots = {
+        "NoThink": [],
+        "FreeThink": [("free", "free")] * int(free_think_len),
+        "StateEstimation": state,
+        "TransitionModeling": prediction,
+        "WorldModeling": state + prediction,
+    }[strategy]
+    return slots + [("action", "action")]
+
+
+@dataclass
+class ParsedResponse:
+    """A response read against its template. ``state``/``prediction`` map field -> token id (None
+    when the strategy has no such part or the response is malformed); ``action`` is the env action
+    to execute (the no-op for a malformed response); ``error`` says what broke the template."""
+
+    well_formed: bool
+    action: int
+    state: dict[str, int] | None = None
+    prediction: dict[str, int] | None = None
+    error: str = ""
+
+
+def parse_response(tokens: Sequence[int], strategy: str, vocab: Vocab, free_think_len: int = 12) -> ParsedResponse:
+    """Read a response (its valid tokens only, without ``<bos>``) against the strategy's template."""
+    slots = template(strategy, free_think_len)
+    tokens = [int(t) for t in tokens]
+    if len(tokens) != len(slots):
+        where = "an action token came early" if tokens and vocab.is_action(tokens[-1]) else "no action token"
+        return ParsedResponse(False, NOOP_ACTION, error=f"{len(tokens)} tokens for {len(slots)} slots ({where})")
+    for i, ((part, slot), token) in enumerate(zip(slots, tokens)):
+        if not 0 <= token < len(vocab) or token not in vocab.slot_tokens[slot]:
+            name = vocab.names[token] if 0 <= token < len(vocab) else str(token)
+            return ParsedResponse(False, NOOP_ACTION, error=f"slot {i} ({part} {slot}) holds '{name}'")
+    fields: dict[str, dict[str, int]] = {"state": {}, "prediction": {}}
+    cursor = {"state": 0, "prediction": 0}
+    for (part, _), token in zip(slots, tokens):
+        if part in fields:
+            fields[part][FIELDS[cursor[part]]] = token
+            cursor[part] += 1
+    has_state = strategy in ("StateEstimation", "WorldModeling")
+    has_prediction = strategy in ("TransitionModeling", "WorldModeling")
+    return ParsedResponse(
+        True,
+        vocab.action_of(tokens[-1]),
+        state=fields["state"] if has_state else None,
+        prediction=fields["prediction"] if has_prediction else None,
+    )
+
+
+def state_fields(state_array: np.ndarray, codec: StateCodec, vocab: Vocab) -> dict[str, int]:
+    """The true token of every field of a symbolic state array (``codec`` layout), field -> token id.
+
+    The first key/door/goal in (x, y) order stands for its kind (DoorKey has one of each).
+    """
+    state = codec.decode(state_array)
+    kind = state.carrying[0]
+    carrying = vocab.none if kind == EMPTY or kind not in _CARRY_KIND else vocab.ids[f"carry_{_CARRY_KIND[kind]}"]
+    keys, doors, goals = state.objects(KEY), state.objects(DOOR), state.objects(GOAL)
+    return {
+        "agent_pos": vocab.cell(*state.agent_pos),
+        "agent_dir": vocab.ids[DIRECTION_NAMES[state.agent_dir % 4]],
+        "carrying": carrying,
+        "key_pos": vocab.cell(keys[0][0], keys[0][1]) if keys else vocab.none,
+        "door": vocab.ids[f"door_{DOOR_STATE_NAMES[doors[0][3]]}"] if doors else vocab.none,
+        "goal_pos": vocab.cell(goals[0][0], goals[0][1]) if goals else vocab.none,
+    }
+
+
+def field_accuracy(said: dict[str, int], truth: dict[str, int], field_weights: dict[str, float]) -> float:
+    """Weighted fraction of fields said right: sum of the weights of correct fields / sum of weights."""
+    total = sum(float(field_weights.get(f, 0.0)) for f in FIELDS)
+    if total <= 0:
+        raise ValueError(f"field weights must have a positive sum over {FIELDS}, got {field_weights}")
+    right = sum(float(field_weights.get(f, 0.0)) for f in FIELDS if said.get(f) == truth[f])
+    return right / total
+
+
+@dataclass
+class WorldModelReward:
+    """One turn's world-modeling reward and the accuracies it came from (NaN: part not in strategy;
+    0 for a malformed response with that part)."""
+
+    reward: float
+    state_accuracy: float
+    prediction_accuracy: float
+
+
+def world_model_reward(
+    parsed: ParsedResponse,
+    strategy: str,
+    true_state: dict[str, int],
+    true_next_state: dict[str, int],
+    *,
+    state_weight: float,
+    prediction_weight: float,
+    field_weights: dict[str, float],
+    format_penalty: float,
+) -> WorldModelReward:
+    """Reward for being right: ``state_weight * acc(estimate, truth before the step) +
+    prediction_weight * acc(prediction, truth after it)`` for a well-formed response;
+    ``format_penalty`` alone (it should be negative) for a malformed one."""
+    has_state = strategy in ("StateEstimation", "WorldModeling")
+    has_prediction = strategy in ("TransitionModeling", "WorldModeling")
+    nan = float("nan")
+    if not parsed.well_formed:
+        return WorldModelReward(float(format_penalty), 0.0 if has_state else nan, 0.0 if has_prediction else nan)
+    state_acc = field_accuracy(parsed.state, true_state, field_weights) if has_state else nan
+    pred_acc = field_accuracy(parsed.prediction, true_next_state, field_weights) if has_prediction else nan
+    reward = (state_weight * state_acc if has_state else 0.0) + (prediction_weight * pred_acc if has_prediction else 0.0)
+    return WorldModelReward(float(reward), state_acc, pred_acc)
+
+
+def full_world_model_reward(strategy: str, state_weight: float, prediction_weight: float) -> float:
+    """The reward of a perfect, well-formed response (what centring subtracts each turn)."""
+    return (state_weight if strategy in ("StateEstimation", "WorldModeling") else 0.0) + (
+        prediction_weight if strategy in ("TransitionModeling", "WorldModeling") else 0.0
+    )
+
+
+def random_well_formed(
+    strategy: str, vocab: Vocab, batch_size: int, generator: torch.Generator, free_think_len: int = 12
+) -> torch.Tensor:
+    """(B, L) responses with a uniformly random token in every slot: grammar without content."""
+    slots = template(strategy, free_think_len)
+    columns = []
+    for _, slot in slots:
+        allowed = torch.tensor(sorted(vocab.slot_tokens[slot]), dtype=torch.long)
+        columns.append(allowed[torch.randint(len(allowed), (batch_size,), generator=generator)])
+    return torch.stack(columns, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def turn_gae(
+    rewards: torch.Tensor, dones: torch.Tensor, values: torch.Tensor, last_value: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordinary GAE along time. rewards, dones, values: (N, T); last_value: (N,) the value after
+    the last step (ignored where that step ended the episode). ``dones[:, t]`` means the episode
+    ended with step t (no bootstrap across it). Returns advantages and returns, both (N, T)."""
+    N, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(N, dtype=rewards.dtype)
+    for t in reversed(range(T)):
+        next_value = last_value if t == T - 1 else values[:, t + 1]
+        alive = 1.0 - dones[:, t].to(rewards.dtype)
+        delta = rewards[:, t] + gamma * next_value * alive - values[:, t]
+        running = delta + gamma * lam * alive * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    lengths = mask.sum(-1).long()
+    if (lengths < 1).any():
+        raise ValueError("every turn needs at least one valid token (mask row of zeros found)")
+    return lengths - 1
+
+
+def bilevel_gae(
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    last_value: torch.Tensor,
+    *,
+    turn_gamma: float,
+    turn_lambda: float,
+    token_gamma: float,
+    token_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bi-level GAE (VAGEN): turn-level GAE across turns, then token-level GAE inside each turn.
+
+    rewards, dones: (N, T) per turn; values: (N, T, L) the critic's value before each response
+    token; mask: (N, T, L) valid response tokens (a prefix of each row, at least one);
+    last_value: (N,) the turn value after the last turn.
+
+    1. A turn's value is the value at its last token; turn-level GAE with ``turn_gamma``,
+       ``turn_lambda`` over the turn rewards gives the turn advantage ``A_t``.
+    2. Inside turn t the last token's advantage is ``A_t`` (its "reward" is the turn return
+       ``A_t + V_t`` with nothing after it); earlier tokens get no reward, so
+       ``delta_i = token_gamma * V_{i+1} - V_i`` and ``A_i = delta_i + token_gamma * token_lambda * A_{i+1}``.
+
+    With one token per turn this is ordinary GAE. Returns (advantages (N, T, L), returns
+    (N, T, L) = advantages + values, both zero off the mask; turn advantages (N, T)).
+    """
+    mask = mask.to(values.dtype)
+    last = _last_token_index(mask)
+    turn_values = values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+    turn_adv, _ = turn_gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
+    N, T, L = values.shape
+    advantages = torch.zeros_like(values)
+    next_adv = torch.zeros(N, T, dtype=values.dtype)
+    positions = torch.arange(L)
+    for i in reversed(range(L)):
+        next_value = values[..., i + 1] if i + 1 < L else torch.zeros(N, T, dtype=values.dtype)
+        inner = token_gamma * next_value - values[..., i] + token_gamma * token_lambda * next_adv
+        adv_i = torch.where(last == positions[i], turn_adv, inner) * mask[..., i]
+        advantages[..., i] = adv_i
+        next_adv = adv_i
+    returns = (advantages + values) * mask
+    return advantages, returns, turn_adv
+
+
+def turn_level_advantages(
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    last_value: torch.Tensor,
+    *,
+    turn_gamma: float,
+    turn_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn-level-only GAE (the comparison): every token of turn t gets the turn advantage ``A_t``
+    and the turn return as its value target. Shapes as :func:`bilevel_gae`."""
+    mask = mask.to(values.dtype)
+    last = _last_token_index(mask)
+    turn_values = values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+    turn_adv, turn_ret = turn_gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
+    return turn_adv.unsqueeze(-1) * mask, turn_ret.unsqueeze(-1) * mask, turn_adv
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the masked entries; zero off the mask."""
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp_min(1.0)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) * mask) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO loss
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Losses:
+    """A total to minimise plus named parts (become log keys)."""
+
+    total: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float,
+    value_coef: float,
+    entropy_coef: float,
+) -> Losses:
+    """Clipped PPO on token log-probs; every argument is (M, L) and ``mask`` picks the response
+    tokens; means are over valid tokens (each token one decision)."""
+    mask = mask.to(logprobs.dtype)
+    count = mask.sum().clamp_min(1.0)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    policy_loss = -(torch.minimum(unclipped, clipped) * mask).sum() / count
+    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / count
+    entropy_mean = (entropy * mask).sum() / count
+    total = policy_loss + value_coef * value_loss - entropy_coef * entropy_mean
+    with torch.no_grad():
+        approx_kl = (((ratio - 1) - (logprobs - old_logprobs)) * mask).sum() / count
+        clip_fraction = (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum() / count
+    return Losses(
+        total,
+        {
+            "policy": float(policy_loss), "value": float(value_loss), "entropy": float(entropy_mean),
+            "approx_kl": float(approx_kl), "clip_fraction": float(clip_fraction),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VagenModelConfig:
+    """Shape of :class:`VagenNet` (saved in the checkpoint)."""
+
+    vocab_size: int
+    grid_width: int
+    grid_height: int
+    tile_size: int
+    max_response_len: int
+    history_len: int = 2
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with an explicit boolean attention mask (True: may attend)."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, S, hs)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class VagenNet(nn.Module):
+    """Prefix-LM transformer: [frame tiles | action history | response] -> next-token logits, values.
+
+    The prefix (one token per grid tile, from a small MLP on the tile's pixels, plus one token per
+    remembered action) is attended bidirectionally; the response causally. Logits and value at
+    response input position i (``<bos>`` is position 0) are for response token i.
+    """
+
+    def __init__(self, config: VagenModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        pixels = c.tile_size * c.tile_size * 3
+        self.tile_embed = nn.Sequential(nn.Linear(pixels, c.d_model), nn.GELU(), nn.Linear(c.d_model, c.d_model))
+        self.tile_pos = nn.Parameter(torch.zeros(c.grid_width * c.grid_height, c.d_model))
+        self.history_embed = nn.Embedding(NUM_ACTIONS + 1, c.d_model)  # + "no action yet"
+        self.history_pos = nn.Parameter(torch.zeros(max(c.history_len, 1), c.d_model))
+        self.token_embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.token_pos = nn.Parameter(torch.zeros(c.max_response_len, c.d_model))
+        self.blocks = nn.ModuleList([_Block(c.d_model, c.heads) for _ in range(c.layers)])
+        self.norm = nn.LayerNorm(c.d_model)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size)
+        self.value_head = nn.Linear(c.d_model, 1)
+        for p in (self.tile_pos, self.history_pos, self.token_pos):
+            nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def encode_prefix(self, frames: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """frames (B, H, W, 3) uint8, history (B, K) int64 in [0, 7] (7: none) -> (B, P + K, d)."""
+        c = self.config
+        B, H, W, _ = frames.shape
+        gh, gw, ts = H // c.tile_size, W // c.tile_size, c.tile_size
+        if gh * gw != c.grid_width * c.grid_height or gh * ts != H or gw * ts != W:
+            raise ValueError(
+                f"frame {H}x{W} is not a {c.grid_height}x{c.grid_width} grid of {ts}-pixel tiles: "
+                "was the policy trained on another env or tile size?"
+            )
+        tiles = frames.float().div(255.0).view(B, gh, ts, gw, ts, 3).permute(0, 1, 3, 2, 4, 5).reshape(B, gh * gw, -1)
+        prefix = [self.tile_embed(tiles) + self.tile_pos]
+        if c.history_len > 0:
+            prefix.append(self.history_embed(history) + self.history_pos)
+        return torch.cat(prefix, dim=1)
+
+    def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) response input ids starting with
+        ``<bos>`` -> logits (B, L, V), values (B, L)."""
+        prefix = self.encode_prefix(frames, history)
+        L = inputs.shape[1]
+        x = torch.cat([prefix, self.token_embed(inputs) + self.token_pos[:L]], dim=1)
+        P, S = prefix.shape[1], x.shape[1]
+        allowed = torch.ones(S, S, dtype=torch.bool).tril()
+        allowed[:, :P] = True  # everyone sees the whole prefix
+        for block in self.blocks:
+            x = block(x, allowed)
+        h = self.norm(x[:, P:])
+        return self.lm_head(h), self.value_head(h).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    """Sampled responses. tokens (B, L) (``<bos>`` id 0 past the end), mask (B, L) valid tokens,
+    logprobs (B, L), values (B, L) the critic before each token."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+
+
+@torch.no_grad()
+def generate(
+    net: VagenNet,
+    frames: torch.Tensor,
+    history: torch.Tensor,
+    length: int,
+    first_action: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> Generation:
+    """Decode up to ``length`` tokens per row from the full vocabulary; a row stops after its first
+    action token (id >= ``first_action``). ``temperature`` 0 decodes greedily."""
+    B = frames.shape[0]
+    inputs = torch.zeros(B, 1, dtype=torch.long)  # <bos>
+    tokens = torch.zeros(B, length, dtype=torch.long)
+    mask = torch.zeros(B, length, dtype=torch.bool)
+    logprobs = torch.zeros(B, length)
+    values = torch.zeros(B, length)
+    alive = torch.ones(B, dtype=torch.bool)
+    for i in range(length):
+        logits, value = net(frames, history, inputs)
+        logits, value = logits[:, -1], value[:, -1]
+        log_p = torch.log_softmax(logits, dim=-1)
+        if temperature <= 0:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
+        token = torch.where(alive, token, torch.zeros_like(token))
+        tokens[:, i] = token
+        mask[:, i] = alive
+        logprobs[:, i] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1) * alive
+        values[:, i] = value * alive
+        alive = alive & (token < first_action)
+        if not alive.any():
+            break
+        inputs = torch.cat([inputs, token.unsqueeze(-1)], dim=1)
+    return Generation(tokens, mask, logprobs, values)
+
+
+def token_logprobs(net: VagenNet, frames: torch.Tensor, history: torch.Tensor, tokens: torch.Tensor):
+    """Teacher-forced pass over responses tokens (B, L): log-probs (B, L), entropies (B, L),
+    values (B, L) of every position (mask them outside)."""
+    inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    logits, values = net(frames, history, inputs)
+    log_p = torch.log_softmax(logits, dim=-1)
+    logprobs = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logprobs, entropy, values
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved policy
+# ---------------------------------------------------------------------------------------------
+
+
+@register_policy("vagen")
+class VagenAgent(Policy):
+    """The trained agent behind the common interface: reads ``frames`` (B, H, W, 3), keeps the last
+    ``history_len`` actions of each row, writes a response per row and returns its action (the
+    no-op for a malformed response). ``last_responses`` holds the parsed responses of the last call.
+    """
+
+    inputs = ("frames",)
+
+    def __init__(
+        self,
+        net: VagenNet,
+        strategy: str,
+        vocab: Vocab,
+        free_think_len: int = 12,
+        temperature: float = 1.0,
+        config: dict | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(name or f"vagen-{strategy}")
+        self.net = net.eval()
+        self.strategy = strategy
+        self.vocab = vocab
+        self.free_think_len = free_think_len
+        self.length = len(template(strategy, free_think_len))
+        self.temperature = temperature
+        self.config = dict(config or {})
+        self.generator = torch.Generator().manual_seed(0)
+        self.history = np.full((0, net.config.history_len), NUM_ACTIONS, dtype=np.int64)
+        self.last_responses: list[ParsedResponse] = []
+
+    def reset(self, batch_size: int, seed: int | None = None) -> None:
+        super().reset(batch_size, seed)
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        self.history = np.full((batch_size, self.net.config.history_len), NUM_ACTIONS, dtype=np.int64)
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Clear the action history of the rows whose episode restarted."""
+        self.history[rows] = NUM_ACTIONS
+
+    def act(self, inp: PolicyInput) -> np.ndarray:
+        frames = inp.require("frames", self.name)
+        if len(self.history) != len(frames):
+            self.reset(len(frames))
+        gen = generate(
+            self.net, torch.from_numpy(np.ascontiguousarray(frames)), torch.from_numpy(self.history), self.length,
+            self.vocab.first_action, self.generator, self.temperature,
+        )
+        self.last_responses = [
+            parse_response(gen.tokens[b, : int(gen.mask[b].sum())].tolist(), self.strategy, self.vocab, self.free_think_len)
+            for b in range(len(frames))
+        ]
+        actions = np.array([r.action for r in self.last_responses], dtype=np.int64)
+        if self.history.shape[1] > 0:
+            self.history = np.concatenate([self.history[:, 1:], actions[:, None]], axis=1)
+        return actions
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "model_config": asdict(self.net.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "strategy": self.strategy,
+            "grid": [self.vocab.width, self.vocab.height],
+            "free_think_len": self.free_think_len,
+            "temperature": self.temperature,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu") -> "VagenAgent":
+        net = VagenNet(VagenModelConfig(**checkpoint["model_config"]))
+        net.load_state_dict(checkpoint["state_dict"])
+        width, height = checkpoint["grid"]
+        return cls(
+            net, checkpoint["strategy"], Vocab(width, height), int(checkpoint["free_think_len"]),
+            float(checkpoint.get("temperature", 1.0)), checkpoint.get("config"),
+        )
+
+
+def chance_state_accuracy(vocab: Vocab, field_weights: dict[str, float]) -> float:
+    """Expected field accuracy of a uniform guess within each field's slot type (the chance level)."""
+    total = sum(float(field_weights.get(f, 0.0)) for f in FIELDS)
+    return sum(float(field_weights.get(f, 0.0)) / len(vocab.slot_tokens[FIELD_SLOT[f]]) for f in FIELDS) / total
+
+
+def is_nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)

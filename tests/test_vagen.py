@@ -1,0 +1,227 @@
+"""VAGEN-style agent: advantages, rewards, parsing, and a tiny end-to-end training run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agents.vagen import (
+    FIELDS,
+    NOOP_ACTION,
+    Vocab,
+    bilevel_gae,
+    parse_response,
+    state_fields,
+    template,
+    turn_gae,
+    turn_level_advantages,
+    world_model_reward,
+)
+from envs.make import make_env
+from envs.state import StateCodec
+
+WEIGHTS = {"agent_pos": 2.0, "agent_dir": 1.0, "carrying": 1.0, "key_pos": 1.0, "door": 1.0, "goal_pos": 2.0}
+
+
+# --- advantages --------------------------------------------------------------------------------
+
+
+def test_bilevel_gae_matches_hand_computed_case():
+    # Two turns: turn 0 has 3 tokens, turn 1 has 2 (the third is padding); the episode ends at turn 1.
+    values = torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 7.0]]])
+    mask = torch.tensor([[[1, 1, 1], [1, 1, 0]]], dtype=torch.bool)
+    rewards = torch.tensor([[0.5, 1.0]])
+    dones = torch.tensor([[False, True]])
+    adv, ret, turn_adv = bilevel_gae(
+        rewards, dones, values, mask, torch.tensor([9.0]),  # bootstrap ignored: episode over
+        turn_gamma=0.9, turn_lambda=0.8, token_gamma=0.95, token_lambda=0.7,
+    )
+    # Turn values are the last-token values 0.3 and 0.5.
+    a1 = 1.0 - 0.5  # 0.5
+    a0 = (0.5 + 0.9 * 0.5 - 0.3) + 0.9 * 0.8 * a1  # 1.01
+    assert turn_adv[0].tolist() == pytest.approx([a0, a1])
+    t01 = 0.95 * 0.3 - 0.2 + 0.95 * 0.7 * a0
+    t00 = 0.95 * 0.2 - 0.1 + 0.95 * 0.7 * t01
+    t10 = 0.95 * 0.5 - 0.4 + 0.95 * 0.7 * a1
+    expected = [[t00, t01, a0], [t10, a1, 0.0]]
+    assert adv[0].tolist() == [pytest.approx(row) for row in expected]
+    expected_returns = (torch.tensor(expected) + values[0]) * mask[0]
+    assert torch.allclose(ret[0], expected_returns)
+
+
+def test_bilevel_gae_bootstraps_a_cut_rollout():
+    values = torch.tensor([[[0.0, 0.2]]])
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    adv, _, turn_adv = bilevel_gae(
+        torch.tensor([[0.0]]), torch.tensor([[False]]), values, mask, torch.tensor([1.0]),
+        turn_gamma=0.5, turn_lambda=1.0, token_gamma=1.0, token_lambda=1.0,
+    )
+    assert turn_adv.item() == pytest.approx(0.5 * 1.0 - 0.2)
+    assert adv[0, 0].tolist() == pytest.approx([0.2 - 0.0 + 0.3, 0.3])
+
+
+def test_bilevel_gae_with_one_token_per_turn_is_ordinary_gae():
+    g = torch.Generator().manual_seed(0)
+    N, T = 3, 7
+    rewards = torch.randn(N, T, generator=g)
+    values = torch.randn(N, T, generator=g)
+    dones = torch.rand(N, T, generator=g) < 0.3
+    last_value = torch.randn(N, generator=g)
+    # Padding positions hold garbage values that must not leak in.
+    padded = torch.cat([values.unsqueeze(-1), torch.randn(N, T, 2, generator=g)], dim=-1)
+    mask = torch.zeros(N, T, 3, dtype=torch.bool)
+    mask[..., 0] = True
+    adv, ret, _ = bilevel_gae(
+        rewards, dones, padded, mask, last_value, turn_gamma=0.97, turn_lambda=0.9, token_gamma=0.9, token_lambda=0.5
+    )
+    ref_adv, ref_ret = turn_gae(rewards, dones, values, last_value, 0.97, 0.9)
+    # Reference: the textbook recursion written out separately.
+    manual = torch.zeros(N, T)
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            nv = last_value[n] if t == T - 1 else values[n, t + 1]
+            alive = 0.0 if dones[n, t] else 1.0
+            running = rewards[n, t] + 0.97 * nv * alive - values[n, t] + 0.97 * 0.9 * alive * running
+            manual[n, t] = running
+    assert torch.allclose(ref_adv, manual, atol=1e-6)
+    assert torch.allclose(adv[..., 0], manual, atol=1e-6)
+    assert torch.allclose(ret[..., 0], ref_ret, atol=1e-6)
+    assert torch.all(adv[..., 1:] == 0) and torch.all(ret[..., 1:] == 0)
+
+
+def test_turn_level_advantages_spread_the_turn_advantage_over_the_turn():
+    values = torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 7.0]]])
+    mask = torch.tensor([[[1, 1, 1], [1, 1, 0]]], dtype=torch.bool)
+    adv, ret, turn_adv = turn_level_advantages(
+        torch.tensor([[0.5, 1.0]]), torch.tensor([[False, True]]), values, mask, torch.tensor([0.0]),
+        turn_gamma=0.9, turn_lambda=0.8,
+    )
+    assert turn_adv[0].tolist() == pytest.approx([1.01, 0.5])
+    assert adv[0].tolist() == [pytest.approx([1.01] * 3), pytest.approx([0.5, 0.5, 0.0])]
+    assert ret[0].tolist() == [pytest.approx([1.31] * 3), pytest.approx([1.0, 1.0, 0.0])]
+
+
+# --- parsing and rewards -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def doorkey():
+    env = make_env("MiniGrid-DoorKey-5x5-v0", seed=3)
+    _, info = env.reset(seed=3)
+    before = info["state"]
+    _, _, _, _, info = env.step(1)  # turn right: only the direction changes
+    after = info["state"]
+    codec = StateCodec(5, 5)
+    vocab = Vocab(5, 5)
+    return vocab, state_fields(before, codec, vocab), state_fields(after, codec, vocab)
+
+
+def response(vocab, state, prediction, action):
+    return [state[f] for f in FIELDS] + [prediction[f] for f in FIELDS] + [int(vocab.action_ids[action])]
+
+
+def test_state_fields_read_the_doorkey_state(doorkey):
+    vocab, before, after = doorkey
+    assert vocab.names[before["door"]] == "door_locked"
+    assert vocab.names[before["carrying"]] == "none"
+    assert vocab.names[before["key_pos"]].startswith("c") and vocab.names[before["goal_pos"]] == "c3,3"
+    changed = [f for f in FIELDS if before[f] != after[f]]
+    assert changed == ["agent_dir"]
+
+
+def test_parse_well_formed_world_modeling_response(doorkey):
+    vocab, before, after = doorkey
+    parsed = parse_response(response(vocab, before, after, 1), "WorldModeling", vocab)
+    assert parsed.well_formed and parsed.action == 1 and not parsed.error
+    assert parsed.state == before and parsed.prediction == after
+
+
+@pytest.mark.parametrize(
+    "strategy, length", [("NoThink", 1), ("StateEstimation", 7), ("TransitionModeling", 7), ("WorldModeling", 13), ("FreeThink", 13)]
+)
+def test_templates_have_the_documented_length(strategy, length):
+    assert len(template(strategy, free_think_len=12)) == length
+
+
+def test_parse_malformed_responses(doorkey):
+    vocab, before, after = doorkey
+    good = response(vocab, before, after, 2)
+    early_action = good[:3] + [int(vocab.action_ids[2])]
+    wrong_type = list(good)
+    wrong_type[1] = before["agent_pos"]  # a cell where a direction belongs
+    no_action = good[:-1] + [before["agent_dir"]]
+    bos_inside = list(good)
+    bos_inside[4] = vocab.bos
+    for tokens, needle in [(early_action, "early"), (wrong_type, "slot 1"), (no_action, "slot 12"), (bos_inside, "slot 4"), ([], "no action")]:
+        parsed = parse_response(tokens, "WorldModeling", vocab)
+        assert not parsed.well_formed, tokens
+        assert parsed.action == NOOP_ACTION and parsed.state is None and parsed.prediction is None
+        assert needle in parsed.error
+    assert not parse_response([before["agent_pos"]], "NoThink", vocab).well_formed
+    assert parse_response([int(vocab.action_ids[5])], "NoThink", vocab).action == 5
+    # FreeThink accepts any non-action token in its free slots, but not <bos> or an action.
+    free = [before["agent_pos"], vocab.ids["north"]] * 6 + [int(vocab.action_ids[0])]
+    assert parse_response(free, "FreeThink", vocab).well_formed
+    assert not parse_response([vocab.bos] + free[1:], "FreeThink", vocab).well_formed
+
+
+def reward_of(vocab, tokens, before, after, strategy="WorldModeling"):
+    parsed = parse_response(tokens, strategy, vocab)
+    return world_model_reward(
+        parsed, strategy, before, after, state_weight=0.3, prediction_weight=0.5, field_weights=WEIGHTS, format_penalty=-0.2
+    )
+
+
+def test_perfect_response_gets_the_full_world_modeling_reward(doorkey):
+    vocab, before, after = doorkey
+    result = reward_of(vocab, response(vocab, before, after, 1), before, after)
+    assert result.reward == pytest.approx(0.8)
+    assert result.state_accuracy == 1.0 and result.prediction_accuracy == 1.0
+
+
+def test_a_wrong_field_loses_its_weight(doorkey):
+    vocab, before, after = doorkey
+    wrong_pos = dict(before, agent_pos=vocab.cell(2, 2) if before["agent_pos"] != vocab.cell(2, 2) else vocab.cell(1, 1))
+    result = reward_of(vocab, response(vocab, wrong_pos, after, 1), before, after)
+    assert result.reward == pytest.approx(0.8 - 0.3 * 2.0 / 8.0)
+    # Predicting "no change" gets the direction wrong: the prediction loses that field's weight.
+    result = reward_of(vocab, response(vocab, before, before, 1), before, after)
+    assert result.reward == pytest.approx(0.8 - 0.5 * 1.0 / 8.0)
+    assert result.prediction_accuracy == pytest.approx(7.0 / 8.0)
+
+
+def test_malformed_response_gets_only_the_format_penalty(doorkey):
+    vocab, before, after = doorkey
+    tokens = response(vocab, before, after, 1)
+    tokens[7] = vocab.ids["door_open"]  # prediction's agent_dir slot holds a door state
+    result = reward_of(vocab, tokens, before, after)
+    assert result.reward == pytest.approx(-0.2)
+    assert result.state_accuracy == 0.0 and result.prediction_accuracy == 0.0
+
+
+def test_strategies_without_a_part_are_not_scored_on_it(doorkey):
+    vocab, before, after = doorkey
+    tokens = [before[f] for f in FIELDS] + [int(vocab.action_ids[1])]
+    result = reward_of(vocab, tokens, before, after, strategy="StateEstimation")
+    assert result.reward == pytest.approx(0.3) and math.isnan(result.prediction_accuracy)
+    result = reward_of(vocab, [int(vocab.action_ids[1])], before, after, strategy="NoThink")
+    assert result.reward == 0.0 and math.isnan(result.state_accuracy)
+
+
+def test_state_fields_of_states_along_an_episode_are_consistent():
+    env = make_env("MiniGrid-DoorKey-6x6-v0", seed=0)
+    _, info = env.reset(seed=0)
+    codec, vocab = StateCodec(6, 6), Vocab(6, 6)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        fields = state_fields(info["state"], codec, vocab)
+        assert set(fields) == set(FIELDS)
+        state = codec.decode(info["state"])
+        assert fields["agent_pos"] == vocab.cell(*state.agent_pos)
+        _, _, term, trunc, info = env.step(int(rng.integers(7)))
+        if term or trunc:
+            break
