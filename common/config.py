@@ -204,10 +204,25 @@ def _usage() -> str:
     )
 
 
-def cli_config(schema: type, argv: Sequence[str] | None = None, extra_files: Sequence[str] = ()) -> DictConfig:
-    """``load_config`` for entry points: a bad config prints its reason and exits with code 2."""
+def cli_config(
+    schema: type,
+    argv: Sequence[str] | None = None,
+    extra_files: Sequence[str] = (),
+    validate: Any = None,
+) -> DictConfig:
+    """``load_config`` for entry points: a bad config prints its reason and exits with code 2.
+
+    ``validate(cfg)`` may check values the types cannot (an env id, a policy mix) and raise
+    ``ConfigError`` or ``ValueError`` naming the key.
+    """
     try:
-        return load_config(schema, argv, extra_files=extra_files)
+        cfg = load_config(schema, argv, extra_files=extra_files)
+        if validate is not None:
+            try:
+                validate(cfg)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        return cfg
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -40,11 +40,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def run_path(cfg: DictConfig) -> Path:
+    """The run folder ``<run.root>/<run.name>`` of a config (not created)."""
+    return Path(cfg.run.root) / cfg.run.name
+
+
 class RunDir:
     """A run folder ``<run.root>/<run.name>/``; creating one records config, command and versions."""
 
     def __init__(self, cfg: DictConfig, stage: str, argv: Iterable[str] | None = None):
-        self.path = Path(cfg.run.root) / cfg.run.name
+        self.path = run_path(cfg)
         self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

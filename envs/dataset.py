@@ -41,6 +41,16 @@ class DataConfig:
     val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)")
 
 
+def collect_folder(cfg) -> Path:
+    """Where the collect stage writes: ``collect.path`` or ``<run folder>/dataset``."""
+    return Path(cfg.collect.path) if cfg.collect.path else Path(cfg.run.root) / cfg.run.name / "dataset"
+
+
+def training_folder(cfg) -> Path:
+    """Where training stages read: ``data.path``, else the collect stage's folder."""
+    return Path(cfg.data.path) if cfg.data.path else collect_folder(cfg)
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npz"
 

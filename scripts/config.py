@@ -20,3 +20,20 @@ class Config:
     env: EnvConfig = param(default_factory=EnvConfig, help="environment and observation")
     collect: CollectConfig = param(default_factory=CollectConfig, help="offline rollout collection")
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
+
+
+def validate(cfg) -> None:
+    """Checks the types cannot express; each error names its key."""
+    from envs.make import OBS_MODES, normalize_env_id
+    from envs.policies import parse_policy_mix
+
+    try:
+        normalize_env_id(cfg.env.id)
+    except ValueError as error:
+        raise ValueError(f"env.id: {error}") from None
+    if cfg.env.obs not in OBS_MODES:
+        raise ValueError(f"env.obs: unknown observation mode '{cfg.env.obs}', choose one of {OBS_MODES}")
+    try:
+        parse_policy_mix(cfg.collect.policy_mix)
+    except ValueError as error:
+        raise ValueError(f"collect.policy_mix: {error}") from None
