@@ -122,6 +122,26 @@ class Logger:
             return write_png(self.run.media / f"{self.prefix}_{name}.png", image)
         return None
 
+    def video(self, step: int, name: str, frames: np.ndarray, fps: int = 4, scale: int = 2) -> Path:
+        """Write frames (T, H, W, 3) uint8 as ``media/<prefix>_<name>.gif`` and log the GIF to TensorBoard.
+
+        TensorBoard's ``add_video`` needs an old moviepy; an image summary holding GIF bytes plays
+        as an animation in the images dashboard instead.
+        """
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        path = write_gif(self.run.media / f"{self.prefix}_{name}.gif", frames, fps=fps, scale=scale)
+        frames = np.asarray(frames)
+        image = Summary.Image(height=frames.shape[1] * scale, width=frames.shape[2] * scale, colorspace=3,
+                              encoded_image_string=path.read_bytes())
+        self.tb._get_file_writer().add_summary(
+            Summary(value=[Summary.Value(tag=f"{self.prefix}/{name}", image=image)]), step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({f"{self.prefix}/{name}": wandb.Video(str(path), format="gif")}, step=step)
+        return path
+
     def close(self) -> None:
         self.tb.flush()
         self.tb.close()
