@@ -24,7 +24,8 @@ def test_run_dir_describes_itself_and_logger_writes(run_root):
     logger.scalars(0, {"loss": 1.0, "accuracy": 0.5})
     logger.scalars(1, {"loss": 0.5})
     path = logger.image(1, "picture", np.zeros((8, 8, 3), np.uint8))
-    gif = logger.video(1, "clip", np.zeros((3, 8, 8, 3), np.uint8), scale=2)
+    clip = np.stack([np.full((8, 8, 3), 60 * t, np.uint8) for t in range(3)])  # distinct frames
+    gif = logger.video(1, "clip", clip, scale=2)
     logger.close()
     assert iio.imread(gif).shape == (3, 16, 16, 3)
     events = list((run.path / "tb" / "unit").glob("events.out.tfevents.*"))
