@@ -1,0 +1,77 @@
+"""The README's main command: the quickstart runs end to end on the tiny preset and resumes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_quickstart(tmp_path_factory):
+    """One tiny quickstart run shared by the tests below (it is the slowest thing in the suite)."""
+    root = tmp_path_factory.mktemp("quickstart") / "runs"
+    result = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    return root, result
+
+
+def test_quickstart_runs_every_stage(tiny_quickstart):
+    from scripts.quickstart import STAGES, main  # noqa: F401
+
+    root, result = tiny_quickstart
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from common.config import load_config
+    from scripts.config import Config
+
+    cfg = load_config(Config, ["--preset", "tiny", f"run.root={root}"], extra_files=("quickstart.yaml",))
+    for stage in STAGES:
+        assert stage.artifact(cfg).exists(), f"stage {stage.name} left no artifact"
+        assert f"[{stage.name}] done" in result.stdout
+    assert f"results: {root / 'quickstart'}" in result.stdout
+
+
+def test_quickstart_rerun_skips_finished_stages(tiny_quickstart):
+    from scripts.quickstart import STAGES
+
+    root, first = tiny_quickstart
+    assert first.returncode == 0
+    again = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in STAGES:
+        assert f"[{stage.name}] complete" in again.stdout and f"[{stage.name}] done" not in again.stdout
+
+
+def test_killed_between_stages_resumes_without_redoing(run_root, monkeypatch):
+    import scripts.quickstart as quickstart
+
+    if len(quickstart.STAGES) < 2:
+        pytest.skip("the quickstart has a single stage so far")
+    ran = []
+    originals = {stage.name: stage.run for stage in quickstart.STAGES}
+    second = quickstart.STAGES[1].name
+
+    def wrap(name):
+        def run(cfg, run_dir):
+            if name == second and not ran.count(("killed", name)):
+                ran.append(("killed", name))
+                raise KeyboardInterrupt("killed between stages")
+            ran.append(name)
+            return originals[name](cfg, run_dir)
+        return run
+
+    for stage in quickstart.STAGES:
+        monkeypatch.setattr(stage, "run", wrap(stage.name))
+    argv = ["--preset", "tiny", f"run.root={run_root}"]
+    with pytest.raises(KeyboardInterrupt):
+        quickstart.main(argv)
+    assert ran == [quickstart.STAGES[0].name, ("killed", second)]
+    quickstart.main(argv)
+    assert ran[2:] == [stage.name for stage in quickstart.STAGES[1:]]  # the first stage was not redone
