@@ -1,0 +1,476 @@
+"""Dreamer-style actor-critic trained only in imagination: models and pure functions.
+
+The agent sees what the world model produces: the tokens of the current frame (B, h, w), one token
+per grid tile. In the real env the same tokens come from the tokenizer on the real frame, so the
+policy acts on the same input in both worlds (see :mod:`agents.policy`).
+
+One update (the loop is in :mod:`agents.train_dreamer`):
+  1. start B imagined rollouts from dataset frames taken all along the episodes;
+  2. roll the frozen world model H steps with the actor (:func:`imagine`);
+  3. λ-returns bootstrapped from the slow critic (:func:`lambda_returns`);
+  4. advantages scaled by a running 5th-95th percentile range of the returns, floored at 1
+     (:class:`ReturnNormalizer`, as DreamerV3: small returns are not blown up into noise);
+  5. actor: REINFORCE with entropy bonus, or PMPO (the sign of the advantage, with a KL to the
+     behaviour prior, as Dreamer 4); critic: regression to the λ-returns plus a pull towards the
+     slow critic, which follows the critic by an exponential moving average.
+Optionally the actor is first cloned from the dataset's actions (behaviour cloning warm start),
+and the clone is kept frozen as the prior of the KL term (Dreamer 4's agent finetuning).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import param
+from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
+
+ACTOR_UPDATES = ("reinforce", "pmpo")
+
+
+@dataclass
+class DreamerConfig:
+    """Dreamer-style agent trained in imagination (section ``dreamer``)."""
+
+    # --- networks
+    embed_dim: int = param(16, "token embedding width")
+    channels: int = param(32, "conv channels of the token encoder")
+    hidden_dim: int = param(128, "MLP width of actor and critic")
+    # --- imagination
+    updates: int = param(1500, "actor-critic updates (each one imagined batch)")
+    batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames")
+    horizon: int = param(15, "imagined steps per rollout")
+    context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)")
+    # --- returns and advantages
+    discount: float = param(0.985, "discount per step (MiniGrid's reward already falls with steps; this adds pressure for short paths)")
+    lambda_: float = param(0.95, "λ of the λ-returns")
+    return_norm_decay: float = param(0.99, "EMA decay of the 5th/95th return percentiles")
+    return_norm_low: float = param(0.05, "lower percentile of the return range")
+    return_norm_high: float = param(0.95, "upper percentile of the return range")
+    return_norm_floor: float = param(1.0, "advantages are divided by max(floor, range): no blow-up of small returns")
+    # --- actor
+    actor_update: str = param("reinforce", "actor update: reinforce (advantage-weighted log-prob) or pmpo (sign of advantage + KL to prior)")
+    entropy_coef: float = param(3e-3, "entropy bonus weight")
+    pmpo_alpha: float = param(0.5, "PMPO: weight of the positive-advantage set (1 - alpha for the negative one)")
+    prior_kl_coef: float = param(0.3, "KL(policy || prior) weight: used by pmpo (uniform prior without BC) and by reinforce when bc_prior")
+    bc_steps: int = param(0, "behaviour-cloning warm start: supervised steps on the dataset's actions before imagination")
+    bc_prior: bool = param(False, "keep the BC-initialised actor frozen as the prior of the KL term")
+    bc_batch_size: int = param(256, "frames per behaviour-cloning step")
+    # --- critic
+    slow_critic_decay: float = param(0.98, "EMA decay of the slow critic that bootstraps the returns")
+    slow_critic_reg: float = param(1.0, "weight of the critic's pull towards the slow critic")
+    # --- optimisation
+    actor_lr: float = param(3e-4, "actor learning rate (Adam)")
+    critic_lr: float = param(1e-3, "critic learning rate (Adam)")
+    grad_clip: float = param(10.0, "global gradient-norm clip per network")
+    # --- acting, saving
+    act_mode: str = param("sample", "how the saved policy acts: sample (from its distribution) or greedy (argmax)")
+    checkpoint_every: int = param(250, "save the policy every N updates (evaluated as 'checkpoints along training')")
+    log_every: int = param(25, "log scalars every N updates")
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenEncoder(nn.Module):
+    """Tokens (B, h, w) int64 -> features (B, hidden_dim): embedding, two 3x3 convs, MLP.
+
+    Flattening keeps where each tile is (a goal top-left is not a goal bottom-right), so the
+    network is built for one grid size ``(grid_height, grid_width)``.
+    """
+
+    def __init__(self, vocab_size: int, grid_height: int, grid_width: int, embed_dim: int, channels: int, hidden_dim: int):
+        super().__init__()
+        self.vocab_size = int(vocab_size)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.convs = nn.Sequential(
+            nn.Conv2d(embed_dim, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+        )
+        self.mlp = nn.Sequential(nn.Linear(channels * grid_height * grid_width, hidden_dim), nn.SiLU())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.max() >= self.vocab_size or tokens.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got [{int(tokens.min())}, {int(tokens.max())}]")
+        x = self.embed(tokens).permute(0, 3, 1, 2)  # (B, e, h, w)
+        return self.mlp(self.convs(x).flatten(1))
+
+
+class Actor(nn.Module):
+    """Tokens (B, h, w) -> action logits (B, NUM_ACTIONS)."""
+
+    def __init__(self, encoder: TokenEncoder, hidden_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, NUM_ACTIONS))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(tokens))
+
+
+class Critic(nn.Module):
+    """Tokens (B, h, w) -> state value (B,)."""
+
+    def __init__(self, encoder: TokenEncoder, hidden_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(tokens)).squeeze(-1)
+
+
+def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]) -> Actor:
+    encoder = TokenEncoder(vocab_size, grid_shape[0], grid_shape[1], cfg.embed_dim, cfg.channels, cfg.hidden_dim)
+    return Actor(encoder, cfg.hidden_dim)
+
+
+def build_critic(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]) -> Critic:
+    encoder = TokenEncoder(vocab_size, grid_shape[0], grid_shape[1], cfg.embed_dim, cfg.channels, cfg.hidden_dim)
+    return Critic(encoder, cfg.hidden_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Returns, normalisation, losses (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def lambda_returns(
+    rewards: torch.Tensor, continues: torch.Tensor, values: torch.Tensor, discount: float, lambda_: float
+) -> torch.Tensor:
+    """λ-returns of an imagined trajectory, computed backwards.
+
+    rewards, continues: (T, B): reward of the action taken at step t, and 1 - terminated after it.
+    values: (T + 1, B): value of the state at step t; ``values[T]`` bootstraps the horizon.
+    Returns (T, B): ``R_t = r_t + γ c_t ((1 - λ) v_{t+1} + λ R_{t+1})`` with ``R_T = v_T``.
+    """
+    if values.shape[0] != rewards.shape[0] + 1:
+        raise ValueError(f"values need one more step than rewards: {tuple(values.shape)} vs {tuple(rewards.shape)}")
+    returns = torch.empty_like(rewards)
+    next_return = values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + discount * continues[t] * ((1 - lambda_) * values[t + 1] + lambda_ * next_return)
+        returns[t] = next_return
+    return returns
+
+
+def alive_weights(continues: torch.Tensor) -> torch.Tensor:
+    """(T, B) continues -> (T, B) weights: 1 while the imagined episode has not ended before step t.
+
+    ``weights[0] = 1``, ``weights[t] = prod_{k < t} continues[k]``: steps after a predicted
+    termination are the model dreaming past the end, and must not train the agent.
+    """
+    ones = torch.ones_like(continues[:1])
+    return torch.cumprod(torch.cat([ones, continues[:-1]], dim=0), dim=0)
+
+
+class ReturnNormalizer(nn.Module):
+    """Running percentile range of the λ-returns (DreamerV3): ``scale = max(floor, P95 - P5)``.
+
+    Both percentiles follow exponential moving averages started at zero, so the scale grows as
+    returns are seen; the floor keeps sparse, small returns from being amplified into noise.
+    """
+
+    def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95, floor: float = 1.0):
+        super().__init__()
+        self.decay, self.low_q, self.high_q, self.floor = float(decay), float(low), float(high), float(floor)
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Fold the percentiles of ``returns`` (any shape; entries with weight 0 are left out) in."""
+        values = returns.flatten() if weights is None else returns.flatten()[weights.flatten() > 0]
+        if values.numel() == 0:
+            return
+        low = torch.quantile(values.float(), self.low_q)
+        high = torch.quantile(values.float(), self.high_q)
+        self.low.mul_(self.decay).add_((1 - self.decay) * low)
+        self.high.mul_(self.decay).add_((1 - self.decay) * high)
+
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.high - self.low, min=self.floor)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(..., A) logits -> (...) entropy of the categorical distribution."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def kl_divergence(logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
+    """(..., A) -> (...) KL(policy || prior), the reverse KL Dreamer 4 uses for its prior."""
+    log_p = F.log_softmax(logits, dim=-1)
+    log_q = F.log_softmax(prior_logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Advantage-weighted log-likelihood (advantages are constants): (T, B) each -> scalar."""
+    return -weighted_mean(log_probs * advantages.detach(), weights)
+
+
+def pmpo_loss(log_probs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PMPO: raise the log-probability of actions with positive advantage, lower those with negative.
+
+    Only the sign of the advantage counts, so the update is immune to the return scale; each set
+    is averaged on its own and weighted ``alpha`` / ``1 - alpha``. (T, B) each -> scalar.
+    """
+    positive = (advantages > 0).float() * weights
+    negative = (advantages < 0).float() * weights
+    loss = torch.zeros((), device=log_probs.device)
+    if positive.sum() > 0:
+        loss = loss - alpha * (log_probs * positive).sum() / positive.sum()
+    if negative.sum() > 0:
+        loss = loss + (1 - alpha) * (log_probs * negative).sum() / negative.sum()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Imagination
+# ---------------------------------------------------------------------------------------------
+
+
+class ImaginationModel(Protocol):
+    """What the agent needs of a world model (``worldmodel.imagine.WorldModel`` or a toy)."""
+
+    def reset(self, context_tokens: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, actions: torch.Tensor) -> Any: ...
+
+
+@dataclass
+class Trajectory:
+    """An imagined batch. tokens (T + 1, B, h, w); actions, rewards, continues (T, B)."""
+
+    tokens: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    continues: torch.Tensor
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, A) logits -> (B,) int64 actions drawn from the categorical distribution."""
+    probs = F.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def imagine(
+    world_model: ImaginationModel,
+    actor: Actor,
+    context_tokens: torch.Tensor,
+    context_actions: torch.Tensor,
+    horizon: int,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Roll the (frozen) world model ``horizon`` steps with actions sampled from ``actor``.
+
+    context_tokens (B, T0, h, w) int64 real frames' tokens; context_actions (B, T0 - 1) int64.
+    No gradient flows through the model (its outputs are discrete): the actor learns from
+    log-probabilities recomputed on the returned tokens.
+    """
+    tokens = torch.as_tensor(world_model.reset(context_tokens, context_actions)).long()
+    all_tokens, all_actions, all_rewards, all_continues = [tokens], [], [], []
+    for _ in range(horizon):
+        actions = sample_actions(actor(tokens), generator)
+        step = world_model.step(actions)
+        tokens = torch.as_tensor(step.tokens).long()
+        all_tokens.append(tokens)
+        all_actions.append(actions)
+        all_rewards.append(torch.as_tensor(step.reward).float())
+        all_continues.append(1.0 - torch.as_tensor(step.terminated).float())
+    return Trajectory(
+        tokens=torch.stack(all_tokens), actions=torch.stack(all_actions),
+        rewards=torch.stack(all_rewards), continues=torch.stack(all_continues),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent: actor, critic, slow critic, optional prior; one loss
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Losses:
+    """A total to minimise plus named parts (the parts become log keys)."""
+
+    total: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class DreamerAgent(nn.Module):
+    """Actor, critic, slow critic, return normaliser and (optionally) a frozen behaviour prior.
+
+    ``vocab_size`` and ``grid_shape`` (h, w) describe the token input: the tokenizer's vocabulary
+    and its token grid (one token per env tile).
+    """
+
+    def __init__(self, cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]):
+        super().__init__()
+        if cfg.actor_update not in ACTOR_UPDATES:
+            raise ValueError(f"dreamer.actor_update must be one of {ACTOR_UPDATES}, got '{cfg.actor_update}'")
+        self.cfg = cfg
+        self.vocab_size = int(vocab_size)
+        self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
+        self.actor = build_actor(cfg, vocab_size, self.grid_shape)
+        self.critic = build_critic(cfg, vocab_size, self.grid_shape)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.prior: Actor | None = None
+        self.return_norm = ReturnNormalizer(cfg.return_norm_decay, cfg.return_norm_low, cfg.return_norm_high, cfg.return_norm_floor)
+
+    def freeze_prior(self) -> None:
+        """Keep a frozen copy of the current actor (after behaviour cloning) as the KL prior."""
+        self.prior = copy.deepcopy(self.actor).requires_grad_(False)
+
+    def bc_loss(self, tokens: torch.Tensor, actions: torch.Tensor) -> Losses:
+        """Behaviour cloning: cross-entropy of dataset actions (N,) given their frames' tokens (N, h, w)."""
+        logits = self.actor(tokens)
+        loss = F.cross_entropy(logits, actions)
+        accuracy = (logits.argmax(-1) == actions).float().mean()
+        return Losses(loss, {"bc_loss": float(loss.detach()), "bc_accuracy": float(accuracy)})
+
+    def compute_loss(self, trajectory: Trajectory) -> Losses:
+        """Actor and critic losses on one imagined batch (also updates the return normaliser)."""
+        cfg = self.cfg
+        steps, batch = trajectory.actions.shape
+        flat_tokens = trajectory.tokens.flatten(0, 1)  # ((T + 1) B, h, w)
+        with torch.no_grad():
+            slow_values = self.slow_critic(flat_tokens).view(steps + 1, batch)
+        returns = lambda_returns(trajectory.rewards, trajectory.continues, slow_values, cfg.discount, cfg.lambda_)
+        weights = alive_weights(trajectory.continues)  # (T, B)
+
+        # --- critic: regress to the λ-returns, pulled towards the slow critic
+        values = self.critic(flat_tokens).view(steps + 1, batch)[:-1]
+        critic_loss = weighted_mean(0.5 * (values - returns) ** 2, weights)
+        slow_reg = weighted_mean(0.5 * (values - slow_values[:-1]) ** 2, weights)
+
+        # --- actor
+        self.return_norm.update(returns, weights)
+        scale = self.return_norm.scale()
+        advantages = ((returns - values) / scale).detach()
+        logits = self.actor(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, NUM_ACTIONS)
+        log_probs = F.log_softmax(logits, dim=-1).gather(-1, trajectory.actions.unsqueeze(-1)).squeeze(-1)
+        policy_entropy = entropy(logits)
+        if cfg.actor_update == "pmpo":
+            policy_loss = pmpo_loss(log_probs, advantages, weights, cfg.pmpo_alpha)
+        else:
+            policy_loss = reinforce_loss(log_probs, advantages, weights)
+        actor_loss = policy_loss - cfg.entropy_coef * weighted_mean(policy_entropy, weights)
+        kl = torch.zeros(())
+        if self.prior is not None or cfg.actor_update == "pmpo":
+            if self.prior is not None:
+                with torch.no_grad():
+                    prior_logits = self.prior(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, NUM_ACTIONS)
+            else:  # PMPO without a behaviour prior: KL to the uniform policy
+                prior_logits = torch.zeros_like(logits)
+            kl = weighted_mean(kl_divergence(logits, prior_logits), weights)
+            actor_loss = actor_loss + cfg.prior_kl_coef * kl
+
+        total = actor_loss + critic_loss + cfg.slow_critic_reg * slow_reg
+        # Imagined return of the rollout from its start (undiscounted sum of live rewards).
+        imagined_return = (trajectory.rewards * weights).sum(0).mean()
+        parts = {
+            "actor_loss": float(actor_loss.detach()), "policy_loss": float(policy_loss.detach()), "critic_loss": float(critic_loss.detach()),
+            "slow_critic_reg": float(slow_reg.detach()), "entropy": float(weighted_mean(policy_entropy.detach(), weights)),
+            "prior_kl": float(kl.detach()), "return_scale": float(scale), "lambda_return": float(weighted_mean(returns, weights)),
+            "value": float(weighted_mean(values.detach(), weights)), "imagined_return": float(imagined_return),
+            "terminated_fraction": float(1 - trajectory.continues.prod(0).mean()),
+        }
+        return Losses(total, parts)
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        """slow <- decay * slow + (1 - decay) * critic."""
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.mul_(self.cfg.slow_critic_decay).add_((1 - self.cfg.slow_critic_decay) * fast)
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved policy
+# ---------------------------------------------------------------------------------------------
+
+
+@register_policy("dreamer")
+class DreamerPolicy(Policy):
+    """The trained actor as a :class:`~agents.policy.Policy`: acts on ``tokens`` (B, h, w).
+
+    ``mode``: ``sample`` draws from the actor's distribution (with the policy's own generator, so
+    ``reset(seed=...)`` makes episodes reproducible), ``greedy`` takes the most likely action.
+    ``tokenizer_identity`` names the tokenizer whose tokens the actor was trained on; the
+    evaluator refuses to feed it tokens from another one.
+    """
+
+    inputs = ("tokens",)
+
+    def __init__(
+        self, actor: Actor, config: DreamerConfig, grid_shape: tuple[int, int], mode: str = "sample",
+        tokenizer_identity: str = "", env_id: str = "", name: str = "dreamer", training_step: int = 0,
+        device: str = "cpu",
+    ):
+        super().__init__(name)
+        if mode not in ("sample", "greedy"):
+            raise ValueError(f"dreamer policy mode must be sample or greedy, got '{mode}'")
+        self.actor = actor.to(device).eval()
+        self.config = config
+        self.grid_shape = tuple(grid_shape)
+        self.mode = mode
+        self.tokenizer_identity = tokenizer_identity
+        self.env_id = env_id
+        self.training_step = int(training_step)
+        self.device = device
+
+    @torch.no_grad()
+    def logits(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, h, w) tokens -> (B, NUM_ACTIONS) logits as float64 NumPy."""
+        tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+        if tuple(tensor.shape[1:]) != self.grid_shape:
+            raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, got {tuple(tensor.shape[1:])}")
+        return self.actor(tensor).double().cpu().numpy()
+
+    def act(self, inp: PolicyInput) -> np.ndarray:
+        logits = self.logits(inp.require("tokens", self.name))
+        if self.mode == "greedy":
+            return logits.argmax(-1).astype(np.int64)
+        gumbel = -np.log(-np.log(self.rng.uniform(1e-12, 1.0, size=logits.shape)))
+        return (logits + gumbel).argmax(-1).astype(np.int64)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "vocab_size": self.actor.encoder.vocab_size,
+            "grid_shape": list(self.grid_shape),
+            "actor": {k: v.cpu() for k, v in self.actor.state_dict().items()},
+            "mode": self.mode,
+            "tokenizer_identity": self.tokenizer_identity,
+            "env_id": self.env_id,
+            "training_step": self.training_step,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu") -> "DreamerPolicy":
+        for key in ("config", "vocab_size", "grid_shape", "actor"):
+            if key not in checkpoint:
+                raise ValueError(f"dreamer checkpoint lacks '{key}': not written by agents.train_dreamer?")
+        known = {f for f in DreamerConfig.__dataclass_fields__}
+        config = DreamerConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
+        grid_shape = tuple(checkpoint["grid_shape"])
+        actor = build_actor(config, int(checkpoint["vocab_size"]), grid_shape)  # type: ignore[arg-type]
+        actor.load_state_dict(checkpoint["actor"])
+        return cls(
+            actor, config, grid_shape, mode=checkpoint.get("mode", config.act_mode),  # type: ignore[arg-type]
+            tokenizer_identity=checkpoint.get("tokenizer_identity", ""), env_id=checkpoint.get("env_id", ""),
+            name=checkpoint.get("name", "dreamer"), training_step=checkpoint.get("training_step", 0), device=device,
+        )

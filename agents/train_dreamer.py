@@ -1,0 +1,268 @@
+"""Train the Dreamer-style agent in imagination only: the real env is never touched.
+
+Reads top to bottom: set-up (tokenizer, world model, dataset tokens, agent, optimiser, resume),
+behaviour-cloning warm start (optional), the imagination loop (start frames → imagine → losses →
+step), save. Writes ``<run>/dreamer.pt`` (a policy checkpoint, loadable by
+``agents.policy.load_policy``) and ``<run>/dreamer_checkpoints/step_NNNNNN.pt`` along training,
+which the evaluation stage scores in the real env for the learning curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from agents.dreamer import DreamerAgent, DreamerConfig, DreamerPolicy, ImaginationModel, Losses, imagine
+from agents.policy import read_checkpoint, save_policy
+from common.atomic import atomic_torch_save
+from common.runs import Logger, RunDir
+from common.seeding import seed_everything
+
+FINAL_NAME = "dreamer.pt"
+RESUME_NAME = "dreamer.resume.pt"
+CHECKPOINT_FOLDER = "dreamer_checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------
+# Start frames: every dataset frame from which an action was taken, all along the episodes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StartFrames:
+    """Where imagined rollouts start: dataset frames with ``context_length - 1`` frames before them
+    in their episode and an action after them (an episode's last frame is over, not a start).
+
+    tokens (N, h, w) int64 for every dataset frame; actions (N,) int64 (-1 at last frames);
+    index (M,) int64: the frames that may start a rollout.
+    """
+
+    tokens: np.ndarray
+    actions: np.ndarray
+    index: np.ndarray
+    context_length: int
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, tokens: np.ndarray, context_length: int) -> "StartFrames":
+        position = np.arange(dataset.num_frames) - np.repeat(dataset.episode_starts, dataset.episode_lengths + 1)
+        valid = (dataset.actions >= 0) & (position >= context_length - 1)
+        index = np.flatnonzero(valid)
+        if len(index) == 0:
+            raise ValueError(f"the dataset has no frame with {context_length - 1} frames before it and an action after it")
+        return cls(np.asarray(tokens, dtype=np.int64), np.asarray(dataset.actions, dtype=np.int64), index, int(context_length))
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context tokens (B, T0, h, w) and the actions between them (B, T0 - 1)."""
+        last = self.index[rng.integers(0, len(self.index), size=batch_size)]
+        frames = last[:, None] - np.arange(self.context_length - 1, -1, -1)[None, :]  # (B, T0)
+        return torch.as_tensor(self.tokens[frames]), torch.as_tensor(self.actions[frames[:, :-1]])
+
+    def behaviour_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, h, w), dataset actions (B,)) for behaviour cloning."""
+        picks = self.index[rng.integers(0, len(self.index), size=batch_size)]
+        return torch.as_tensor(self.tokens[picks]), torch.as_tensor(self.actions[picks])
+
+
+def optimizer_for(agent: DreamerAgent, cfg: DreamerConfig) -> torch.optim.Optimizer:
+    """One Adam with a parameter group per network (actor and critic share nothing)."""
+    return torch.optim.Adam([
+        {"params": agent.actor.parameters(), "lr": cfg.actor_lr},
+        {"params": agent.critic.parameters(), "lr": cfg.critic_lr},
+    ])
+
+
+def imagination_update(
+    agent: DreamerAgent,
+    optimizer: torch.optim.Optimizer,
+    world_model: ImaginationModel,
+    context: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator | None,
+) -> Losses:
+    """One update: imagine from ``context`` (tokens (B, T0, h, w), actions (B, T0 - 1)), then one
+    gradient step on actor and critic and one slow-critic EMA step."""
+    trajectory = imagine(world_model, agent.actor, context[0], context[1], agent.cfg.horizon, generator)
+    losses = agent.compute_loss(trajectory)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    # Clip each network on its own: a large critic gradient must not shrink the actor's step.
+    losses.parts["actor_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(agent.actor.parameters(), agent.cfg.grad_clip))
+    losses.parts["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(agent.critic.parameters(), agent.cfg.grad_clip))
+    optimizer.step()
+    agent.update_slow_critic()
+    return losses
+
+
+def behaviour_cloning_update(agent: DreamerAgent, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor]) -> Losses:
+    """One supervised step of the actor towards the dataset's actions."""
+    losses = agent.bc_loss(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    torch.nn.utils.clip_grad_norm_(agent.actor.parameters(), agent.cfg.grad_clip)
+    optimizer.step()
+    return losses
+
+
+def encode_frames(tokenizer: Any, frames: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, h, w) int64 tokens, in chunks (bounded memory)."""
+    return np.concatenate([
+        tokenizer.encode(frames[i:i + batch_size]).cpu().numpy() for i in range(0, len(frames), batch_size)
+    ]).astype(np.int64)
+
+
+def load_world_model(run: RunDir, device: str = "cpu") -> Any:
+    """The run's world model (``tokenizer.pt`` + ``dynamics.pt``), frozen, for imagination.
+
+    Its ``identity`` (a hash of the dynamics checkpoint) goes into the agent's signature, so an
+    agent trained in another model is never mistaken for a finished stage.
+    """
+    import hashlib
+
+    from worldmodel.imagine import load_world_model as load
+
+    for name, stage in (("tokenizer.pt", "scripts/train_tokenizer.py"), ("dynamics.pt", "scripts/train_dynamics.py")):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"world model checkpoint not found: {run / name} (run {stage} first)")
+    world_model = load(run_dir=run.path, device=device)
+    world_model.identity = hashlib.sha1((run / "dynamics.pt").read_bytes()).hexdigest()[:16]
+    return world_model
+
+
+def signature(cfg: Any, tokenizer_identity: str, dynamics_identity: str) -> dict[str, Any]:
+    """What a final or resume checkpoint must match to be reused."""
+    stage = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
+    return {"stage": stage, "seed": int(cfg.run.seed), "tokenizer": tokenizer_identity, "dynamics": dynamics_identity}
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)]
+
+
+def stage_config(cfg: Any) -> DreamerConfig:
+    values = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
+    return DreamerConfig(**values)  # type: ignore[arg-type]
+
+
+def train(cfg: Any, run: RunDir) -> dict[str, Any]:
+    """Train (or resume, or skip when complete) the agent of ``cfg.dreamer`` in the run's world model.
+
+    Needs ``<run>/tokenizer.pt``, ``<run>/dynamics.pt`` and the dataset; writes ``<run>/dreamer.pt``
+    and returns the stage's metrics.
+    """
+    from envs.dataset import EpisodeDataset, training_folder
+
+    stage = stage_config(cfg)
+    final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
+    device = str(cfg.run.device)
+
+    # ------------------------------------------------------------------ set-up
+    seed_everything(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(int(cfg.run.threads))
+    world_model = load_world_model(run, device=device)
+    tokenizer = world_model.tokenizer
+    dynamics_identity = str(getattr(world_model, "identity", ""))
+    wanted = signature(cfg, tokenizer.identity, dynamics_identity)
+    if final_path.is_file():
+        saved = read_checkpoint(final_path)
+        differences = _differences(saved.get("signature", {}), wanted)
+        if differences:
+            raise ValueError(f"{final_path} exists but was trained with another config or model: {'; '.join(differences)}. "
+                             "Use another run.name or delete the checkpoint.")
+        print(f"dreamer: {final_path} is complete and matches the config, skipping")
+        return saved.get("metrics", {})
+
+    dataset = EpisodeDataset.load(training_folder(cfg))
+    tokens = encode_frames(tokenizer, dataset.frames)
+    starts = StartFrames.from_dataset(dataset, tokens, stage.context_length)
+    grid_shape = tuple(tokens.shape[1:])
+    agent = DreamerAgent(stage, tokenizer.vocab_size, grid_shape).to(device)  # type: ignore[arg-type]
+    optimizer = optimizer_for(agent, stage)
+    rng = np.random.default_rng(cfg.run.seed)
+    generator = torch.Generator().manual_seed(int(cfg.run.seed))
+    step, bc_step, elapsed, history = 0, 0, 0.0, []
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        differences = _differences(state["signature"], wanted)
+        if differences:
+            raise ValueError(f"{resume_path} belongs to another config or model: {'; '.join(differences)}")
+        if state["has_prior"]:
+            agent.freeze_prior()
+        agent.load_state_dict(state["agent"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        generator.set_state(state["torch_rng"])
+        step, bc_step, elapsed, history = state["step"], state["bc_step"], state["elapsed"], state["history"]
+        print(f"dreamer: resumed from {resume_path} at update {step}")
+    logger = Logger(run, cfg, "dreamer")
+    print(f"dreamer: {len(starts.index)} start frames from {dataset.num_episodes} episodes, token grid {grid_shape}, "
+          f"vocabulary {tokenizer.vocab_size}, {stage.updates} updates of {stage.batch_size} x {stage.horizon} imagined steps")
+
+    def policy(at_step: int) -> DreamerPolicy:
+        return DreamerPolicy(agent.actor, stage, grid_shape, mode=stage.act_mode, tokenizer_identity=tokenizer.identity,  # type: ignore[arg-type]
+                             env_id=str(cfg.env.id), name=f"dreamer@{at_step}", training_step=at_step, device=device)
+
+    def save_resume() -> None:
+        atomic_torch_save(resume_path, {
+            "signature": wanted, "agent": agent.state_dict(), "has_prior": agent.prior is not None,
+            "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
+            "torch_rng": generator.get_state(), "step": step, "bc_step": bc_step,
+            "elapsed": time.perf_counter() - started, "history": history,
+        })
+
+    started = time.perf_counter() - elapsed
+
+    # ------------------------------------------------------------------ behaviour-cloning warm start
+    while bc_step < stage.bc_steps:
+        losses = behaviour_cloning_update(agent, optimizer, starts.behaviour_batch(rng, stage.bc_batch_size))
+        bc_step += 1
+        if bc_step % stage.log_every == 0 or bc_step == stage.bc_steps:
+            logger.scalars(bc_step, losses.parts)
+    if stage.bc_prior and agent.prior is None:
+        agent.freeze_prior()
+    agent.actor.train()
+
+    # ------------------------------------------------------------------ imagination loop
+    while step < stage.updates:
+        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size), generator)
+        step += 1
+        if step % stage.log_every == 0 or step == 1:
+            logger.scalars(step, {"loss": float(losses.total.detach()), **losses.parts})
+            history.append({"step": step, **{k: losses.parts[k] for k in ("imagined_return", "entropy", "value")}})
+            if cfg.run.progress:
+                print(f"dreamer update {step}/{stage.updates}: imagined return {losses.parts['imagined_return']:.3f}, "
+                      f"entropy {losses.parts['entropy']:.2f}, value {losses.parts['value']:.3f}")
+        if step % stage.checkpoint_every == 0 and step < stage.updates:
+            save_policy(run / CHECKPOINT_FOLDER / f"step_{step:06d}.pt", policy(step))
+            save_resume()
+    elapsed = time.perf_counter() - started
+    logger.close()
+
+    # ------------------------------------------------------------------ save
+    recent = history[-max(1, len(history) // 10):]
+    metrics = {
+        "updates": step, "bc_steps": bc_step, "train_seconds": round(elapsed, 2),
+        "imagined_return_final": float(np.mean([h["imagined_return"] for h in recent])) if recent else 0.0,
+        "entropy_final": float(np.mean([h["entropy"] for h in recent])) if recent else 0.0,
+        "actor_update": stage.actor_update, "start_frames": int(len(starts.index)),
+    }
+    save_policy(run / CHECKPOINT_FOLDER / f"step_{step:06d}.pt", policy(step))
+    save_policy(final_path, policy(step), signature=wanted, metrics=metrics, history=history,
+                agent={k: v.cpu() for k, v in agent.state_dict().items()})
+    if resume_path.is_file():
+        resume_path.unlink()
+    run.update_metrics("dreamer", metrics)
+    print(f"dreamer: {step} updates in {elapsed:.1f} s, final imagined return {metrics['imagined_return_final']:.3f}, saved {final_path}")
+    return metrics
+
+
+def checkpoints_along_training(run_path: Path) -> list[Path]:
+    """The policies saved along training, in update order."""
+    return sorted((Path(run_path) / CHECKPOINT_FOLDER).glob("step_*.pt"))
