@@ -1,0 +1,450 @@
+"""Evaluation of a set of policies in the real env and in the dream, from the same first frames.
+
+For every policy (the trained agent, its checkpoints along training, scripted baselines, any saved
+policy): real return over N episodes from fixed env seeds, imagined return from the same first
+frames (the world model started on the real first frame, the policy fed the model's tokens and
+state-head predictions), their gap, the oracle-normalised score
+``(R - R_random) / (R_oracle - R_random)``, and over the whole set the rank agreement (Spearman,
+Kendall) between imagined and real returns: does the model rank policies as the env does?
+
+Writes ``metrics.json`` (section ``evaluate``), ``report.md``, ``media/evaluate_scatter.png``,
+``media/evaluate_learning_curve.png`` and ``media/evaluate_<policy>_real_vs_imagined.gif``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from agents.policy import Policy, PolicyInput, make_policy, read_checkpoint
+from common.config import param
+from common.runs import RunDir, write_gif, write_png
+from common.seeding import derive_seed, seed_everything
+
+REPORT_NAME = "report.md"
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation of policies: real vs imagined returns (section ``evaluate``)."""
+
+    policies: str = param(
+        "dreamer,checkpoints,random,sticky_random@0.75,epsilon_oracle@0.75,epsilon_oracle@0.5,"
+        "epsilon_oracle@0.25,epsilon_oracle@0.1,oracle",
+        "comma-separated policies: dreamer (the run's agent), checkpoints (its checkpoints along training), "
+        "vagen (the run's VAGEN agent), random, oracle, epsilon_oracle@EPS, sticky_random@P, or a .pt path",
+    )
+    episodes: int = param(20, "episodes per policy, in the real env and in imagination")
+    seed: int = param(100_000, "env seed of episode 0 (episode i: seed + i); far from the collection seeds")
+    max_steps: int = param(0, "imagined episode step limit (0: the real env's own limit)")
+    gif_policies: str = param("dreamer,oracle,random", "policies whose first episode is shown real | imagined side by side")
+    gif_max_steps: int = param(60, "frames per GIF at most")
+    gif_scale: int = param(4, "pixel repeat of the GIF frames")
+    max_checkpoints: int = param(6, "at most this many checkpoints along training (evenly spread, last included)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalized_score(value: float, random_return: float, oracle_return: float) -> float:
+    """``(value - R_random) / (R_oracle - R_random)``: 0 is random, 1 is the oracle; nan if they tie."""
+    span = oracle_return - random_return
+    if abs(span) < 1e-12:
+        return float("nan")
+    return float((value - random_return) / span)
+
+
+def rank_agreement(imagined: Sequence[float], real: Sequence[float]) -> dict[str, float]:
+    """Spearman's rho and Kendall's tau (tau-b, ties handled) between two score lists.
+
+    nan when fewer than 3 policies or one list is constant (no ranking to agree with).
+    """
+    from scipy.stats import kendalltau, spearmanr
+
+    imagined, real = np.asarray(imagined, dtype=float), np.asarray(real, dtype=float)
+    if len(imagined) < 3 or np.ptp(imagined) == 0 or np.ptp(real) == 0:
+        return {"spearman": float("nan"), "kendall": float("nan")}
+    return {"spearman": float(spearmanr(imagined, real).statistic), "kendall": float(kendalltau(imagined, real).statistic)}
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no nan: a missing value is null."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """Returns of a batch of episodes, and the frames of the first one (for videos).
+
+    returns, lengths: (N,); success: (N,) bool (a positive reward was collected); frames: (T, H, W, 3).
+    """
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    success: np.ndarray
+    frames: np.ndarray | None = None
+
+
+def _encode(tokenizer: Any, frames: np.ndarray) -> np.ndarray:
+    return tokenizer.encode(frames).cpu().numpy().astype(np.int64)
+
+
+def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any, policy_seed: int,
+             record_first: bool = False, max_record: int = 60) -> Rollouts:
+    """Play ``policy`` in len(seeds) real envs in lockstep, env i reset with ``seeds[i]``."""
+    from envs.make import make_env_from_config
+
+    envs = [make_env_from_config(env_cfg) for _ in seeds]
+    frames, states = [], []
+    for env, seed in zip(envs, seeds):
+        frame, info = env.reset(seed=int(seed))
+        frames.append(frame), states.append(info["state"])
+    frames_np, states_np = np.stack(frames), np.stack(states)
+    count = len(seeds)
+    alive = np.ones(count, dtype=bool)
+    returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
+    recorded = [frames_np[0]] if record_first else []
+    policy.reset(count, seed=policy_seed)
+    while alive.any():
+        inp = PolicyInput(
+            tokens=_encode(tokenizer, frames_np) if "tokens" in policy.inputs else None,
+            frames=frames_np if "frames" in policy.inputs else None,
+            states=states_np if "states" in policy.inputs else None,
+        )
+        actions = policy.act(inp)
+        for i in np.flatnonzero(alive):
+            frame, reward, terminated, truncated, info = envs[i].step(int(actions[i]))
+            frames_np[i], states_np[i] = frame, info["state"]
+            returns[i] += reward
+            lengths[i] += 1
+            success[i] |= reward > 0
+            if terminated or truncated:
+                alive[i] = False
+            if i == 0 and record_first and len(recorded) < max_record:
+                recorded.append(frame)
+    for env in envs:
+        env.close()
+    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None)
+
+
+@torch.no_grad()
+def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, first_states: np.ndarray, max_steps: int,
+                 policy_seed: int, record_first: bool = False, max_record: int = 60) -> Rollouts:
+    """Play ``policy`` in the world model from real first frames (N, H, W, 3) with states (N, S).
+
+    The first step sees the real first frame's tokens and state; later ones the model's tokens and
+    its state head. An episode ends at the model's first predicted termination or at ``max_steps``.
+    """
+    tokenizer = world_model.tokenizer
+    tokens = _encode(tokenizer, first_frames)
+    count = len(tokens)
+    tokens = torch.as_tensor(world_model.reset(torch.as_tensor(tokens)[:, None], torch.zeros(count, 0, dtype=torch.long)))
+    tokens = tokens.cpu().numpy().astype(np.int64)
+    states = np.asarray(first_states).astype(np.int64)
+    alive = np.ones(count, dtype=bool)
+    returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
+    recorded = [np.asarray(tokenizer.decode(tokens[:1]).cpu())[0]] if record_first else []
+    policy.reset(count, seed=policy_seed)
+    for _ in range(max_steps):
+        if not alive.any():
+            break
+        inp = PolicyInput(
+            tokens=tokens if "tokens" in policy.inputs else None,
+            frames=tokenizer.decode(tokens).cpu().numpy() if "frames" in policy.inputs else None,
+            states=states if "states" in policy.inputs else None,
+        )
+        actions = policy.act(inp)
+        step = world_model.step(torch.as_tensor(actions, dtype=torch.long))
+        reward = torch.as_tensor(step.reward).float().cpu().numpy()
+        terminated = torch.as_tensor(step.terminated).bool().cpu().numpy()
+        returns += np.where(alive, reward, 0.0)
+        lengths += alive
+        success |= alive & (reward > 0.5 * reward.max(initial=0.0)) & (reward > 0)
+        tokens = torch.as_tensor(step.tokens).cpu().numpy().astype(np.int64)
+        states = torch.as_tensor(step.state).cpu().numpy().astype(np.int64)
+        if record_first and alive[0] and len(recorded) < max_record:
+            recorded.append(np.asarray(tokenizer.decode(tokens[:1]).cpu())[0])
+        alive &= ~terminated
+    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None)
+
+
+def side_by_side(real: np.ndarray, imagined: np.ndarray, gap: int = 4) -> np.ndarray:
+    """(T1, H, W, 3) and (T2, H, W, 3) -> (max T, H, 2W + gap, 3); the shorter one holds its last frame."""
+    length = max(len(real), len(imagined))
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], length - len(x), axis=0)]) if len(x) < length else x  # noqa: E731
+    real, imagined = pad(real), pad(imagined)
+    spacer = np.full((length, real.shape[1], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([real, spacer, imagined], axis=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy set
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_policies(spec: str, run_path: Path, env_id: str, max_checkpoints: int) -> list[Policy]:
+    """Build the policies named by ``spec`` (see ``EvaluateConfig.policies``), in order, without duplicates."""
+    from agents.train_dreamer import FINAL_NAME, checkpoints_along_training
+
+    policies: list[Policy] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item == "dreamer":
+            policy = make_policy(str(run_path / FINAL_NAME))
+            policy.name = "dreamer"
+            policies.append(policy)
+        elif item == "vagen":
+            policy = make_policy(str(run_path / "vagen.pt"))
+            policy.name = "vagen"
+            policies.append(policy)
+        elif item == "checkpoints":
+            paths = checkpoints_along_training(run_path)
+            if len(paths) > max_checkpoints:
+                picks = np.unique(np.linspace(0, len(paths) - 1, max_checkpoints).round().astype(int))
+                paths = [paths[i] for i in picks]
+            final_step = read_checkpoint(run_path / FINAL_NAME).get("training_step") if (run_path / FINAL_NAME).is_file() else None
+            for path in paths:
+                policy = make_policy(str(path))
+                if getattr(policy, "training_step", None) == final_step:
+                    continue  # the final agent is already in the set as "dreamer"
+                policies.append(policy)
+        else:
+            policies.append(make_policy(item, env_id=env_id))
+    names = [p.name for p in policies]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"evaluate.policies names {duplicates} more than once")
+    return policies
+
+
+def _check_tokens(policy: Policy, tokenizer: Any) -> None:
+    wanted = getattr(policy, "tokenizer_identity", "")
+    if wanted and wanted != tokenizer.identity:
+        raise ValueError(f"policy '{policy.name}' was trained on tokens of tokenizer {wanted}, "
+                         f"but this run's tokenizer is {tokenizer.identity}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str, Any]:
+    """Evaluate ``cfg.evaluate.policies`` in the real env and in the run's world model; write the report."""
+    from agents.train_dreamer import load_world_model
+    from envs.make import make_env_from_config
+
+    stage = cfg.evaluate
+    seed_everything(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(int(cfg.run.threads))
+    started = time.perf_counter()
+    world_model = world_model if world_model is not None else load_world_model(run, device=str(cfg.run.device))
+    tokenizer = world_model.tokenizer
+    policies = resolve_policies(str(stage.policies), run.path, str(cfg.env.id), int(stage.max_checkpoints))
+    names = [p.name for p in policies]
+    for required in ("random", "oracle"):
+        if required not in names:
+            raise ValueError(f"evaluate.policies must include '{required}': the normalised score is relative to it")
+    seeds = [int(stage.seed) + i for i in range(int(stage.episodes))]
+
+    # First frames and states of the evaluation episodes: the dream starts where the env starts.
+    probe = make_env_from_config(cfg.env)
+    firsts = [probe.reset(seed=s) for s in seeds]
+    first_frames = np.stack([f for f, _ in firsts])
+    first_states = np.stack([i["state"] for _, i in firsts])
+    max_steps = int(stage.max_steps) or int(probe.unwrapped.max_steps)
+    probe.close()
+
+    gif_names = {n.strip() for n in str(stage.gif_policies).split(",") if n.strip()}
+    rows, gifs = [], {}
+    for index, policy in enumerate(policies):
+        _check_tokens(policy, tokenizer)
+        policy_seed = derive_seed(int(cfg.run.seed), int(stage.seed), index)
+        record = policy.name in gif_names
+        real = run_real(policy, cfg.env, seeds, tokenizer, policy_seed, record, int(stage.gif_max_steps))
+        imagined = run_imagined(policy, world_model, first_frames, first_states, max_steps, policy_seed, record,
+                                int(stage.gif_max_steps))
+        rows.append({
+            "policy": policy.name,
+            "training_step": getattr(policy, "training_step", None),
+            "real_return": float(real.returns.mean()), "real_return_std": float(real.returns.std()),
+            "real_success": float(real.success.mean()), "real_length": float(real.lengths.mean()),
+            "imagined_return": float(imagined.returns.mean()), "imagined_return_std": float(imagined.returns.std()),
+            "imagined_success": float(imagined.success.mean()), "imagined_length": float(imagined.lengths.mean()),
+        })
+        if record:
+            gifs[policy.name] = side_by_side(real.frames, imagined.frames)
+        if cfg.run.progress:
+            row = rows[-1]
+            print(f"evaluate {policy.name}: real {row['real_return']:.3f}, imagined {row['imagined_return']:.3f}")
+
+    by_name = {row["policy"]: row for row in rows}
+    random_return, oracle_return = by_name["random"]["real_return"], by_name["oracle"]["real_return"]
+    for row in rows:
+        row["return_gap"] = row["imagined_return"] - row["real_return"]
+        row["normalized_score"] = normalized_score(row["real_return"], random_return, oracle_return)
+    ranks = rank_agreement([r["imagined_return"] for r in rows], [r["real_return"] for r in rows])
+    headline: dict[str, Any] = {
+        "num_policies": len(rows), "episodes": int(stage.episodes), **ranks,
+        "random_return": random_return, "oracle_return": oracle_return,
+    }
+    agent = by_name.get("dreamer")
+    if agent is not None:
+        headline.update({
+            "normalized_score": agent["normalized_score"], "real_return": agent["real_return"],
+            "imagined_return": agent["imagined_return"], "return_gap": abs(agent["return_gap"]),
+        })
+    headline["eval_seconds"] = round(time.perf_counter() - started, 2)
+
+    # ------------------------------------------------------------------ artifacts
+    media = run.media
+    for name, frames in gifs.items():
+        write_gif(media / f"evaluate_{_slug(name)}_real_vs_imagined.gif", frames, fps=4, scale=int(stage.gif_scale))
+    scatter = scatter_plot(rows)
+    write_png(media / "evaluate_scatter.png", scatter)
+    history = _training_history(run.path)
+    write_png(media / "evaluate_learning_curve.png", learning_curve_plot(rows, history))
+    metrics = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in headline.items()}
+    metrics["policies"] = [{k: (_json_number(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+    run.update_metrics("evaluate", metrics)
+    from common.atomic import atomic_write_text
+
+    atomic_write_text(run / REPORT_NAME, format_report(cfg, headline, rows, sorted(gifs), run.path))
+    return metrics
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _training_history(run_path: Path) -> list[dict]:
+    from agents.train_dreamer import FINAL_NAME
+
+    path = run_path / FINAL_NAME
+    return list(read_checkpoint(path).get("history", [])) if path.is_file() else []
+
+
+def _figure_to_array(figure: Any) -> np.ndarray:
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return image
+
+
+def scatter_plot(rows: list[dict]) -> np.ndarray:
+    """Imagined vs real return, one labelled point per policy, with the diagonal: (H, W, 3) uint8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 5), dpi=100)
+    real = [r["real_return"] for r in rows]
+    imagined = [r["imagined_return"] for r in rows]
+    low, high = min(real + imagined + [0.0]) - 0.05, max(real + imagined + [1.0]) + 0.05
+    axis.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="imagined = real")
+    axis.scatter(real, imagined, color="tab:blue")
+    for row in rows:
+        axis.annotate(row["policy"], (row["real_return"], row["imagined_return"]), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")
+    axis.set_xlim(low, high), axis.set_ylim(low, high)
+    axis.set_xlabel("real return"), axis.set_ylabel("imagined return")
+    axis.set_title("imagined vs real return per policy")
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return _figure_to_array(figure)
+
+
+def learning_curve_plot(rows: list[dict], history: list[dict]) -> np.ndarray:
+    """Imagined return during training, and real/imagined return of the checkpoints: (H, W, 3) uint8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    if history:
+        axis.plot([h["step"] for h in history], [h["imagined_return"] for h in history], color="tab:orange",
+                  alpha=0.5, label="training batch: imagined return over the horizon")
+    points = sorted((r for r in rows if r.get("training_step") is not None), key=lambda r: r["training_step"])
+    if points:
+        steps = [r["training_step"] for r in points]
+        axis.plot(steps, [r["real_return"] for r in points], marker="o", color="tab:blue", label="checkpoint: real return")
+        axis.plot(steps, [r["imagined_return"] for r in points], marker="s", color="tab:red", label="checkpoint: imagined return")
+    for name, style in (("oracle", ":"), ("random", "-.")):
+        match = [r for r in rows if r["policy"] == name]
+        if match:
+            axis.axhline(match[0]["real_return"], color="grey", linestyle=style, linewidth=1, label=f"{name}: real return")
+    axis.set_xlabel("agent update"), axis.set_ylabel("return")
+    axis.set_title("Dreamer agent learning curve")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return _figure_to_array(figure)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.3f}"
+    return str(value)
+
+
+def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[str], run_path: Path) -> str:
+    """The run's ``report.md``: headline numbers, the per-policy table, plots and videos."""
+    lines = [
+        f"# Evaluation report: {cfg.env.id}",
+        "",
+        f"Run `{run_path}`; {headline['episodes']} episodes per policy from env seeds "
+        f"{cfg.evaluate.seed}..{cfg.evaluate.seed + headline['episodes'] - 1}; imagined episodes start from the same "
+        "first frames in the world model.",
+        "",
+        "## Headline",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    for key in ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall",
+                "num_policies", "random_return", "oracle_return"):
+        if key in headline:
+            lines.append(f"| {key} | {_fmt(headline[key])} |")
+    lines += [
+        "",
+        "`normalized_score` = (R - R_random) / (R_oracle - R_random) of the trained agent's real return; "
+        "`return_gap` = |imagined - real| for it; `spearman`/`kendall`: rank agreement of imagined and real "
+        "returns over all policies.",
+        "",
+        "## Policies",
+        "",
+        "| policy | real return | imagined return | gap | normalised score | real success | imagined success | real length | imagined length |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['policy']} | {_fmt(row['real_return'])} ± {_fmt(row['real_return_std'])} | "
+            f"{_fmt(row['imagined_return'])} ± {_fmt(row['imagined_return_std'])} | {_fmt(row['return_gap'])} | "
+            f"{_fmt(row['normalized_score'])} | {_fmt(row['real_success'])} | {_fmt(row['imagined_success'])} | "
+            f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} |"
+        )
+    lines += ["", "## Plots", "", "![imagined vs real](media/evaluate_scatter.png)", "",
+              "![learning curve](media/evaluate_learning_curve.png)", "", "## Rollouts (real | imagined)", ""]
+    for name in gif_names:
+        lines.append(f"- {name}: ![{name}](media/evaluate_{_slug(name)}_real_vs_imagined.gif)")
+    return "\n".join(lines) + "\n"
