@@ -394,7 +394,7 @@ def ppo_loss(
     return Losses(
         total,
         {
-            "policy": float(policy_loss), "value": float(value_loss), "entropy": float(entropy_mean),
+            "policy": policy_loss.item(), "value": value_loss.item(), "entropy": entropy_mean.item(),
             "approx_kl": float(approx_kl), "clip_fraction": float(clip_fraction),
         },
     )
@@ -418,34 +418,82 @@ class VagenModelConfig:
     d_model: int = 64
     layers: int = 2
     heads: int = 4
+    encoder_layers: int = 0
+    mlp_ratio: int = 2
+    first_cell_token: int = -1  # id of c0,0 (cells follow in tile order); -1: no pointer logits
 
 
-class _Block(nn.Module):
-    """Pre-norm transformer block with an explicit boolean attention mask (True: may attend)."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """q (B, Sq, D), k/v (B, Sk, D) -> (B, Sq, D), multi-head."""
+    B, Sq, D = q.shape
+    split = lambda x: x.view(B, x.shape[1], heads, D // heads).transpose(1, 2)  # noqa: E731  (B, nh, S, hs)
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+    return y.transpose(1, 2).reshape(B, Sq, D)
 
-    def __init__(self, d_model: int, heads: int):
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm self-attention block over the prefix (tiles and history), bidirectional."""
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * d_model, d_model))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        B, S, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, S, hs)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, S, D))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj(_attend(q, k, v, self.heads, causal=False))
         return x + self.mlp(self.norm2(x))
 
 
-class VagenNet(nn.Module):
-    """Prefix-LM transformer: [frame tiles | action history | response] -> next-token logits, values.
+class _DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention over the response, cross-attention to the prefix, MLP.
 
-    The prefix (one token per grid tile, from a small MLP on the tile's pixels, plus one token per
-    remembered action) is attended bidirectionally; the response causally. Logits and value at
-    response input position i (``<bos>`` is position 0) are for response token i.
+    The prefix's keys and values (:meth:`memory_kv`) are computed once per turn and reused for
+    every decoded token, so decoding costs the response, not the prefix, per token.
+    """
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.cross_q = nn.Linear(d_model, d_model)
+        self.cross_kv = nn.Linear(d_model, 2 * d_model)
+        self.cross_proj = nn.Linear(d_model, d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * d_model, d_model))
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_kv(memory).chunk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj(_attend(q, k, v, self.heads, causal=True))
+        x = x + self.cross_proj(_attend(self.cross_q(self.norm2(x)), *memory_kv, self.heads, causal=False))
+        return x + self.mlp(self.norm3(x))
+
+
+@dataclass
+class Memory:
+    """The encoded prefix of a batch: ``kv`` per decoder block (keys, values (B, P + K, d)) and the
+    tile embeddings ``tiles`` (B, P, d) that pointer logits score against."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    tiles: torch.Tensor
+
+
+class VagenNet(nn.Module):
+    """A tiny transformer decoder reading [frame tiles | action history], writing the response.
+
+    The prefix is one token per grid tile (a small MLP on the tile's pixels plus a position
+    embedding: the same granularity as the tokenizer's one token per tile) and one token per
+    remembered action, optionally refined by ``encoder_layers`` self-attention blocks. The decoder
+    attends causally over the response and across to the prefix. Logits and value at response
+    input position i (``<bos>`` is position 0) are for response token i: the value is the
+    estimate before that token is written (a head on the features, gradient stopped).
     """
 
     def __init__(self, config: VagenModelConfig):
@@ -453,23 +501,33 @@ class VagenNet(nn.Module):
         self.config = config
         c = config
         pixels = c.tile_size * c.tile_size * 3
-        self.tile_embed = nn.Sequential(nn.Linear(pixels, c.d_model), nn.GELU(), nn.Linear(c.d_model, c.d_model))
+        self.tile_embed = nn.Sequential(nn.Linear(pixels, c.d_model), nn.GELU(approximate="tanh"), nn.Linear(c.d_model, c.d_model))
         self.tile_pos = nn.Parameter(torch.zeros(c.grid_width * c.grid_height, c.d_model))
         self.history_embed = nn.Embedding(NUM_ACTIONS + 1, c.d_model)  # + "no action yet"
         self.history_pos = nn.Parameter(torch.zeros(max(c.history_len, 1), c.d_model))
+        self.encoder = nn.ModuleList([_EncoderBlock(c.d_model, c.heads, c.mlp_ratio) for _ in range(c.encoder_layers)])
+        self.memory_norm = nn.LayerNorm(c.d_model)
         self.token_embed = nn.Embedding(c.vocab_size, c.d_model)
         self.token_pos = nn.Parameter(torch.zeros(c.max_response_len, c.d_model))
-        self.blocks = nn.ModuleList([_Block(c.d_model, c.heads) for _ in range(c.layers)])
+        self.blocks = nn.ModuleList([_DecoderBlock(c.d_model, c.heads, c.mlp_ratio) for _ in range(c.layers)])
         self.norm = nn.LayerNorm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size)
-        self.value_head = nn.Linear(c.d_model, 1)
+        # The critic is a head on the actor's features with the gradient stopped: it costs no
+        # extra pass, and its returns (tens of units with a dense world-modeling reward) cannot
+        # pull on the actor's features, which broke the response format within two updates when
+        # the value loss trained the shared trunk.
+        self.value_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Tanh(), nn.Linear(c.d_model, 1))
+        # Pointer logits: a cell token's logit also scores the decoder state against that tile's
+        # embedding, so "where is the key" can be answered by finding the tile that looks like one.
+        self.pointer = nn.Linear(c.d_model, c.d_model, bias=False) if c.first_cell_token >= 0 else None
         for p in (self.tile_pos, self.history_pos, self.token_pos):
-            nn.init.normal_(p, std=0.02)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+            nn.init.normal_(p, std=0.5)  # large enough that slots and tiles are told apart from the start
+        nn.init.zeros_(self.value_head[-1].weight)
+        nn.init.zeros_(self.value_head[-1].bias)
 
-    def encode_prefix(self, frames: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """frames (B, H, W, 3) uint8, history (B, K) int64 in [0, 7] (7: none) -> (B, P + K, d)."""
+    def encode(self, frames: torch.Tensor, history: torch.Tensor) -> "Memory":
+        """frames (B, H, W, 3) uint8, history (B, K) int64 in [0, 7] (7: none) -> the prefix: per
+        decoder block its cross-attention keys and values, each (B, P + K, d), and the tiles (B, P, d)."""
         c = self.config
         B, H, W, _ = frames.shape
         gh, gw, ts = H // c.tile_size, W // c.tile_size, c.tile_size
@@ -479,30 +537,37 @@ class VagenNet(nn.Module):
                 "was the policy trained on another env or tile size?"
             )
         tiles = frames.float().div(255.0).view(B, gh, ts, gw, ts, 3).permute(0, 1, 3, 2, 4, 5).reshape(B, gh * gw, -1)
-        prefix = [self.tile_embed(tiles) + self.tile_pos]
+        parts = [self.tile_embed(tiles) + self.tile_pos]
         if c.history_len > 0:
-            prefix.append(self.history_embed(history) + self.history_pos)
-        return torch.cat(prefix, dim=1)
+            parts.append(self.history_embed(history) + self.history_pos)
+        memory = torch.cat(parts, dim=1)
+        for block in self.encoder:
+            memory = block(memory)
+        memory = self.memory_norm(memory)
+        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw])
+
+    def decode(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)."""
+        x = self.token_embed(inputs) + self.token_pos[: inputs.shape[1]]
+        for block, kv in zip(self.blocks, memory.kv):
+            x = block(x, kv)
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        if self.pointer is not None:
+            first = self.config.first_cell_token
+            scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
+            logits = torch.cat([logits[..., :first], logits[..., first : first + scores.shape[-1]] + scores, logits[..., first + scores.shape[-1] :]], dim=-1)
+        return logits, self.value_head(h.detach()).squeeze(-1)
 
     def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) response input ids starting with
-        ``<bos>`` -> logits (B, L, V), values (B, L)."""
-        prefix = self.encode_prefix(frames, history)
-        L = inputs.shape[1]
-        x = torch.cat([prefix, self.token_embed(inputs) + self.token_pos[:L]], dim=1)
-        P, S = prefix.shape[1], x.shape[1]
-        allowed = torch.ones(S, S, dtype=torch.bool).tril()
-        allowed[:, :P] = True  # everyone sees the whole prefix
-        for block in self.blocks:
-            x = block(x, allowed)
-        h = self.norm(x[:, P:])
-        return self.lm_head(h), self.value_head(h).squeeze(-1)
+        """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) -> logits (B, L, V), values (B, L)."""
+        return self.decode(self.encode(frames, history), inputs)
 
 
 @dataclass
 class Generation:
     """Sampled responses. tokens (B, L) (``<bos>`` id 0 past the end), mask (B, L) valid tokens,
-    logprobs (B, L), values (B, L) the critic before each token."""
+    logprobs (B, L) of the sampled tokens, values (B, L) the critic before each token (0 off the mask)."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -520,8 +585,9 @@ def generate(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
 ) -> Generation:
-    """Decode up to ``length`` tokens per row from the full vocabulary; a row stops after its first
-    action token (id >= ``first_action``). ``temperature`` 0 decodes greedily."""
+    """Decode up to ``length`` tokens per row from the full vocabulary (no grammar mask); a row
+    stops after its first action token (id >= ``first_action``). ``temperature`` 0 is greedy.
+    frames (B, H, W, 3) uint8, history (B, K) int64."""
     B = frames.shape[0]
     inputs = torch.zeros(B, 1, dtype=torch.long)  # <bos>
     tokens = torch.zeros(B, length, dtype=torch.long)
@@ -529,10 +595,11 @@ def generate(
     logprobs = torch.zeros(B, length)
     values = torch.zeros(B, length)
     alive = torch.ones(B, dtype=torch.bool)
+    memory = net.encode(frames, history)  # once per turn
     for i in range(length):
-        logits, value = net(frames, history, inputs)
-        logits, value = logits[:, -1], value[:, -1]
-        log_p = torch.log_softmax(logits, dim=-1)
+        logits, value = net.decode(memory, inputs)
+        logits = logits[:, -1]
+        values[:, i] = value[:, -1] * alive
         if temperature <= 0:
             token = logits.argmax(-1)
         else:
@@ -540,8 +607,7 @@ def generate(
         token = torch.where(alive, token, torch.zeros_like(token))
         tokens[:, i] = token
         mask[:, i] = alive
-        logprobs[:, i] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1) * alive
-        values[:, i] = value * alive
+        logprobs[:, i] = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1) * alive
         alive = alive & (token < first_action)
         if not alive.any():
             break
@@ -550,8 +616,8 @@ def generate(
 
 
 def token_logprobs(net: VagenNet, frames: torch.Tensor, history: torch.Tensor, tokens: torch.Tensor):
-    """Teacher-forced pass over responses tokens (B, L): log-probs (B, L), entropies (B, L),
-    values (B, L) of every position (mask them outside)."""
+    """Teacher-forced pass over response tokens (B, L): log-probs (B, L), entropies (B, L) and
+    values (B, L, the value before each token) at every position (mask them outside)."""
     inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
     logits, values = net(frames, history, inputs)
     log_p = torch.log_softmax(logits, dim=-1)

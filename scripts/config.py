@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agents.train_vagen import VagenConfig
 from common.config import RunConfig, param
 from envs.collect import CollectConfig
 from envs.dataset import DataConfig
@@ -20,6 +21,7 @@ class Config:
     env: EnvConfig = param(default_factory=EnvConfig, help="environment and observation")
     collect: CollectConfig = param(default_factory=CollectConfig, help="offline rollout collection")
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
+    vagen: VagenConfig = param(default_factory=VagenConfig, help="VAGEN-style agent: state estimation, transition modelling")
 
 
 def validate(cfg) -> None:

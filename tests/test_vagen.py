@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -225,3 +226,58 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
         _, _, term, trunc, info = env.step(int(rng.integers(7)))
         if term or trunc:
             break
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from scripts.train_vagen import main
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(1)
+    metrics = main(["--preset", "tiny", f"run.root={root}", "run.name=tiny", "run.seed=0"])
+    return root / "tiny", metrics
+
+
+def test_tiny_training_raises_state_accuracy_above_chance(tiny_run):
+    folder, metrics = tiny_run
+    assert metrics["format_rate"] > 0.5
+    # Chance: a uniform guess within each field's slot type (~0.14 on DoorKey-5x5); malformed turns count 0.
+    assert metrics["state_accuracy"] > metrics["chance_state_accuracy"] + 0.15, metrics
+    assert metrics["prediction_accuracy"] > metrics["chance_state_accuracy"] + 0.1, metrics
+    assert 0.0 <= metrics["normalized_score"] <= 1.5
+    saved = json.loads((folder / "metrics.json").read_text())["vagen"]
+    assert saved["state_accuracy"] == pytest.approx(metrics["state_accuracy"])
+    assert any((folder / "tb" / "vagen").iterdir())
+    assert not (folder / "vagen.resume.pt").exists()
+
+
+def test_saved_agent_loads_through_the_common_interface(tiny_run):
+    from agents.policy import PolicyInput, load_policy
+    from agents.vagen import VagenAgent
+
+    folder, _ = tiny_run
+    agent = load_policy(folder / "vagen.pt")
+    assert isinstance(agent, VagenAgent) and agent.strategy == "WorldModeling"
+    assert agent.config["vagen"]["strategy"] == "WorldModeling"  # the checkpoint carries its config
+    env = make_env("MiniGrid-DoorKey-5x5-v0")
+    frames = np.stack([env.reset(seed=s)[0] for s in range(3)])
+    agent.reset(3, seed=0)
+    first = agent.act(PolicyInput(frames=frames))
+    assert first.shape == (3,) and first.dtype == np.int64 and ((0 <= first) & (first < 7)).all()
+    agent.reset(3, seed=0)
+    assert (agent.act(PolicyInput(frames=frames)) == first).all()  # same seed, same actions
+    with pytest.raises(ValueError, match="frames"):
+        agent.act(PolicyInput(states=np.zeros((3, 81), np.uint8)))
+
+
+def test_a_finished_run_is_not_retrained(tiny_run, capsys):
+    from scripts.train_vagen import main
+
+    folder, _ = tiny_run
+    before = (folder / "vagen.pt").stat().st_mtime_ns
+    assert main(["--preset", "tiny", f"run.root={folder.parent}", "run.name=tiny"]) is None
+    assert (folder / "vagen.pt").stat().st_mtime_ns == before
+    assert "nothing to do" in capsys.readouterr().out

@@ -1,0 +1,521 @@
+"""Training loop of the VAGEN-style agent: PPO on token log-probs, rewarded for being right.
+
+Each turn the agent reads the frame and its last actions, writes a response (state estimate,
+prediction, action: see :mod:`agents.vagen`) and the env executes the action. The turn's reward is
+the task reward plus the world-modeling reward (accuracy of the estimate against the true state
+before the step and of the prediction against the true state after it), or the format penalty for
+a malformed response. Advantages are bi-level (turn-level GAE, then token-level GAE inside each
+turn) or turn-level only. In the real env (default) the truth is the env's symbolic state; in the
+dream env (``vagen.world=dream``) it is the world model's state head: the model's truth, not the
+world's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from agents.policy import NUM_ACTIONS, PolicyInput, save_policy
+from agents.vagen import (
+    FIELDS,
+    STRATEGIES,
+    VagenAgent,
+    VagenModelConfig,
+    VagenNet,
+    Vocab,
+    bilevel_gae,
+    chance_state_accuracy,
+    full_world_model_reward,
+    generate,
+    masked_whiten,
+    parse_response,
+    ppo_loss,
+    random_well_formed,
+    state_fields,
+    template,
+    token_logprobs,
+    turn_level_advantages,
+    world_model_reward,
+)
+from common.atomic import atomic_torch_save
+from common.config import param
+from common.runs import Logger, RunDir
+from common.seeding import derive_seed, seed_everything
+from envs.make import make_env_from_config
+from envs.state import StateCodec
+
+
+@dataclass
+class VagenConfig:
+    """VAGEN-style agent: state estimation and transition modelling, PPO with bi-level GAE."""
+
+    strategy: str = param("WorldModeling", f"what the agent writes before acting: one of {', '.join(STRATEGIES)}")
+    advantage: str = param("bilevel", "credit assignment: bilevel (turn-level then token-level GAE) or turn (turn-level only)")
+    world: str = param("real", "where it trains: real (the MiniGrid env) or dream (the world model; truth = its state head)")
+    world_model: str = param("", "dream only: run folder holding tokenizer.pt and dynamics.pt (default: this run)")
+    total_env_steps: int = param(200_000, "env steps (turns) to train for, over all envs")
+    num_envs: int = param(16, "envs stepped together (one batched decode per turn)")
+    rollout_turns: int = param(16, "turns per env between updates")
+    epochs: int = param(3, "PPO epochs over each rollout")
+    minibatch_turns: int = param(64, "turns per PPO minibatch")
+    lr: float = param(1e-3, "Adam learning rate")
+    clip: float = param(0.2, "PPO ratio clip")
+    value_coef: float = param(0.5, "weight of the value loss")
+    entropy_coef: float = param(0.001, "weight of the token entropy bonus")
+    max_grad_norm: float = param(0.5, "gradient norm clip")
+    turn_gamma: float = param(0.99, "turn-level discount")
+    turn_lambda: float = param(0.5, "turn-level GAE lambda")
+    token_gamma: float = param(1.0, "token-level discount inside a turn (bilevel only)")
+    token_lambda: float = param(1.0, "token-level GAE lambda inside a turn (bilevel only)")
+    state_weight: float = param(0.5, "world-modeling reward of a fully correct state estimate, per turn")
+    prediction_weight: float = param(0.5, "world-modeling reward of a fully correct next-state prediction, per turn")
+    field_weights: dict[str, float] = param(
+        default_factory=lambda: {f: 1.0 for f in FIELDS}, help=f"relative weight of each field in the accuracy: {', '.join(FIELDS)}"
+    )
+    center_world_model_reward: bool = param(
+        True, "subtract the perfect turn's world-modeling reward every turn (a constant shift: no reward for prolonging episodes)"
+    )
+    format_penalty: float = param(-0.1, "reward of a malformed response (instead of the world-modeling reward)")
+    free_think_len: int = param(12, "FreeThink: free tokens before the action (12 = WorldModeling's thinking length)")
+    format_warmup_steps: int = param(
+        200, "next-token steps on random well-formed responses before RL: teaches the grammar, no content (0: off)"
+    )
+    temperature: float = param(1.0, "sampling temperature while collecting rollouts")
+    d_model: int = param(32, "transformer width")
+    layers: int = param(2, "transformer blocks")
+    heads: int = param(4, "attention heads")
+    history_len: int = param(2, "previous actions the agent sees (its turn history)")
+    pointer_logits: bool = param(True, "cell tokens also score against their tile's embedding (full view only)")
+    eval_episodes: int = param(32, "real-env episodes of the final evaluation")
+    eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)")
+    eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)")
+    log_every: int = param(1, "updates between scalar logs")
+    checkpoint_every: int = param(10, "updates between resume checkpoints (0: never)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Envs: N real envs with explicit seeds and manual auto-reset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolStep:
+    """One batched step. frames (N, H, W, 3) and states (N, S): the next observation (a fresh
+    episode's first one where an episode ended); next_states (N, S): the state the action led to
+    (before any reset); rewards (N,); dones (N,) episode over (terminated or truncated)."""
+
+    frames: np.ndarray
+    states: np.ndarray
+    next_states: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    terminated: np.ndarray
+
+
+class RealEnvPool:
+    """``num_envs`` MiniGrid envs; episode k of env i resets with ``derive_seed(seed, i, k)``."""
+
+    def __init__(self, env_cfg: Any, num_envs: int, seed: int):
+        self.envs = [make_env_from_config(env_cfg) for _ in range(num_envs)]
+        self.seed = seed
+        self.episodes = [0] * num_envs
+        self.frames: np.ndarray | None = None
+        self.states: np.ndarray | None = None
+
+    def _reset_one(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        frame, info = self.envs[i].reset(seed=derive_seed(self.seed, i, self.episodes[i]))
+        self.episodes[i] += 1
+        return frame, info["state"]
+
+    def reset(self) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._reset_one(i) for i in range(len(self.envs))]
+        self.frames = np.stack([p[0] for p in pairs])
+        self.states = np.stack([p[1] for p in pairs])
+        return self.frames, self.states
+
+    def step(self, actions: np.ndarray) -> PoolStep:
+        n = len(self.envs)
+        frames, states, next_states = [], [], []
+        rewards, dones, terminated = np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, bool)
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
+            frame, reward, term, trunc, info = env.step(int(action))
+            next_states.append(info["state"])
+            rewards[i], dones[i], terminated[i] = reward, term or trunc, term
+            if term or trunc:
+                frame, state = self._reset_one(i)
+            else:
+                state = info["state"]
+            frames.append(frame)
+            states.append(state)
+        self.frames, self.states = np.stack(frames), np.stack(states)
+        return PoolStep(self.frames, self.states, np.stack(next_states), rewards, dones, terminated)
+
+
+def make_pool(cfg: Any, run: RunDir, seed: int):
+    """The env pool the agent trains in: the real env, or the world model's dream by option."""
+    vcfg = cfg.vagen
+    if vcfg.world == "real":
+        return RealEnvPool(cfg.env, vcfg.num_envs, seed)
+    if vcfg.world == "dream":
+        return DreamEnvPool(cfg, run, vcfg.num_envs, seed)
+    raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
+
+
+class DreamEnvPool:
+    """The dream: episodes start from real first frames, then the world model steps them. The
+    "true" states that score the agent's estimates and predictions come from the model's state head."""
+
+    def __init__(self, cfg: Any, run: RunDir, num_envs: int, seed: int):
+        try:
+            from worldmodel.imagine import DreamVectorEnv  # noqa: F401
+        except ImportError as error:
+            raise RuntimeError(
+                f"vagen.world=dream needs worldmodel.imagine.DreamVectorEnv, which does not import: {error}"
+            ) from error
+        raise NotImplementedError("vagen.world=dream: the dream env pool is not wired yet")
+
+
+class ValueNormalizer:
+    """The critic predicts returns in normalised units (running mean and std of the value targets),
+    so its output scale does not depend on how dense the world-modeling reward is: with centred
+    per-turn rewards the returns reach -0.2 / (1 - gamma), which a zero-initialised value head
+    would need thousands of updates to reach."""
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum = momentum
+        self.mean, self.std, self.initialised = 0.0, 1.0, False
+
+    def update(self, targets: torch.Tensor) -> None:
+        mean, std = float(targets.mean()), float(targets.std().clamp_min(1e-3)) if targets.numel() > 1 else 1.0
+        if not self.initialised:
+            self.mean, self.std, self.initialised = mean, std, True
+        else:
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * mean
+            self.std = self.momentum * self.std + (1 - self.momentum) * std
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+    def denormalize(self, values: torch.Tensor) -> torch.Tensor:
+        return values * self.std + self.mean
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std, "initialised": self.initialised}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.std, self.initialised = float(state["mean"]), float(state["std"]), bool(state["initialised"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation in the real env
+# ---------------------------------------------------------------------------------------------
+
+
+def optimal_return(env: Any, state_array: np.ndarray, codec: StateCodec) -> float:
+    """The BFS oracle's return from this state (the normalised score's denominator), NaN if unplannable."""
+    from envs.oracle import plan
+
+    actions = plan(codec.decode(state_array))
+    if not actions:
+        return float("nan")
+    return 1.0 - 0.9 * len(actions) / env.unwrapped.max_steps
+
+
+def evaluate(agent: VagenAgent, cfg: Any, episodes: int, seed: int, batch: int = 16) -> dict[str, float]:
+    """Real-env episodes with seeds ``derive_seed(seed, k)``: mean return, oracle-normalised score
+    (return / optimal return per episode, averaged), success rate, and per-turn state accuracy,
+    prediction accuracy (malformed turns count as 0; NaN when the strategy has no such part) and
+    format rate."""
+    vcfg = cfg.vagen
+    codec, vocab = agent_codec(cfg)
+    returns, scores, lengths = [], [], []
+    state_acc, pred_acc, formats = [], [], []
+    for start in range(0, episodes, batch):
+        count = min(batch, episodes - start)
+        envs = [make_env_from_config(cfg.env) for _ in range(count)]
+        obs = [env.reset(seed=derive_seed(seed, start + k)) for k, env in enumerate(envs)]
+        frames = np.stack([o[0] for o in obs])
+        states = np.stack([o[1]["state"] for o in obs])
+        best = [optimal_return(env, s, codec) for env, s in zip(envs, states)]
+        agent.reset(count, seed=derive_seed(seed, start, 7))
+        alive = np.ones(count, bool)
+        ep_return, ep_len = np.zeros(count), np.zeros(count, int)
+        while alive.any():
+            actions = agent.act(PolicyInput(frames=frames))
+            for k in np.nonzero(alive)[0]:
+                frame, reward, term, trunc, info = envs[k].step(int(actions[k]))
+                parsed = agent.last_responses[k]
+                wm = world_model_reward(
+                    parsed, vcfg.strategy, state_fields(states[k], codec, vocab), state_fields(info["state"], codec, vocab),
+                    state_weight=1.0, prediction_weight=1.0, field_weights=dict(vcfg.field_weights), format_penalty=0.0,
+                )
+                state_acc.append(wm.state_accuracy)
+                pred_acc.append(wm.prediction_accuracy)
+                formats.append(float(parsed.well_formed))
+                ep_return[k] += reward
+                ep_len[k] += 1
+                frames[k], states[k] = frame, info["state"]
+                if term or trunc:
+                    alive[k] = False
+        returns += ep_return.tolist()
+        lengths += ep_len.tolist()
+        scores += [r / b if b > 0 else float("nan") for r, b in zip(ep_return, best)]
+    return {
+        "return": float(np.mean(returns)),
+        "normalized_score": _nanmean(scores),
+        "success_rate": float(np.mean(np.array(returns) > 0)),
+        "episode_length": float(np.mean(lengths)),
+        "state_accuracy": _nanmean(state_acc),
+        "prediction_accuracy": _nanmean(pred_acc),
+        "format_rate": float(np.mean(formats)),
+        "episodes": episodes,
+    }
+
+
+def _nanmean(values: list[float]) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def agent_codec(cfg: Any) -> tuple[StateCodec, Vocab]:
+    env = make_env_from_config(cfg.env)
+    base = env.unwrapped
+    return StateCodec(base.width, base.height), Vocab(base.width, base.height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Any, run: RunDir) -> dict[str, Any]:
+    """Train the agent of ``cfg.vagen`` in run folder ``run``; write ``vagen.pt`` and return the
+    final evaluation (also merged into ``metrics.json`` under ``vagen``)."""
+    vcfg = cfg.vagen
+    if vcfg.strategy not in STRATEGIES:
+        raise ValueError(f"vagen.strategy must be one of {STRATEGIES}, got '{vcfg.strategy}'")
+    if vcfg.advantage not in ("bilevel", "turn"):
+        raise ValueError(f"vagen.advantage must be 'bilevel' or 'turn', got '{vcfg.advantage}'")
+    final_path, resume_path = run / "vagen.pt", run / "vagen.resume.pt"
+
+    # --- set-up -----------------------------------------------------------------------------------
+    seed_everything(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 1))
+    codec, vocab = agent_codec(cfg)
+    pool = make_pool(cfg, run, seed=derive_seed(cfg.run.seed, 2))
+    frames, states = pool.reset()
+    length = len(template(vcfg.strategy, vcfg.free_think_len))
+    model_config = VagenModelConfig(
+        vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
+        max_response_len=length, history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads,
+        first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1,
+    )
+    net = VagenNet(model_config)
+    value_norm = ValueNormalizer()
+    optimizer = torch.optim.Adam(net.parameters(), lr=vcfg.lr, eps=1e-5)
+    actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
+    steps_per_update = vcfg.num_envs * vcfg.rollout_turns
+    num_updates = max(1, math.ceil(vcfg.total_env_steps / steps_per_update))
+    offset = full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) if vcfg.center_world_model_reward else 0.0
+    field_weights = dict(vcfg.field_weights)
+    logger = Logger(run, cfg, "vagen")
+    truth_source = "the world model's state head" if vcfg.world == "dream" else "the real env's symbolic state"
+    print(
+        f"[vagen] {vcfg.strategy} ({vcfg.advantage} GAE) in the {vcfg.world} env {cfg.env.id}: {num_updates} updates x "
+        f"{steps_per_update} turns, response of {length} tokens, {sum(p.numel() for p in net.parameters())} parameters; "
+        f"truth for state/prediction rewards: {truth_source}"
+    )
+    start_update = 0
+    if resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(saved["net"])
+        value_norm.load_state_dict(saved["value_norm"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        start_update = int(saved["update"])
+        print(f"[vagen] resuming from {resume_path} at update {start_update} (envs restart fresh episodes)")
+        pool.seed = derive_seed(cfg.run.seed, 2, start_update)
+        frames, states = pool.reset()
+    elif vcfg.format_warmup_steps > 0:
+        _format_warmup(net, vcfg, vocab, frames, generator)
+
+    history = np.full((vcfg.num_envs, vcfg.history_len), NUM_ACTIONS, dtype=np.int64)
+    T, N = vcfg.rollout_turns, vcfg.num_envs
+    ep_return, ep_len = np.zeros(N), np.zeros(N, int)
+    recent: deque = deque(maxlen=2 * N)  # (return, length, success) of the last finished real episodes
+    started = time.time()
+    for update in range(start_update, num_updates):
+        # --- rollout: T turns in N envs ----------------------------------------------------------
+        net.eval()
+        buf_frames = np.zeros((T, *frames.shape), np.uint8)
+        buf_history = np.zeros((T, N, vcfg.history_len), np.int64)
+        buf_tokens = torch.zeros(T, N, length, dtype=torch.long)
+        buf_mask = torch.zeros(T, N, length, dtype=torch.bool)
+        buf_logprobs, buf_values = torch.zeros(T, N, length), torch.zeros(T, N, length)
+        buf_rewards, buf_dones = torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool)
+        stats: dict[str, list[float]] = {k: [] for k in ("state_acc", "pred_acc", "format", "wm_reward")}
+        for t in range(T):
+            buf_frames[t], buf_history[t] = frames, history
+            gen = generate(
+                net, torch.from_numpy(frames), torch.from_numpy(history), length, vocab.first_action, generator, vcfg.temperature
+            )
+            lengths = gen.mask.sum(-1).tolist()
+            parsed = [parse_response(gen.tokens[i, : lengths[i]].tolist(), vcfg.strategy, vocab, vcfg.free_think_len) for i in range(N)]
+            actions = np.array([p.action for p in parsed], dtype=np.int64)
+            step = pool.step(actions)
+            for i in range(N):
+                wm = world_model_reward(
+                    parsed[i], vcfg.strategy, state_fields(states[i], codec, vocab), state_fields(step.next_states[i], codec, vocab),
+                    state_weight=vcfg.state_weight, prediction_weight=vcfg.prediction_weight,
+                    field_weights=field_weights, format_penalty=vcfg.format_penalty,
+                )
+                buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
+                stats["state_acc"].append(wm.state_accuracy)
+                stats["pred_acc"].append(wm.prediction_accuracy)
+                stats["format"].append(float(parsed[i].well_formed))
+                stats["wm_reward"].append(wm.reward)
+            buf_tokens[t], buf_mask[t], buf_logprobs[t] = gen.tokens, gen.mask, gen.logprobs
+            buf_values[t] = value_norm.denormalize(gen.values)
+            buf_dones[t] = torch.from_numpy(step.dones)
+            # The turn history: shift in the executed action; a new episode starts with none.
+            ep_return += step.rewards
+            ep_len += 1
+            history = np.concatenate([history[:, 1:], actions[:, None]], axis=1) if vcfg.history_len else history
+            for i in np.nonzero(step.dones)[0]:
+                recent.append((ep_return[i], ep_len[i], float(step.terminated[i] and step.rewards[i] > 0)))
+                ep_return[i], ep_len[i] = 0.0, 0
+                history[i] = NUM_ACTIONS
+            frames, states = step.frames, step.states
+        # Bootstrap: the value at the last token of a response to the next observation.
+        boot = generate(net, torch.from_numpy(frames), torch.from_numpy(history), length, vocab.first_action, generator, vcfg.temperature)
+        boot_values = value_norm.denormalize(boot.values)
+        last_value = boot_values.gather(-1, (boot.mask.sum(-1, keepdim=True) - 1)).squeeze(-1)
+
+        # --- advantages ---------------------------------------------------------------------------
+        to_nt = lambda x: x.transpose(0, 1)  # noqa: E731  (T, N, ...) -> (N, T, ...)
+        if vcfg.advantage == "bilevel":
+            advantages, returns, _ = bilevel_gae(
+                to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values), to_nt(buf_mask), last_value,
+                turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda, token_gamma=vcfg.token_gamma, token_lambda=vcfg.token_lambda,
+            )
+        else:
+            advantages, returns, _ = turn_level_advantages(
+                to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values), to_nt(buf_mask), last_value,
+                turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda,
+            )
+        advantages = masked_whiten(advantages, to_nt(buf_mask))
+        flat = lambda x: x.reshape(N * T, *x.shape[2:])  # noqa: E731
+        b_frames = torch.from_numpy(buf_frames.swapaxes(0, 1).reshape(N * T, *frames.shape[1:]))
+        b_history = torch.from_numpy(buf_history.swapaxes(0, 1).reshape(N * T, vcfg.history_len))
+        b_tokens, b_mask = flat(to_nt(buf_tokens)), flat(to_nt(buf_mask))
+        value_norm.update(returns[to_nt(buf_mask)])
+        b_logprobs, b_adv, b_ret = flat(to_nt(buf_logprobs)), flat(advantages), flat(value_norm.normalize(returns))
+
+        # --- PPO on token log-probs -----------------------------------------------------------------
+        net.train()
+        parts: dict[str, list[float]] = {}
+        order_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, update))
+        for _ in range(vcfg.epochs):
+            order = torch.randperm(N * T, generator=order_gen)
+            for lo in range(0, N * T, vcfg.minibatch_turns):
+                idx = order[lo : lo + vcfg.minibatch_turns]
+                logprobs, entropy, values = token_logprobs(net, b_frames[idx], b_history[idx], b_tokens[idx])
+                losses = ppo_loss(
+                    logprobs, b_logprobs[idx], b_adv[idx], values, b_ret[idx], entropy, b_mask[idx],
+                    clip=vcfg.clip, value_coef=vcfg.value_coef, entropy_coef=vcfg.entropy_coef,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                # Clipped apart: the critic's gradient must not shrink the policy's.
+                torch.nn.utils.clip_grad_norm_(actor_params, vcfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(net.value_head.parameters(), vcfg.max_grad_norm)
+                optimizer.step()
+                for k, v in losses.parts.items():
+                    parts.setdefault(k, []).append(v)
+
+        # --- log and checkpoint ---------------------------------------------------------------------
+        env_steps = (update + 1) * steps_per_update
+        if (update + 1) % vcfg.log_every == 0 or update + 1 == num_updates:
+            scalars = {f"loss/{k}": float(np.mean(v)) for k, v in parts.items()}
+            scalars.update(
+                {
+                    "rollout/format_rate": float(np.mean(stats["format"])),
+                    "rollout/state_accuracy": _nanmean(stats["state_acc"]),
+                    "rollout/prediction_accuracy": _nanmean(stats["pred_acc"]),
+                    "rollout/world_model_reward": float(np.mean(stats["wm_reward"])),
+                    "rollout/real_return": _nanmean([r[0] for r in recent]),
+                    "rollout/episode_length": _nanmean([r[1] for r in recent]),
+                    "rollout/success_rate": _nanmean([r[2] for r in recent]),
+                    "rollout/turn_reward": float(buf_rewards.mean()),
+                    "speed/env_steps_per_s": (env_steps - start_update * steps_per_update) / (time.time() - started),
+                }
+            )
+            logger.scalars(env_steps, scalars)
+            if cfg.run.progress:
+                print(
+                    f"[vagen] update {update + 1}/{num_updates} steps {env_steps}: return {scalars['rollout/real_return']:.3f} "
+                    f"success {scalars['rollout/success_rate']:.2f} format {scalars['rollout/format_rate']:.2f} "
+                    f"state_acc {scalars['rollout/state_accuracy']:.3f} pred_acc {scalars['rollout/prediction_accuracy']:.3f} "
+                    f"({scalars['speed/env_steps_per_s']:.0f} steps/s)",
+                    flush=True,
+                )
+        if vcfg.checkpoint_every > 0 and (update + 1) % vcfg.checkpoint_every == 0 and update + 1 < num_updates:
+            atomic_torch_save(
+                resume_path,
+                {"net": net.state_dict(), "value_norm": value_norm.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "update": update + 1},
+            )
+
+    # --- evaluate and save ---------------------------------------------------------------------------
+    agent = VagenAgent(
+        net, vcfg.strategy, vocab, vcfg.free_think_len, vcfg.eval_temperature,
+        config=OmegaConf.to_container(cfg, resolve=True), name=f"vagen-{vcfg.strategy}",
+    )
+    metrics = evaluate(agent, cfg, vcfg.eval_episodes, vcfg.eval_seed)
+    metrics.update(
+        {
+            "strategy": vcfg.strategy, "advantage": vcfg.advantage, "world": vcfg.world, "env_id": cfg.env.id,
+            "env_steps": num_updates * steps_per_update, "train_seconds": time.time() - started,
+            "chance_state_accuracy": chance_state_accuracy(vocab, field_weights), "truth": truth_source,
+        }
+    )
+    logger.scalars(num_updates * steps_per_update, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    logger.close()
+    save_policy(final_path, agent, env_id=cfg.env.id, metrics=metrics)
+    if resume_path.is_file():
+        resume_path.unlink()
+    run.update_metrics("vagen", metrics)
+    print(f"[vagen] evaluation over {metrics['episodes']} real episodes: {metrics}")
+    return metrics
+
+
+def _format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, generator: torch.Generator) -> None:
+    """Next-token steps on responses with a uniformly random token in every slot.
+
+    A pretrained language model brings the response format to VAGEN; a network trained from
+    scratch brings nothing, and with ~10^-8 odds of sampling a well-formed 13-token response every
+    turn earns the same format penalty and PPO gets no signal. Random content teaches the grammar
+    and nothing about the world (every field value, every action equally likely)."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    frames_t = torch.from_numpy(frames)
+    net.train()
+    for _ in range(vcfg.format_warmup_steps):
+        batch = 64
+        rows = torch.randint(len(frames_t), (batch,), generator=generator)
+        tokens = random_well_formed(vcfg.strategy, vocab, batch, generator, vcfg.free_think_len)
+        history = torch.randint(NUM_ACTIONS + 1, (batch, vcfg.history_len), generator=generator)
+        logprobs, _, _ = token_logprobs(net, frames_t[rows], history, tokens)
+        loss = -logprobs.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    print(f"[vagen] format warm-up: {vcfg.format_warmup_steps} steps, final next-token loss {loss.item():.3f}")

@@ -1,0 +1,190 @@
+"""Benchmark of the VAGEN-style agent: strategies x envs x seeds, trained from scratch.
+
+    python benchmarks/vagen.py                      # the full table (DoorKey-5x5 and -6x6, 3 seeds)
+    python benchmarks/vagen.py --steps 4000 --envs DoorKey-5x5 --seeds 0   # a quick look
+
+Every strategy gets the same number of real env steps (``--steps``) and the same evaluation
+episodes (fixed env seeds). Writes ``benchmarks/results/vagen.md`` (the table, with per-seed values,
+machine load and budget) and ``benchmarks/results/vagen.json``, and prints that JSON object last::
+
+    {env_id: {strategy: {"normalized_score", "state_accuracy", "prediction_accuracy", "format_rate",
+                         "per_seed": {metric: [...]}, "std": {metric: ...}}}}
+
+Metric values are means over seeds; ``null`` where a strategy has no such part (NoThink has no
+state estimate). Runs go to ``--root`` (a fresh folder per run: an existing one is deleted first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+
+STRATEGY_RUNS = {  # benchmark name -> (vagen.strategy, vagen.advantage)
+    "NoThink": ("NoThink", "bilevel"),
+    "FreeThink": ("FreeThink", "bilevel"),
+    "StateEstimation": ("StateEstimation", "bilevel"),
+    "TransitionModeling": ("TransitionModeling", "bilevel"),
+    "WorldModeling": ("WorldModeling", "bilevel"),
+    "WorldModeling-TurnGAE": ("WorldModeling", "turn"),
+}
+METRICS = ("normalized_score", "state_accuracy", "prediction_accuracy", "format_rate")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_one(job: dict) -> dict:
+    """Train one (env, strategy, seed) from scratch in its own process; return its evaluation."""
+    import torch
+
+    torch.set_num_threads(1)
+    from agents.train_vagen import train
+    from common.config import load_config
+    from common.runs import RunDir
+    from scripts.config import Config
+
+    folder = Path(job["root"]) / job["name"]
+    if folder.exists():
+        shutil.rmtree(folder)  # from scratch, always
+    argv = [
+        f"run.name={job['name']}", f"run.root={job['root']}", f"run.seed={job['seed']}", "run.threads=1",
+        "run.progress=false", f"env.id={job['env_id']}", f"vagen.strategy={job['strategy']}",
+        f"vagen.advantage={job['advantage']}", f"vagen.total_env_steps={job['steps']}",
+        f"vagen.eval_episodes={job['eval_episodes']}", *job["overrides"],
+    ]
+    cfg = load_config(Config, argv, use_run_config=False)
+    started = time.time()
+    metrics = train(cfg, RunDir(cfg, "vagen", argv=["benchmarks/vagen.py", *argv]))
+    metrics["wall_seconds"] = time.time() - started
+    print(
+        f"[bench] {job['env_id']} {job['label']} seed {job['seed']}: score {metrics['normalized_score']:.3f} "
+        f"state {metrics['state_accuracy']:.3f} pred {metrics['prediction_accuracy']:.3f} format {metrics['format_rate']:.3f} "
+        f"({metrics['wall_seconds']:.0f} s)",
+        file=sys.stderr, flush=True,
+    )
+    return {**job, "metrics": metrics}
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
+
+
+def summarise(results: list[dict], envs: list[str], labels: list[str]) -> dict:
+    table: dict = {}
+    for env_id in envs:
+        table[env_id] = {}
+        for label in labels:
+            rows = [r["metrics"] for r in results if r["env_id"] == env_id and r["label"] == label]
+            entry: dict = {"per_seed": {}, "std": {}}
+            for metric in METRICS:
+                values = [float(m[metric]) for m in rows]
+                finite = [v for v in values if not math.isnan(v)]
+                entry[metric] = _clean(sum(finite) / len(finite)) if finite else None
+                entry["std"][metric] = _clean(float(_std(finite))) if finite else None
+                entry["per_seed"][metric] = [_clean(v) for v in values]
+            entry["seeds"] = [r["seed"] for r in results if r["env_id"] == env_id and r["label"] == label]
+            table[env_id][label] = entry
+    return table
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def markdown(table: dict, args: argparse.Namespace, header: dict) -> str:
+    def cell(entry: dict, metric: str) -> str:
+        if entry[metric] is None:
+            return "—"
+        seeds = ", ".join("—" if v is None else f"{v:.2f}" for v in entry["per_seed"][metric])
+        return f"{entry[metric]:.3f} ± {entry['std'][metric]:.3f} ({seeds})"
+
+    lines = [
+        "# VAGEN-style agent: strategies on DoorKey",
+        "",
+        f"`python benchmarks/vagen.py {' '.join(header['argv'])}` — {header['date']}, {header['wall_minutes']:.1f} min wall,",
+        f"{args.steps} real env steps per run, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
+        f"{args.eval_episodes} evaluation episodes per run (same env seeds for every strategy), {args.workers} worker(s).",
+        f"Machine: {header['machine']}; load average before {header['load_before']}, after {header['load_after']}.",
+        "",
+        "Cells: mean ± std over seeds (per-seed values). normalized_score = real return / BFS-oracle return per",
+        "episode; accuracies are field-wise over all evaluation turns (a malformed turn counts 0); — = the strategy",
+        "has no such part. Truth = the real env's symbolic state.",
+        "",
+    ]
+    for env_id, rows in table.items():
+        lines += [f"## {env_id}", "", "| strategy | normalized_score | state_accuracy | prediction_accuracy | format_rate |", "|---|---|---|---|---|"]
+        for label, entry in rows.items():
+            lines.append(f"| {label} | " + " | ".join(cell(entry, m) for m in METRICS) + " |")
+        lines.append("")
+    lines += ["## WorldModeling: bi-level vs turn-level-only GAE", "", "| env | metric | bi-level | turn-level only |", "|---|---|---|---|"]
+    for env_id, rows in table.items():
+        if "WorldModeling" in rows and "WorldModeling-TurnGAE" in rows:
+            for metric in METRICS:
+                lines.append(f"| {env_id} | {metric} | {cell(rows['WorldModeling'], metric)} | {cell(rows['WorldModeling-TurnGAE'], metric)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="+", default=["MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_RUNS), choices=list(STRATEGY_RUNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=4096, help="real env steps per run (the same for every strategy)")
+    parser.add_argument("--eval-episodes", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
+    parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for vagen.md and vagen.json")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every run, e.g. vagen.lr=0.001")
+    args = parser.parse_args(argv)
+    header = {
+        "argv": list(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}", "load_before": load_average(),
+    }
+    jobs = [
+        {
+            "env_id": env_id, "label": label, "strategy": STRATEGY_RUNS[label][0], "advantage": STRATEGY_RUNS[label][1],
+            "seed": seed, "steps": args.steps, "eval_episodes": args.eval_episodes, "root": args.root,
+            "overrides": list(args.overrides), "name": f"{env_id.replace('MiniGrid-', '')}_{label}_s{seed}",
+        }
+        for env_id in args.envs for seed in args.seeds for label in args.strategies
+    ]
+    started = time.time()
+    if args.workers > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            results = list(pool.map(run_one, jobs))
+    else:
+        results = [run_one(job) for job in jobs]
+    header["wall_minutes"] = (time.time() - started) / 60
+    header["load_after"] = load_average()
+    table = summarise(results, args.envs, args.strategies)
+    out = Path(args.out)
+    atomic_write_text(out / "vagen.md", markdown(table, args, header))
+    atomic_write_json(out / "vagen.json", table)
+    print(json.dumps(table, sort_keys=True))
+    return table
+
+
+if __name__ == "__main__":
+    main()
