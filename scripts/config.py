@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agents.dreamer import DreamerConfig
+from agents.evaluate import EvaluateConfig
 from agents.train_vagen import VagenConfig
 from common.config import RunConfig, param
 from envs.collect import CollectConfig
@@ -21,6 +23,8 @@ class Config:
     env: EnvConfig = param(default_factory=EnvConfig, help="environment and observation")
     collect: CollectConfig = param(default_factory=CollectConfig, help="offline rollout collection")
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
+    dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
+    evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")
     vagen: VagenConfig = param(default_factory=VagenConfig, help="VAGEN-style agent: state estimation, transition modelling")
 
 
