@@ -1,0 +1,505 @@
+"""The frame tokenizer: uint8 RGB frames ⇄ one discrete token per grid tile.
+
+A MiniGrid frame is a grid of tiles rendered independently of each other (each ``tile_size`` ×
+``tile_size`` pixel block depends only on that cell's content and, in the egocentric view, on its
+visibility). So the tokenizer is *per-patch* with patch = tile: the encoder is a convolution whose
+kernel and stride equal the patch size followed by 1×1 convolutions, the decoder is 1×1
+convolutions ending in a pixel shuffle. Nothing mixes neighbouring tiles, which is what makes one
+checkpoint work on any grid size whose tiles the training frames covered (DoorKey-6x6 → 8x8).
+
+Bottlenecks (``TokenizerConfig.quantizer``):
+
+- ``fsq``: finite scalar quantisation (Mentzer et al. 2023): each latent channel is bounded and
+  rounded to one of ``levels[i]`` values; the token is the mixed-radix number of the rounded
+  values. No codebook, so no dead codes and no auxiliary losses.
+- ``vq``: vector quantisation with codebook care: nearest code (straight-through), codebook and
+  commitment losses, codes initialised from encoder outputs and dead codes restarted from them.
+
+Decoding is per token, so :meth:`Tokenizer.decode` looks decoded patches up in a table computed
+once from the decoder for every code (rebuilt whenever a weight changes): decoding costs a gather.
+
+Shapes: frames ``(..., H, W, 3)`` uint8, tokens ``(..., H / p, W / p)`` int64, p = patch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHECKPOINT_FORMAT = "gridworld-sandbox/tokenizer/1"
+QUANTIZERS = ("fsq", "vq")
+DECODER_OUTPUTS = ("categorical", "regression")
+
+
+class TokenizerCheckpointError(ValueError):
+    """A tokenizer checkpoint that is missing, unreadable, or made for other frames or vocabulary."""
+
+
+@dataclass
+class TokenizerConfig:
+    """The model's shape: everything needed to rebuild it before loading weights."""
+
+    patch_size: int = 8  # pixels per patch side; equals the env tile size (one token per tile)
+    hidden_dim: int = 64  # width of the per-patch encoder and decoder
+    num_layers: int = 2  # hidden 1×1 layers in encoder and in decoder
+    quantizer: str = "fsq"  # fsq | vq
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # fsq: values per latent channel
+    codebook_size: int = 64  # vq: number of codes
+    code_dim: int = 16  # vq: code vector width
+    commitment_weight: float = 0.25  # vq: pulls encoder outputs towards their codes
+    dead_code_threshold: float = 0.01  # vq: restart a code whose usage EMA falls under this many hits per step
+    decoder_output: str = "regression"  # categorical (256-way logits per pixel channel) | regression (MSE)
+    intensity_dim: int = 16  # categorical: per-pixel-channel feature width fed to the shared 256-way head
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"tokenizer quantizer must be one of {QUANTIZERS}, got '{self.quantizer}'")
+        if self.patch_size < 1 or self.hidden_dim < 1 or self.num_layers < 0:
+            raise ValueError("tokenizer patch_size and hidden_dim must be positive, num_layers non-negative")
+        if self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 2):
+            raise ValueError(f"tokenizer fsq_levels need at least one channel of >= 2 levels, got {self.fsq_levels}")
+        if self.decoder_output not in DECODER_OUTPUTS:
+            raise ValueError(f"tokenizer decoder_output must be one of {DECODER_OUTPUTS}, got '{self.decoder_output}'")
+        if self.quantizer == "vq" and (self.codebook_size < 2 or self.code_dim < 1):
+            raise ValueError("tokenizer codebook_size must be >= 2 and code_dim >= 1")
+
+    @property
+    def vocab_size(self) -> int:
+        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_size
+
+    @property
+    def latent_dim(self) -> int:
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.code_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TokenizerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TokenizerCheckpointError(f"tokenizer config has unknown fields {unknown}")
+        values = dict(values)
+        if "fsq_levels" in values:
+            values["fsq_levels"] = [int(v) for v in values["fsq_levels"]]
+        return cls(**values)
+
+
+@dataclass
+class Losses:
+    """A total to minimise and its named parts (the parts become log keys)."""
+
+    total: torch.Tensor  # scalar
+    parts: dict[str, torch.Tensor]  # name -> scalar (detached)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bottlenecks
+# ---------------------------------------------------------------------------------------------
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ: channel i is squashed to ``levels[i]`` evenly spaced values in [-1, 1] and rounded.
+
+    ``forward(z (B, C, h, w)) -> (quantized (B, C, h, w), tokens (B, h, w), aux_loss scalar)``;
+    gradients pass the rounding straight through.
+    """
+
+    def __init__(self, levels: list[int]):
+        super().__init__()
+        levels_t = torch.tensor(levels, dtype=torch.int64)
+        self.register_buffer("levels", levels_t, persistent=False)
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.int64), levels_t[:-1]]), 0)
+        self.register_buffer("basis", basis, persistent=False)
+        self.vocab_size = int(math.prod(levels))
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        # Squash to (-half_l, half_l), shifted for even level counts so that rounding yields exactly
+        # ``levels`` integer values (the FSQ paper's construction).
+        levels = self.levels.view(1, -1, 1, 1).to(z.dtype)
+        half_l = (levels - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels.view(1, -1, 1, 1) % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bounded = self._bound(z)
+        rounded = bounded + (torch.round(bounded) - bounded).detach()
+        half_width = (self.levels // 2).view(1, -1, 1, 1).to(z.dtype)
+        digits = (torch.round(bounded).detach() + half_width).long()  # (B, C, h, w) in [0, levels)
+        tokens = (digits * self.basis.view(1, -1, 1, 1)).sum(1)
+        return rounded / half_width, tokens, z.new_zeros(())
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h, w) int64 -> quantized latents (B, C, h, w)."""
+        digits = (tokens.unsqueeze(1) // self.basis.view(1, -1, 1, 1)) % self.levels.view(1, -1, 1, 1)
+        half_width = (self.levels // 2).view(1, -1, 1, 1)
+        return (digits - half_width).float() / half_width.float()
+
+
+class VectorQuantizer(nn.Module):
+    """VQ with codebook care: nearest code, straight-through gradients, codebook + commitment
+    losses, codes seeded from encoder outputs at the first training batch, and codes whose usage
+    (an EMA of hits per batch) falls under ``dead_code_threshold`` re-seeded from encoder outputs.
+
+    ``forward(z (B, D, h, w)) -> (quantized (B, D, h, w), tokens (B, h, w), aux_loss scalar)``.
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, commitment_weight: float, dead_code_threshold: float):
+        super().__init__()
+        self.vocab_size = int(codebook_size)
+        self.commitment_weight = float(commitment_weight)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim) * 0.1)
+        self.register_buffer("usage", torch.ones(codebook_size))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t()
+                     + self.codebook.pow(2).sum(1)[None, :])
+        return distances.argmin(1)
+
+    @torch.no_grad()
+    def _care(self, flat: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None) -> None:
+        if not bool(self.initialised):
+            picks = torch.randint(len(flat), (self.vocab_size,), generator=generator)
+            self.codebook.copy_(flat[picks] + 1e-3 * torch.randn(self.codebook.shape, generator=generator))
+            self.initialised.fill_(True)
+            return
+        hits = torch.bincount(tokens, minlength=self.vocab_size).float()
+        self.usage.mul_(0.99).add_(hits, alpha=0.01)
+        dead = torch.nonzero(self.usage < self.dead_code_threshold).flatten()
+        if len(dead):
+            picks = torch.randint(len(flat), (len(dead),), generator=generator)
+            self.codebook[dead] = flat[picks]
+            self.usage[dead] = 1.0
+
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None):
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.training:
+            self._care(flat.detach(), self._nearest(flat.detach()), generator)
+        tokens = self._nearest(flat)
+        codes = self.codebook[tokens]
+        aux = F.mse_loss(codes, flat.detach()) + self.commitment_weight * F.mse_loss(flat, codes.detach())
+        quantized = flat + (codes - flat).detach()
+        return quantized.view(b, h, w, d).permute(0, 3, 1, 2), tokens.view(b, h, w), aux
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h, w) int64 -> code vectors (B, D, h, w)."""
+        return self.codebook[tokens].permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_patch_stack(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden_dim, 1), nn.GELU()]
+    for _ in range(num_layers):
+        layers += [nn.Conv2d(hidden_dim, hidden_dim, 1), nn.GELU()]
+    layers.append(nn.Conv2d(hidden_dim, out_dim, 1))
+    return nn.Sequential(*layers)
+
+
+class Tokenizer(nn.Module):
+    """Per-patch encoder → discrete bottleneck → per-patch decoder (see the module doc).
+
+    ``encode(frames (..., H, W, 3) uint8) -> tokens (..., H/p, W/p) int64`` and
+    ``decode(tokens) -> frames uint8`` are deterministic and batched; ``compute_loss`` trains it.
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        p = config.patch_size
+        # Encoder: the patch-sized, patch-strided conv sees exactly one tile; 1×1 convs stay inside it.
+        self.patchify = nn.Conv2d(3, config.hidden_dim, kernel_size=p, stride=p)
+        self.encoder = _per_patch_stack(config.hidden_dim, config.hidden_dim, config.latent_dim, config.num_layers)
+        # Regression output (default): 3 values per pixel, rounded. Categorical output: each pixel
+        # channel gets ``intensity_dim`` features and one head shared by all pixels scores the 256
+        # intensities (exactness = the right argmax); measured against each other in docs/tokenizer.md.
+        out_per_channel = config.intensity_dim if config.decoder_output == "categorical" else 1
+        self.decoder = _per_patch_stack(config.latent_dim, config.hidden_dim, 3 * out_per_channel * p * p,
+                                        config.num_layers)
+        self.intensity_head = nn.Linear(config.intensity_dim, 256) if config.decoder_output == "categorical" else None
+        if config.quantizer == "fsq":
+            self.quantizer: nn.Module = FiniteScalarQuantizer(config.fsq_levels)
+        else:
+            self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.commitment_weight,
+                                             config.dead_code_threshold)
+        self._table: torch.Tensor | None = None  # (V, p, p, 3) uint8 decoded patch of every token
+        self._table_key: tuple | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def identity(self) -> str:
+        """A stable hash of config and weights: equal identities decode tokens identically."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"tokenizer-{digest.hexdigest()[:16]}"
+
+    # ---------------------------------------------------------------- differentiable parts
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        p = self.patch_size
+        if frames.dim() < 3 or frames.shape[-1] != 3:
+            raise ValueError(f"tokenizer expects frames (..., H, W, 3), got shape {tuple(frames.shape)}")
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"tokenizer expects uint8 frames, got {frames.dtype}")
+        h, w = frames.shape[-3], frames.shape[-2]
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(
+                f"frame size {h}x{w} is not a positive multiple of the tokenizer's patch size {p} "
+                f"(the env tile size it was trained for)"
+            )
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1] -> continuous latents (B, C, H/p, W/p)."""
+        return self.encoder(F.gelu(self.patchify(images - 0.5)))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """quantized latents (B, C, h, w) -> decoder output at pixel resolution:
+        categorical: logits (B, 3, 256, h*p, w*p); regression: images (B, 3, h*p, w*p) ~[0, 1]."""
+        out = F.pixel_shuffle(self.decoder(latents), self.patch_size)  # (B, 3 * e, H, W)
+        if self.intensity_head is None:
+            return out
+        b, _, height, width = out.shape
+        features = out.view(b, 3, -1, height, width).permute(0, 1, 3, 4, 2)  # (B, 3, H, W, e)
+        return self.intensity_head(features).permute(0, 1, 4, 2, 3)  # (B, 3, 256, H, W)
+
+    def output_to_uint8(self, output: torch.Tensor) -> torch.Tensor:
+        """decoder output (see :meth:`decode_latents`) -> images (B, 3, H, W) uint8."""
+        if self.intensity_head is None:
+            return to_uint8(output)
+        return output.argmax(2).to(torch.uint8)
+
+    def compute_loss(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> Losses:
+        """frames (B, H, W, 3) uint8 (single tiles are frames too: (B, p, p, 3)) -> Losses.
+
+        ``reconstruction``: cross-entropy of the pixel intensities (categorical decoder) or mean
+        squared error on [0, 1] pixels (regression decoder); ``quantizer``: the VQ codebook and
+        commitment terms (zero for FSQ). ``generator`` drives the VQ codebook restarts.
+        """
+        self._check_frames(frames)
+        images = frames.permute(0, 3, 1, 2).float() / 255.0
+        latents = self.encode_latents(images)
+        if isinstance(self.quantizer, VectorQuantizer):
+            quantized, _, aux = self.quantizer(latents, generator)
+        else:
+            quantized, _, aux = self.quantizer(latents)
+        output = self.decode_latents(quantized)
+        if self.intensity_head is None:
+            reconstruction = F.mse_loss(output, images)
+        else:
+            target = frames.permute(0, 3, 1, 2).long()  # (B, 3, H, W) intensities
+            reconstruction = F.cross_entropy(output.transpose(1, 2), target)
+        total = reconstruction + aux
+        return Losses(total, {"reconstruction": reconstruction.detach(), "quantizer": aux.detach()})
+
+    # ---------------------------------------------------------------- the discrete interface
+    def _flatten(self, frames: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
+        tensor = torch.as_tensor(frames)
+        self._check_frames(tensor)
+        lead = tuple(tensor.shape[:-3])
+        return tensor.reshape(-1, *tensor.shape[-3:]), lead
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """frames (..., H, W, 3) uint8 -> tokens (..., H/p, W/p) int64 (on the model's device)."""
+        flat, lead = self._flatten(frames)
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            images = flat.to(device).permute(0, 3, 1, 2).float() / 255.0
+            _, tokens, _ = self.quantizer(self.encode_latents(images))
+        finally:
+            self.train(was_training)
+        return tokens.reshape(*lead, *tokens.shape[-2:])
+
+    def _weights_key(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter, so
+        # the table is rebuilt exactly when some weight changed.
+        return tuple((id(t), t._version) for t in self.state_dict(keep_vars=True).values())
+
+    @torch.no_grad()
+    def decode_table(self) -> torch.Tensor:
+        """(V, p, p, 3) uint8: the decoded patch of every token."""
+        key = self._weights_key()
+        if self._table is None or self._table_key != key:
+            tokens = torch.arange(self.vocab_size, device=next(self.parameters()).device).view(-1, 1, 1)
+            images = self.output_to_uint8(self.decode_latents(self.quantizer.embed(tokens)))  # (V, 3, p, p)
+            self._table = images.permute(0, 2, 3, 1).contiguous()
+            self._table_key = key
+        return self._table
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """tokens (..., h, w) int64 -> frames (..., h*p, w*p, 3) uint8 (on the model's device)."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() < 2:
+            raise ValueError(f"tokenizer decode expects tokens (..., h, w), got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokenizer decode expects integer tokens, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        table = self.decode_table()
+        p = self.patch_size
+        lead, (h, w) = tuple(tokens.shape[:-2]), tuple(tokens.shape[-2:])
+        patches = table[tokens.to(table.device).long().reshape(-1, h, w)]  # (N, h, w, p, p, 3)
+        frames = patches.permute(0, 1, 3, 2, 4, 5).reshape(-1, h * p, w * p, 3)
+        return frames.reshape(*lead, h * p, w * p, 3)
+
+    @torch.no_grad()
+    def decode_network(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`decode` but through the decoder network (no table): for checking."""
+        tokens = torch.as_tensor(tokens)
+        lead, (h, w) = tuple(tokens.shape[:-2]), tuple(tokens.shape[-2:])
+        images = self.output_to_uint8(self.decode_latents(self.quantizer.embed(tokens.reshape(-1, h, w))))
+        return images.permute(0, 2, 3, 1).reshape(*lead, h * self.patch_size, w * self.patch_size, 3)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float images ~[0, 1] -> uint8 [0, 255], rounded to nearest."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def frames_to_patches(frames: np.ndarray, patch_size: int) -> np.ndarray:
+    """frames (N, H, W, 3) uint8 -> patches (N * H/p * W/p, p, p, 3), row-major tile order."""
+    n, h, w, c = frames.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"frame size {h}x{w} is not a multiple of the patch size {p}")
+    tiles = frames.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(-1, p, p, c)
+
+
+def reconstruction_stats(real: np.ndarray | torch.Tensor, reconstructed: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Exactness measures of uint8 frames (N, H, W, 3) against their reconstructions.
+
+    ``exact_frame_rate``: fraction of frames equal in every pixel; ``pixel_accuracy``: fraction of
+    pixels (all 3 channels) equal; ``psnr``: dB over the whole set (inf when exact); ``mse``.
+    """
+    real_t = torch.as_tensor(real)
+    recon_t = torch.as_tensor(reconstructed).to(real_t.device)
+    if real_t.shape != recon_t.shape:
+        raise ValueError(f"shapes differ: {tuple(real_t.shape)} vs {tuple(recon_t.shape)}")
+    equal_pixels = (real_t == recon_t).all(-1)  # (N, H, W)
+    mse = float(((real_t.float() - recon_t.float()) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    return {
+        "exact_frame_rate": float(equal_pixels.flatten(1).all(1).float().mean()),
+        "pixel_accuracy": float(equal_pixels.float().mean()),
+        "psnr": psnr,
+        "mse": mse,
+    }
+
+
+def difference_panel(real: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
+    """One image of rows ``real | reconstructed | difference`` for frames (N, H, W, 3) uint8.
+
+    The difference is shown bright (any wrong pixel is white), since exactness is the goal.
+    """
+    real = np.asarray(real, dtype=np.uint8)
+    reconstructed = np.asarray(reconstructed, dtype=np.uint8)
+    diff = np.abs(real.astype(np.int16) - reconstructed.astype(np.int16))
+    diff = np.where(diff.max(-1, keepdims=True) > 0, 255, 0).astype(np.uint8).repeat(3, -1)
+    gap = np.full((real.shape[1], 2, 3), 128, dtype=np.uint8)
+    rows = [np.concatenate([r, gap, c, gap, d], axis=1) for r, c, d in zip(real, reconstructed, diff)]
+    spacer = np.full((2, rows[0].shape[1], 3), 128, dtype=np.uint8)
+    out: list[np.ndarray] = []
+    for row in rows:
+        out += [row, spacer]
+    return np.concatenate(out[:-1], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_checkpoint(tokenizer: Tokenizer, **extra: Any) -> dict[str, Any]:
+    """The dict saved as ``tokenizer.pt``: format tag, model config, weights, identity, extras."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": tokenizer.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in tokenizer.state_dict().items()},
+        "identity": tokenizer.identity,
+        **extra,
+    }
+
+
+def load_tokenizer(
+    path: str | Path,
+    tile_size: int | None = None,
+    vocab_size: int | None = None,
+    frame_shape: tuple[int, ...] | None = None,
+    identity: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Tokenizer:
+    """Load a tokenizer checkpoint, checking it fits what the caller will feed it.
+
+    ``tile_size``: the env tile size (must equal the patch size); ``vocab_size``: the vocabulary a
+    downstream model was built for; ``frame_shape`` (H, W, 3): frames must tile into patches;
+    ``identity``: the exact tokenizer a dynamics checkpoint recorded. Any mismatch raises
+    :class:`TokenizerCheckpointError` naming both values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerCheckpointError(f"tokenizer checkpoint not found: {path} (run scripts/train_tokenizer.py)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise TokenizerCheckpointError(f"tokenizer checkpoint {path} cannot be read: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise TokenizerCheckpointError(f"{path} is not a tokenizer checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    config = TokenizerConfig.from_dict(checkpoint["model_config"])
+    if tile_size is not None and int(tile_size) != config.patch_size:
+        raise TokenizerCheckpointError(
+            f"tokenizer {path} was trained for tile size {config.patch_size} px, but frames use tile size {tile_size}"
+        )
+    if vocab_size is not None and int(vocab_size) != config.vocab_size:
+        raise TokenizerCheckpointError(
+            f"tokenizer {path} has vocabulary size {config.vocab_size}, but {vocab_size} was expected"
+        )
+    if frame_shape is not None:
+        h, w = int(frame_shape[0]), int(frame_shape[1])
+        if h % config.patch_size or w % config.patch_size or (len(frame_shape) > 2 and frame_shape[2] != 3):
+            raise TokenizerCheckpointError(
+                f"tokenizer {path} (patch size {config.patch_size}) cannot tokenize frames of shape "
+                f"{tuple(frame_shape)}: height and width must be multiples of {config.patch_size}, 3 channels"
+            )
+    tokenizer = Tokenizer(config)
+    try:
+        tokenizer.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise TokenizerCheckpointError(f"tokenizer {path} weights do not fit its config: {error}") from None
+    tokenizer.eval().to(device)
+    if identity is not None and tokenizer.identity != identity:
+        raise TokenizerCheckpointError(
+            f"tokenizer {path} is {tokenizer.identity}, but {identity} was expected (it was retrained?)"
+        )
+    return tokenizer

@@ -1,0 +1,261 @@
+"""Training loop of the frame tokenizer (the model is in :mod:`worldmodel.tokenizer`).
+
+Reads top to bottom: set-up (data → unique tiles, model, optimiser, resume), loop (sample tiles,
+``compute_loss``, step, log, checkpoint), evaluate (exactness on validation frames, images), save.
+
+Why it trains on *tiles*, not frames: the tokenizer is per-patch, so a frame's loss is the sum of
+its tiles' losses. A gridworld has a few dozen distinct tiles, of which walls and floor make up
+most of every frame, while a door being opened or the agent standing in a doorway appears in a
+handful of frames. Deduplicating the tiles and sampling them with weight ``count ** sampling_power``
+(0: uniform over distinct tiles) gives the rare tiles as many updates as the common ones, which is
+what exactness on every frame needs, and makes a training step cost a few hundred tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from common.atomic import atomic_torch_save
+from common.config import param
+from common.runs import Logger, RunDir
+from common.seeding import seed_everything
+from worldmodel.tokenizer import (
+    Tokenizer,
+    TokenizerConfig,
+    difference_panel,
+    frames_to_patches,
+    load_tokenizer,
+    reconstruction_stats,
+    tokenizer_checkpoint,
+)
+
+FINAL_NAME = "tokenizer.pt"
+RESUME_NAME = "tokenizer.resume.pt"
+
+
+@dataclass
+class TokenizerStageConfig:
+    """The tokenizer: model shape and training (scripts/train_tokenizer.py)."""
+
+    # ---- model
+    quantizer: str = param("fsq", "bottleneck: fsq (finite scalar quantisation) or vq (vector quantisation)")
+    fsq_levels: list[int] = param(default_factory=lambda: [8, 8, 8], help="fsq: levels per latent channel (vocab = product)")
+    codebook_size: int = param(64, "vq: number of codes (the vocabulary)")
+    code_dim: int = param(16, "vq: width of a code vector")
+    commitment_weight: float = param(0.25, "vq: weight of the commitment loss")
+    dead_code_threshold: float = param(0.01, "vq: restart codes whose usage EMA (hits per step) falls below this")
+    decoder_output: str = param("regression", "decoder output: regression (MSE, rounded) or categorical (256-way per channel)")
+    intensity_dim: int = param(16, "categorical decoder: feature width per pixel channel")
+    hidden_dim: int = param(64, "width of the per-tile encoder and decoder")
+    num_layers: int = param(2, "hidden 1x1 layers in the encoder and in the decoder")
+    # ---- training
+    steps: int = param(3000, "maximum optimiser steps")
+    batch_size: int = param(256, "tiles per step")
+    learning_rate: float = param(1e-2, "AdamW learning rate (cosine decay to 10% over `steps`)")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    sampling_power: float = param(0.0, "tile sampling weight = count ** power (0: uniform over distinct tiles)")
+    stop_when_exact: bool = param(True, "stop as soon as every distinct training tile is reconstructed exactly")
+    eval_every: int = param(100, "steps between exactness checks (and early-stop checks)")
+    log_every: int = param(50, "steps between loss logs")
+    image_every: int = param(1000, "steps between reconstruction images (real | reconstructed | difference)")
+    num_images: int = param(4, "validation frames in each reconstruction image")
+    checkpoint_every: int = param(500, "steps between resume checkpoints (<run>/tokenizer.resume.pt)")
+    max_val_frames: int = param(2000, "validation frames used for the exactness check")
+
+
+def model_config(stage: Any, tile_size: int) -> TokenizerConfig:
+    """The model config of a stage config; the patch size is the env's tile size (one token per tile)."""
+    return TokenizerConfig(
+        patch_size=int(tile_size),
+        hidden_dim=int(stage.hidden_dim),
+        num_layers=int(stage.num_layers),
+        quantizer=str(stage.quantizer),
+        fsq_levels=[int(v) for v in stage.fsq_levels],
+        codebook_size=int(stage.codebook_size),
+        code_dim=int(stage.code_dim),
+        commitment_weight=float(stage.commitment_weight),
+        dead_code_threshold=float(stage.dead_code_threshold),
+        decoder_output=str(stage.decoder_output),
+        intensity_dim=int(stage.intensity_dim),
+    )
+
+
+def unique_tiles(frames: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """frames (N, H, W, 3) uint8 -> (distinct tiles (K, p, p, 3) uint8, counts (K,) int64), sorted."""
+    patches = np.ascontiguousarray(frames_to_patches(frames, patch_size))
+    as_rows = patches.reshape(len(patches), -1).view(np.dtype((np.void, patches[0].size)))
+    _, first, counts = np.unique(as_rows.ravel(), return_index=True, return_counts=True)
+    return patches[first], counts.astype(np.int64)
+
+
+def stage_signature(stage: Any, tile_size: int, data_source: str) -> dict[str, Any]:
+    """What a final checkpoint must match to be reused: stage config, tile size, data source."""
+    values = OmegaConf.to_container(stage, resolve=True) if OmegaConf.is_config(stage) else dataclasses.asdict(stage)
+    return {"stage": values, "tile_size": int(tile_size), "data": data_source}
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+@torch.no_grad()
+def evaluate(tokenizer: Tokenizer, frames: np.ndarray, batch_size: int = 512) -> tuple[dict[str, float], np.ndarray]:
+    """Reconstruct frames (N, H, W, 3) uint8 through encode → decode; (stats, reconstructions)."""
+    recon = np.concatenate([
+        tokenizer.decode(tokenizer.encode(frames[i:i + batch_size])).cpu().numpy()
+        for i in range(0, len(frames), batch_size)
+    ])
+    return reconstruction_stats(frames, recon), recon
+
+
+def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarray | None,
+          data_source: str = "") -> dict[str, Any]:
+    """Train (or resume, or skip when done) the tokenizer of ``cfg.tokenizer`` on uint8 frames.
+
+    ``train_frames`` / ``val_frames``: (N, H, W, 3) uint8; ``data_source`` names the data in the
+    checkpoint's signature. Writes ``<run>/tokenizer.pt``; returns the final metrics.
+    """
+    stage = cfg.tokenizer
+    tile_size = int(cfg.env.tile_size)
+    final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
+    signature = stage_signature(stage, tile_size, data_source)
+
+    # ------------------------------------------------------------------ skip a finished stage
+    if final_path.is_file():
+        saved = torch.load(final_path, map_location="cpu", weights_only=False)
+        differences = _differences(saved.get("signature", {}), signature)
+        if differences:
+            raise ValueError(
+                f"{final_path} exists but was trained with another config: {'; '.join(differences)}. "
+                f"Use another run.name or delete the checkpoint."
+            )
+        load_tokenizer(final_path, tile_size=tile_size)  # fails clearly if unreadable
+        print(f"tokenizer: {final_path} is complete and matches the config, skipping")
+        return saved.get("metrics", {})
+
+    # ------------------------------------------------------------------ set-up
+    seed_everything(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(int(cfg.run.threads))
+    device = torch.device(cfg.run.device)
+    tiles, counts = unique_tiles(train_frames, tile_size)
+    weights = counts.astype(np.float64) ** float(stage.sampling_power)
+    weights /= weights.sum()
+    tiles_t = torch.as_tensor(tiles, device=device)
+    if val_frames is None or len(val_frames) == 0:
+        val_frames = train_frames
+    val_frames = val_frames[: int(stage.max_val_frames)]
+    print(f"tokenizer: {len(train_frames)} training frames {train_frames.shape[1:]}, "
+          f"{len(tiles)} distinct tiles, {len(val_frames)} validation frames")
+
+    tokenizer = Tokenizer(model_config(stage, tile_size)).to(device)
+    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=float(stage.learning_rate),
+                                  weight_decay=float(stage.weight_decay))
+    total_steps = int(stage.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1))))
+    rng = np.random.default_rng(cfg.run.seed)
+    generator = torch.Generator().manual_seed(int(cfg.run.seed))
+    step, elapsed = 0, 0.0
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        differences = _differences(state["signature"], signature)
+        if differences:
+            raise ValueError(f"{resume_path} belongs to another config: {'; '.join(differences)}")
+        tokenizer.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["numpy_rng"]
+        generator.set_state(state["torch_rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        print(f"tokenizer: resumed from {resume_path} at step {step}")
+    logger = Logger(run, cfg, "tokenizer")
+
+    def save_resume() -> None:
+        atomic_torch_save(resume_path, {
+            "signature": signature, "model": tokenizer.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "numpy_rng": rng.bit_generator.state,
+            "torch_rng": generator.get_state(), "step": step, "elapsed": elapsed,
+        })
+
+    def log_images(tag: str) -> None:
+        shown = val_frames[: int(stage.num_images)]
+        _, recon = evaluate(tokenizer, shown)
+        logger.image(step, tag, difference_panel(shown, recon))
+
+    # ------------------------------------------------------------------ loop
+    tiles_exact = False
+    started = time.perf_counter() - elapsed
+    while step < total_steps:
+        tokenizer.train()
+        picks = torch.as_tensor(rng.choice(len(tiles), size=int(stage.batch_size), p=weights), device=device)
+        losses = tokenizer.compute_loss(tiles_t[picks], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+
+        if step % int(stage.log_every) == 0 or step == 1:
+            logger.scalars(step, {"loss": float(losses.total.detach()), **{k: float(v) for k, v in losses.parts.items()},
+                                  "learning_rate": schedule.get_last_lr()[0]})
+        if step % int(stage.eval_every) == 0 or step == total_steps:
+            tile_stats, _ = evaluate(tokenizer, tiles)
+            tiles_exact = tile_stats["exact_frame_rate"] == 1.0
+            logger.scalars(step, {"train_tiles_exact_rate": tile_stats["exact_frame_rate"]})
+            if cfg.run.progress:
+                print(f"tokenizer step {step}: loss {float(losses.total.detach()):.2e}, "
+                      f"distinct tiles exact {tile_stats['exact_frame_rate']:.3f}")
+            if tiles_exact and stage.stop_when_exact:
+                break
+        if step % int(stage.image_every) == 0:
+            log_images("reconstruction")
+        if step % int(stage.checkpoint_every) == 0:
+            elapsed = time.perf_counter() - started
+            save_resume()
+    elapsed = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ evaluate
+    tokenizer.eval()
+    val_stats, _ = evaluate(tokenizer, val_frames)
+    tile_stats, _ = evaluate(tokenizer, tiles)
+    used = torch.unique(tokenizer.encode(val_frames)).numel()
+    metrics = {
+        "steps": step,
+        "train_seconds": elapsed,
+        "distinct_train_tiles": int(len(tiles)),
+        "train_tiles_exact_rate": tile_stats["exact_frame_rate"],
+        "val_exact_frame_rate": val_stats["exact_frame_rate"],
+        "val_pixel_accuracy": val_stats["pixel_accuracy"],
+        "val_psnr": min(val_stats["psnr"], 99.0),  # inf does not fit JSON; 99 dB stands for exact
+        "vocab_size": tokenizer.vocab_size,
+        "val_codes_used": int(used),
+        "identity": tokenizer.identity,
+    }
+    logger.scalars(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_images("reconstruction")
+    logger.close()
+
+    # ------------------------------------------------------------------ save
+    atomic_torch_save(final_path, tokenizer_checkpoint(tokenizer, signature=signature, metrics=metrics))
+    if resume_path.is_file():
+        resume_path.unlink()
+    run.update_metrics("tokenizer", metrics)
+    print(f"tokenizer: {step} steps in {elapsed:.1f} s, validation exact frames {val_stats['exact_frame_rate']:.4f}, "
+          f"saved {final_path} ({tokenizer.identity})")
+    return metrics
