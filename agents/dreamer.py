@@ -43,7 +43,7 @@ class DreamerConfig:
     channels: int = param(32, "conv channels of the token encoder")
     hidden_dim: int = param(128, "MLP width of actor and critic")
     # --- imagination
-    updates: int = param(1500, "actor-critic updates (each one imagined batch)")
+    updates: int = param(400, "actor-critic updates (each one imagined batch)")
     batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames")
     horizon: int = param(15, "imagined steps per rollout")
     context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)")
@@ -56,7 +56,8 @@ class DreamerConfig:
     return_norm_floor: float = param(1.0, "advantages are divided by max(floor, range): no blow-up of small returns")
     # --- actor
     actor_update: str = param("reinforce", "actor update: reinforce (advantage-weighted log-prob) or pmpo (sign of advantage + KL to prior)")
-    entropy_coef: float = param(3e-3, "entropy bonus weight")
+    entropy_coef: float = param(1e-2, "entropy bonus weight at the first update")
+    entropy_coef_final: float = param(1e-3, "entropy bonus weight at the last update (linear decay: explore early, commit late)")
     pmpo_alpha: float = param(0.5, "PMPO: weight of the positive-advantage set (1 - alpha for the negative one)")
     prior_kl_coef: float = param(0.3, "KL(policy || prior) weight: used by pmpo (uniform prior without BC) and by reinforce when bc_prior")
     bc_steps: int = param(0, "behaviour-cloning warm start: supervised steps on the dataset's actions before imagination")
@@ -66,12 +67,12 @@ class DreamerConfig:
     slow_critic_decay: float = param(0.98, "EMA decay of the slow critic that bootstraps the returns")
     slow_critic_reg: float = param(1.0, "weight of the critic's pull towards the slow critic")
     # --- optimisation
-    actor_lr: float = param(3e-4, "actor learning rate (Adam)")
-    critic_lr: float = param(1e-3, "critic learning rate (Adam)")
+    actor_lr: float = param(1e-3, "actor learning rate (Adam)")
+    critic_lr: float = param(2e-3, "critic learning rate (Adam)")
     grad_clip: float = param(10.0, "global gradient-norm clip per network")
     # --- acting, saving
     act_mode: str = param("sample", "how the saved policy acts: sample (from its distribution) or greedy (argmax)")
-    checkpoint_every: int = param(250, "save the policy every N updates (evaluated as 'checkpoints along training')")
+    checkpoint_every: int = param(50, "save the policy every N updates (evaluated as 'checkpoints along training')")
     log_every: int = param(25, "log scalars every N updates")
 
 
@@ -342,8 +343,19 @@ class DreamerAgent(nn.Module):
         accuracy = (logits.argmax(-1) == actions).float().mean()
         return Losses(loss, {"bc_loss": float(loss.detach()), "bc_accuracy": float(accuracy)})
 
-    def compute_loss(self, trajectory: Trajectory) -> Losses:
-        """Actor and critic losses on one imagined batch (also updates the return normaliser)."""
+    def entropy_coef(self, progress: float) -> float:
+        """The entropy weight at ``progress`` in [0, 1] of training: linear from start to final.
+
+        A fixed bonus keeps pushing once advantages vanish near the optimum (entropy climbs back
+        and the return falls); decaying it lets the policy commit when it has found the answer.
+        """
+        progress = min(max(progress, 0.0), 1.0)
+        return (1 - progress) * self.cfg.entropy_coef + progress * self.cfg.entropy_coef_final
+
+    def compute_loss(self, trajectory: Trajectory, progress: float = 0.0) -> Losses:
+        """Actor and critic losses on one imagined batch (also updates the return normaliser).
+
+        ``progress`` in [0, 1]: how far training is (sets the entropy weight)."""
         cfg = self.cfg
         steps, batch = trajectory.actions.shape
         flat_tokens = trajectory.tokens.flatten(0, 1)  # ((T + 1) B, h, w)
@@ -368,7 +380,8 @@ class DreamerAgent(nn.Module):
             policy_loss = pmpo_loss(log_probs, advantages, weights, cfg.pmpo_alpha)
         else:
             policy_loss = reinforce_loss(log_probs, advantages, weights)
-        actor_loss = policy_loss - cfg.entropy_coef * weighted_mean(policy_entropy, weights)
+        entropy_coef = self.entropy_coef(progress)
+        actor_loss = policy_loss - entropy_coef * weighted_mean(policy_entropy, weights)
         kl = torch.zeros(())
         if self.prior is not None or cfg.actor_update == "pmpo":
             if self.prior is not None:
@@ -387,7 +400,7 @@ class DreamerAgent(nn.Module):
             "slow_critic_reg": float(slow_reg.detach()), "entropy": float(weighted_mean(policy_entropy.detach(), weights)),
             "prior_kl": float(kl.detach()), "return_scale": float(scale), "lambda_return": float(weighted_mean(returns, weights)),
             "value": float(weighted_mean(values.detach(), weights)), "imagined_return": float(imagined_return),
-            "terminated_fraction": float(1 - trajectory.continues.prod(0).mean()),
+            "terminated_fraction": float(1 - trajectory.continues.prod(0).mean()), "entropy_coef": entropy_coef,
         }
         return Losses(total, parts)
 

@@ -394,7 +394,7 @@ def learning_curve_plot(rows: list[dict], history: list[dict]) -> np.ndarray:
             axis.axhline(match[0]["real_return"], color="grey", linestyle=style, linewidth=1, label=f"{name}: real return")
     axis.set_xlabel("agent update"), axis.set_ylabel("return")
     axis.set_title("Dreamer agent learning curve")
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     return _figure_to_array(figure)
 

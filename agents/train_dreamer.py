@@ -84,11 +84,12 @@ def imagination_update(
     world_model: ImaginationModel,
     context: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator | None,
+    progress: float = 0.0,
 ) -> Losses:
     """One update: imagine from ``context`` (tokens (B, T0, h, w), actions (B, T0 - 1)), then one
-    gradient step on actor and critic and one slow-critic EMA step."""
+    gradient step on actor and critic and one slow-critic EMA step. ``progress`` in [0, 1]."""
     trajectory = imagine(world_model, agent.actor, context[0], context[1], agent.cfg.horizon, generator)
-    losses = agent.compute_loss(trajectory)
+    losses = agent.compute_loss(trajectory, progress)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     # Clip each network on its own: a large critic gradient must not shrink the actor's step.
@@ -231,7 +232,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ imagination loop
     while step < stage.updates:
-        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size), generator)
+        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size), generator,
+                                    progress=step / max(stage.updates - 1, 1))
         step += 1
         if step % stage.log_every == 0 or step == 1:
             logger.scalars(step, {"loss": float(losses.total.detach()), **losses.parts})

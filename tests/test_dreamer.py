@@ -103,7 +103,8 @@ def test_update_improves_imagined_return_on_toy_corridor(actor_update, extra):
     """The corridor's answer is known: always forward reaches the goal (return 1) within the horizon."""
     torch.manual_seed(0)
     model = ToyCorridorModel(length=6)
-    cfg = DreamerConfig(horizon=10, batch_size=64, hidden_dim=32, channels=8, actor_lr=1e-3, actor_update=actor_update,
+    cfg = DreamerConfig(horizon=10, batch_size=64, hidden_dim=32, channels=8, actor_lr=1e-3, critic_lr=1e-3,
+                        entropy_coef=3e-3, actor_update=actor_update,
                         **extra)
     agent = DreamerAgent(cfg, model.vocab_size, (1, model.length))
     optimizer = optimizer_for(agent, cfg)
@@ -198,3 +199,9 @@ def test_scripted_policies_in_the_real_env():
     oracle.reset(2, seed=0)
     actions = oracle.act(PolicyInput(states=np.zeros((2, 81), dtype=np.int64)))
     assert actions.shape == (2,) and ((0 <= actions) & (actions < 7)).all()
+
+
+def test_entropy_weight_decays_linearly():
+    agent = DreamerAgent(DreamerConfig(entropy_coef=0.01, entropy_coef_final=0.001, hidden_dim=8, channels=2, embed_dim=2),
+                         vocab_size=3, grid_shape=(1, 3))
+    assert [agent.entropy_coef(p) for p in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([0.01, 0.0055, 0.001, 0.001])
