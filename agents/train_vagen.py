@@ -170,17 +170,58 @@ def make_pool(cfg: Any, run: RunDir, seed: int):
 
 
 class DreamEnvPool:
-    """The dream: episodes start from real first frames, then the world model steps them. The
-    "true" states that score the agent's estimates and predictions come from the model's state head."""
+    """The dream: ``num_envs`` episodes imagined by the world model of ``vagen.world_model`` (a run
+    folder with ``tokenizer.pt`` and ``dynamics.pt``; default: this run). Episodes start from real
+    first frames (real env resets), then the model steps them; frames are the tokenizer's decoding.
+    The "true" states that score the agent's estimates and predictions are the model's state head:
+    the model's truth, not the world's. Episodes end when the model predicts termination or after
+    the real env's step limit. Same interface as :class:`RealEnvPool`."""
 
     def __init__(self, cfg: Any, run: RunDir, num_envs: int, seed: int):
         try:
-            from worldmodel.imagine import DreamVectorEnv  # noqa: F401
+            from worldmodel.imagine import EnvStarts, load_world_model
         except ImportError as error:
-            raise RuntimeError(
-                f"vagen.world=dream needs worldmodel.imagine.DreamVectorEnv, which does not import: {error}"
-            ) from error
-        raise NotImplementedError("vagen.world=dream: the dream env pool is not wired yet")
+            raise RuntimeError(f"vagen.world=dream needs worldmodel.imagine, which does not import: {error}") from error
+        folder = Path(cfg.vagen.world_model) if cfg.vagen.world_model else run.path
+        for name in ("tokenizer.pt", "dynamics.pt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(
+                    f"vagen.world=dream needs {folder / name}: train the tokenizer and dynamics model first, "
+                    "or point vagen.world_model at a run folder that has them"
+                )
+        self.model = load_world_model(folder, device=cfg.run.device)
+        self.starts = EnvStarts(lambda: make_env_from_config(cfg.env), self.model.tokenizer)
+        self.rng = np.random.default_rng(seed)
+        self.model.seed(seed)
+        self.num_envs = num_envs
+        self.max_steps = make_env_from_config(cfg.env).unwrapped.max_steps
+        self.elapsed = np.zeros(num_envs, dtype=np.int64)
+        self.seed = seed
+
+    def _current(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.model.state is not None
+        return self.model.decode(), self.model.state.cpu().numpy()
+
+    def reset(self) -> tuple[np.ndarray, np.ndarray]:
+        self.rng = np.random.default_rng(self.seed)
+        tokens, _ = self.starts.sample(self.rng, self.num_envs)
+        self.model.reset(tokens)
+        self.elapsed[:] = 0
+        return self._current()
+
+    def step(self, actions: np.ndarray) -> PoolStep:
+        result = self.model.step(actions)
+        next_states = result.state.cpu().numpy()
+        rewards = result.reward.cpu().numpy().astype(np.float32)
+        terminated = result.terminated.cpu().numpy().astype(bool)
+        self.elapsed += 1
+        dones = terminated | (self.elapsed >= self.max_steps)
+        if dones.any():
+            tokens, _ = self.starts.sample(self.rng, int(dones.sum()))
+            self.model.reset_rows(dones, tokens)
+            self.elapsed[dones] = 0
+        frames, states = self._current()
+        return PoolStep(frames, states, next_states, rewards, dones, terminated)
 
 
 class ValueNormalizer:
@@ -330,6 +371,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     field_weights = dict(vcfg.field_weights)
     logger = Logger(run, cfg, "vagen")
     truth_source = "the world model's state head" if vcfg.world == "dream" else "the real env's symbolic state"
+    return_name = "imagined_return" if vcfg.world == "dream" else "real_return"  # the final evaluation is always real
     print(
         f"[vagen] {vcfg.strategy} ({vcfg.advantage} GAE) in the {vcfg.world} env {cfg.env.id}: {num_updates} updates x "
         f"{steps_per_update} turns, response of {length} tokens, {sum(p.numel() for p in net.parameters())} parameters; "
@@ -453,7 +495,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                     "rollout/state_accuracy": _nanmean(stats["state_acc"]),
                     "rollout/prediction_accuracy": _nanmean(stats["pred_acc"]),
                     "rollout/world_model_reward": float(np.mean(stats["wm_reward"])),
-                    "rollout/real_return": _nanmean([r[0] for r in recent]),
+                    f"rollout/{return_name}": _nanmean([r[0] for r in recent]),
                     "rollout/episode_length": _nanmean([r[1] for r in recent]),
                     "rollout/success_rate": _nanmean([r[2] for r in recent]),
                     "rollout/turn_reward": float(buf_rewards.mean()),
@@ -463,7 +505,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             logger.scalars(env_steps, scalars)
             if cfg.run.progress:
                 print(
-                    f"[vagen] update {update + 1}/{num_updates} steps {env_steps}: return {scalars['rollout/real_return']:.3f} "
+                    f"[vagen] update {update + 1}/{num_updates} steps {env_steps}: {return_name} {scalars[f'rollout/{return_name}']:.3f} "
                     f"success {scalars['rollout/success_rate']:.2f} format {scalars['rollout/format_rate']:.2f} "
                     f"state_acc {scalars['rollout/state_accuracy']:.3f} pred_acc {scalars['rollout/prediction_accuracy']:.3f} "
                     f"({scalars['speed/env_steps_per_s']:.0f} steps/s)",

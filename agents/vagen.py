@@ -169,19 +169,23 @@ def parse_response(tokens: Sequence[int], strategy: str, vocab: Vocab, free_thin
 def state_fields(state_array: np.ndarray, codec: StateCodec, vocab: Vocab) -> dict[str, int]:
     """The true token of every field of a symbolic state array (``codec`` layout), field -> token id.
 
-    The first key/door/goal in (x, y) order stands for its kind (DoorKey has one of each).
+    The first key/door/goal in (x, y) order stands for its kind (DoorKey has one of each). A value
+    no token can say (a world model's state head may predict an impossible state) maps to -1,
+    which no response matches.
     """
     state = codec.decode(state_array)
     kind = state.carrying[0]
     carrying = vocab.none if kind == EMPTY or kind not in _CARRY_KIND else vocab.ids[f"carry_{_CARRY_KIND[kind]}"]
     keys, doors, goals = state.objects(KEY), state.objects(DOOR), state.objects(GOAL)
+    cell = lambda x, y: vocab.ids.get(f"c{x},{y}", -1)  # noqa: E731
+    door_state = DOOR_STATE_NAMES.get(doors[0][3]) if doors else None
     return {
-        "agent_pos": vocab.cell(*state.agent_pos),
-        "agent_dir": vocab.ids[DIRECTION_NAMES[state.agent_dir % 4]],
+        "agent_pos": cell(*state.agent_pos),
+        "agent_dir": vocab.ids[DIRECTION_NAMES[state.agent_dir]] if 0 <= state.agent_dir < 4 else -1,
         "carrying": carrying,
-        "key_pos": vocab.cell(keys[0][0], keys[0][1]) if keys else vocab.none,
-        "door": vocab.ids[f"door_{DOOR_STATE_NAMES[doors[0][3]]}"] if doors else vocab.none,
-        "goal_pos": vocab.cell(goals[0][0], goals[0][1]) if goals else vocab.none,
+        "key_pos": cell(keys[0][0], keys[0][1]) if keys else vocab.none,
+        "door": (vocab.ids[f"door_{door_state}"] if door_state else -1) if doors else vocab.none,
+        "goal_pos": cell(goals[0][0], goals[0][1]) if goals else vocab.none,
     }
 
 

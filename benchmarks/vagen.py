@@ -11,7 +11,9 @@ machine load and budget) and ``benchmarks/results/vagen.json``, and prints that 
                          "per_seed": {metric: [...]}, "std": {metric: ...}}}}
 
 Metric values are means over seeds; ``null`` where a strategy has no such part (NoThink has no
-state estimate). Runs go to ``--root`` (a fresh folder per run: an existing one is deleted first).
+state estimate). Runs go to ``--root``; a run that an earlier invocation finished with the same job (strategy,
+GAE, env, seed, steps, evaluation episodes, no overrides) is reused, anything else there is deleted
+and trained from scratch (``--fresh`` retrains everything).
 """
 
 from __future__ import annotations
@@ -49,21 +51,29 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from omegaconf import OmegaConf
+
     from agents.train_vagen import train
-    from common.config import load_config
+    from common.config import CONFIG_DIR
     from common.runs import RunDir
     from scripts.config import Config
 
     folder = Path(job["root"]) / job["name"]
+    finished = _finished_metrics(folder, job)
+    if finished is not None:  # the same run, already trained from scratch by an earlier invocation
+        print(f"[bench] {job['env_id']} {job['label']} seed {job['seed']}: reusing {folder}", file=sys.stderr, flush=True)
+        return {**job, "metrics": finished}
     if folder.exists():
-        shutil.rmtree(folder)  # from scratch, always
+        shutil.rmtree(folder)  # a partial or different run: start from scratch
     argv = [
         f"run.name={job['name']}", f"run.root={job['root']}", f"run.seed={job['seed']}", "run.threads=1",
         "run.progress=false", f"env.id={job['env_id']}", f"vagen.strategy={job['strategy']}",
         f"vagen.advantage={job['advantage']}", f"vagen.total_env_steps={job['steps']}",
         f"vagen.eval_episodes={job['eval_episodes']}", *job["overrides"],
     ]
-    cfg = load_config(Config, argv, use_run_config=False)
+    # Defaults, then configs/vagen.yaml, then this job's values: the other stages' files do not
+    # matter here, and one of them being mid-edit by someone else must not fail a 40-minute run.
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(CONFIG_DIR / "vagen.yaml"), OmegaConf.from_dotlist(argv))
     started = time.time()
     metrics = train(cfg, RunDir(cfg, "vagen", argv=["benchmarks/vagen.py", *argv]))
     metrics["wall_seconds"] = time.time() - started
@@ -74,6 +84,26 @@ def run_one(job: dict) -> dict:
         file=sys.stderr, flush=True,
     )
     return {**job, "metrics": metrics}
+
+
+def _finished_metrics(folder: Path, job: dict) -> dict | None:
+    """The metrics of a finished run in ``folder`` made by exactly this job, else None."""
+    import yaml
+
+    if job["fresh"] or not (folder / "vagen.pt").is_file() or not (folder / "metrics.json").is_file():
+        return None
+    metrics = json.loads((folder / "metrics.json").read_text()).get("vagen", {})
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    same = (
+        metrics.get("strategy") == job["strategy"] and metrics.get("advantage") == job["advantage"]
+        and metrics.get("env_id") == job["env_id"] and metrics.get("episodes") == job["eval_episodes"]
+        and metrics.get("env_steps") == -(-job["steps"] // 256) * 256 and config["run"]["seed"] == job["seed"]
+        and not job["overrides"]
+    )
+    if not same:
+        return None
+    metrics.setdefault("wall_seconds", metrics.get("train_seconds", float("nan")))
+    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
 
 
 def _clean(value: float) -> float | None:
@@ -156,8 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
     parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")
     parser.add_argument("--out", default=str(RESULTS), help="folder for vagen.md and vagen.json")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that an earlier invocation finished")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run, e.g. vagen.lr=0.001")
     args = parser.parse_args(argv)
+    import scripts.config  # noqa: F401  (import once here: forked workers inherit it)
     header = {
         "argv": list(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}", "load_before": load_average(),
@@ -166,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         {
             "env_id": env_id, "label": label, "strategy": STRATEGY_RUNS[label][0], "advantage": STRATEGY_RUNS[label][1],
             "seed": seed, "steps": args.steps, "eval_episodes": args.eval_episodes, "root": args.root,
-            "overrides": list(args.overrides), "name": f"{env_id.replace('MiniGrid-', '')}_{label}_s{seed}",
+            "overrides": list(args.overrides), "fresh": args.fresh, "name": f"{env_id.replace('MiniGrid-', '')}_{label}_s{seed}",
         }
         for env_id in args.envs for seed in args.seeds for label in args.strategies
     ]

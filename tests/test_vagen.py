@@ -241,6 +241,7 @@ def tiny_run(tmp_path_factory):
     return root / "tiny", metrics
 
 
+@pytest.mark.slow
 def test_tiny_training_raises_state_accuracy_above_chance(tiny_run):
     folder, metrics = tiny_run
     assert metrics["format_rate"] > 0.5
@@ -281,3 +282,32 @@ def test_a_finished_run_is_not_retrained(tiny_run, capsys):
     assert main(["--preset", "tiny", f"run.root={folder.parent}", "run.name=tiny"]) is None
     assert (folder / "vagen.pt").stat().st_mtime_ns == before
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dream_option_trains_on_the_world_models_state_head(tmp_path):
+    """Plumbing of vagen.world=dream with an untrained tokenizer and dynamics model: episodes are
+    imagined, the truth is the state head's, and the final evaluation still runs in the real env."""
+    from common.atomic import atomic_torch_save
+    from scripts.train_vagen import main
+    from worldmodel.dynamics import DynamicsModel, DynamicsModelConfig, dynamics_checkpoint
+    from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_checkpoint
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig())
+    model_dir = tmp_path / "wm"
+    atomic_torch_save(model_dir / "tokenizer.pt", tokenizer_checkpoint(tokenizer))
+    dynamics = DynamicsModel(DynamicsModelConfig(
+        vocab_size=tokenizer.vocab_size, grid_height=5, grid_width=5, state_width=5, state_height=5, dim=32, heads=4,
+        memory_dim=48, state_hidden=64,
+    ))
+    atomic_torch_save(model_dir / "dynamics.pt", dynamics_checkpoint(dynamics, tokenizer.identity))
+    metrics = main([
+        "--preset", "tiny", f"run.root={tmp_path}", "run.name=dream", "vagen.world=dream", f"vagen.world_model={model_dir}",
+        "vagen.num_envs=2", "vagen.rollout_turns=4", "vagen.total_env_steps=8", "vagen.minibatch_turns=8",
+        "vagen.format_warmup_steps=5", "vagen.eval_episodes=1", "env.max_steps=20",
+    ])
+    assert metrics["world"] == "dream" and metrics["truth"] == "the world model's state head"
+    assert metrics["episodes"] == 1 and (tmp_path / "dream" / "vagen.pt").is_file()
+    with pytest.raises(FileNotFoundError, match="train the tokenizer and dynamics model first"):
+        main(["--preset", "tiny", f"run.root={tmp_path}", "run.name=nowm", "vagen.world=dream", f"vagen.world_model={tmp_path / 'none'}"])
