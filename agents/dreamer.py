@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import param
 from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
+from common.config import param
 
 ACTOR_UPDATES = ("reinforce", "pmpo")
 

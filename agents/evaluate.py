@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -272,6 +272,11 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
 
     gif_names = {n.strip() for n in str(stage.gif_policies).split(",") if n.strip()}
     rows, gifs = [], {}
+    bar = None
+    if cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(policies), desc="evaluate", unit="policy", dynamic_ncols=True)
     for index, policy in enumerate(policies):
         _check_tokens(policy, tokenizer)
         policy_seed = derive_seed(int(cfg.run.seed), int(stage.seed), index)
@@ -289,9 +294,12 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         })
         if record:
             gifs[policy.name] = side_by_side(real.frames, imagined.frames)
-        if cfg.run.progress:
-            row = rows[-1]
-            print(f"evaluate {policy.name}: real {row['real_return']:.3f}, imagined {row['imagined_return']:.3f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(policy=policy.name, real=f"{rows[-1]['real_return']:.3f}",
+                            imagined=f"{rows[-1]['imagined_return']:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
 
     by_name = {row["policy"]: row for row in rows}
     random_return, oracle_return = by_name["random"]["real_return"], by_name["oracle"]["real_return"]

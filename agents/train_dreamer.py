@@ -231,20 +231,29 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     agent.actor.train()
 
     # ------------------------------------------------------------------ imagination loop
+    bar = None
+    if cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stage.updates, initial=step, desc="dreamer", unit="update", dynamic_ncols=True)
     while step < stage.updates:
         losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size), generator,
                                     progress=step / max(stage.updates - 1, 1))
         step += 1
+        if bar is not None:
+            bar.update(1)
         if step % stage.log_every == 0 or step == 1:
             logger.scalars(step, {"loss": float(losses.total.detach()), **losses.parts})
             history.append({"step": step, **{k: losses.parts[k] for k in ("imagined_return", "entropy", "value")}})
-            if cfg.run.progress:
-                print(f"dreamer update {step}/{stage.updates}: imagined return {losses.parts['imagined_return']:.3f}, "
-                      f"entropy {losses.parts['entropy']:.2f}, value {losses.parts['value']:.3f}")
+            if bar is not None:
+                bar.set_postfix(imagined_return=f"{losses.parts['imagined_return']:.3f}",
+                                entropy=f"{losses.parts['entropy']:.2f}", refresh=False)
         if step % stage.checkpoint_every == 0 and step < stage.updates:
             save_policy(run / CHECKPOINT_FOLDER / f"step_{step:06d}.pt", policy(step))
             save_resume()
     elapsed = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
     logger.close()
 
     # ------------------------------------------------------------------ save

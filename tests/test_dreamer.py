@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from agents.dreamer import (
-    DreamerAgent, DreamerConfig, DreamerPolicy, ReturnNormalizer, alive_weights, imagine, kl_divergence, lambda_returns,
-    pmpo_loss, reinforce_loss,
+    DreamerAgent,
+    DreamerConfig,
+    DreamerPolicy,
+    ReturnNormalizer,
+    alive_weights,
+    imagine,
+    kl_divergence,
+    lambda_returns,
+    pmpo_loss,
+    reinforce_loss,
 )
 from agents.policy import PolicyInput, ScriptedPolicy, load_policy, make_policy, save_policy
 from agents.toy import FORWARD, ToyCorridorModel

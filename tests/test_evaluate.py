@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from agents.evaluate import (
-    Rollouts, format_report, learning_curve_plot, normalized_score, rank_agreement, run_imagined, scatter_plot,
+    Rollouts,
+    format_report,
+    learning_curve_plot,
+    normalized_score,
+    rank_agreement,
+    run_imagined,
+    scatter_plot,
     side_by_side,
 )
 from agents.policy import Policy, PolicyInput
