@@ -13,6 +13,7 @@ from common.config import RunConfig, param
 from envs.collect import CollectConfig
 from envs.dataset import DataConfig
 from envs.make import EnvConfig
+from worldmodel.train_dynamics import DynamicsConfig
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Config:
     env: EnvConfig = param(default_factory=EnvConfig, help="environment and observation")
     collect: CollectConfig = param(default_factory=CollectConfig, help="offline rollout collection")
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
+    dynamics: DynamicsConfig = param(default_factory=DynamicsConfig, help="action-conditioned dynamics model (world model)")
     dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
     evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")
     vagen: VagenConfig = param(default_factory=VagenConfig, help="VAGEN-style agent: state estimation, transition modelling")

@@ -1,0 +1,290 @@
+"""Dynamics model, imagination and dream envs: causality, cache, envs, learning, DDP, scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.dynamics import DynamicsCheckpointError, DynamicsModel, DynamicsModelConfig, load_dynamics
+from worldmodel.imagine import (
+    DatasetStarts,
+    DreamEnv,
+    DreamVectorEnv,
+    EnvStarts,
+    SamplingConfig,
+    WorldModel,
+    imagine_rollout,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class TileTokenizer:
+    """A test fixture with the tokenizer's interface: one id per distinct 8x8 tile, learned on
+    first sight (exact, so learning tests measure the dynamics model alone)."""
+
+    patch_size = 8
+
+    def __init__(self, vocab_size: int = 32):
+        self.vocab_size = vocab_size
+        self.table: dict[bytes, int] = {}
+        self.tiles: list[np.ndarray] = []
+        self.identity = "tile-table-test"
+
+    def encode(self, frames) -> torch.Tensor:
+        frames = np.asarray(frames)
+        lead, (height, width) = frames.shape[:-3], frames.shape[-3:-1]
+        p = self.patch_size
+        flat = frames.reshape(-1, height // p, p, width // p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3)
+        keys = np.ascontiguousarray(flat).view(np.dtype((np.void, flat.shape[1])))[:, 0]
+        unique, inverse = np.unique(keys, return_inverse=True)
+        ids = np.array([self._id(u.tobytes()) for u in unique], dtype=np.int64)
+        return torch.as_tensor(ids[inverse.reshape(-1)].reshape(*lead, height // p, width // p))
+
+    def _id(self, key: bytes) -> int:
+        if key not in self.table:
+            if len(self.tiles) >= self.vocab_size:
+                raise ValueError("test tokenizer: vocabulary full")
+            self.table[key] = len(self.tiles)
+            self.tiles.append(np.frombuffer(key, dtype=np.uint8).reshape(self.patch_size, self.patch_size, 3))
+        return self.table[key]
+
+    def decode(self, tokens) -> torch.Tensor:
+        tokens = np.asarray(tokens)
+        lead, (h, w) = tokens.shape[:-2], tokens.shape[-2:]
+        p = self.patch_size
+        table = np.stack(self.tiles + [np.zeros((p, p, 3), np.uint8)] * (self.vocab_size - len(self.tiles)))
+        patches = table[tokens.reshape(-1, h, w)]
+        return torch.as_tensor(patches.transpose(0, 1, 3, 2, 4, 5).reshape(*lead, h * p, w * p, 3))
+
+
+def small_config(**overrides) -> DynamicsModelConfig:
+    values = dict(vocab_size=32, grid_height=5, grid_width=5, state_width=5, state_height=5, dim=32, heads=4,
+                  memory_dim=48, state_hidden=64)
+    values.update(overrides)
+    return DynamicsModelConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """8 episodes of DoorKey-5x5 (full view) collected by the real collection code, tokenised."""
+    from envs.collect import CollectConfig, collect
+    from envs.dataset import EpisodeDataset
+    from envs.make import EnvConfig
+
+    folder = tmp_path_factory.mktemp("dyn_data") / "dataset"
+    collect(EnvConfig(id="MiniGrid-DoorKey-5x5-v0"), CollectConfig(num_episodes=16, num_envs=2, episodes_per_shard=8,
+            policy_mix="random:0.5,epsilon_oracle@0.2:0.5"), folder, progress=False)
+    dataset = EpisodeDataset.load(folder)
+    tokenizer = TileTokenizer()
+    dataset.with_frame_array("tokens", tokenizer.encode(dataset.arrays["frames"]).numpy())
+    return dataset, tokenizer, folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", ["conv", "mix", "attention"])
+def test_causality_no_prediction_sees_the_future(block):
+    torch.manual_seed(0)
+    model = DynamicsModel(small_config(block=block, encoder_layers=1)).eval()
+    tokens = torch.randint(0, 32, (2, 6, 5, 5))
+    actions = torch.randint(0, 7, (2, 6))
+    t = 2
+    changed_tokens = tokens.clone()
+    changed_tokens[:, t + 1 :] = torch.randint(0, 32, changed_tokens[:, t + 1 :].shape)
+    changed_actions = actions.clone()
+    changed_actions[:, t:] = (actions[:, t:] + 1) % 7
+    with torch.no_grad():
+        a = model(tokens, actions)
+        b = model(changed_tokens, changed_actions)
+    # Predictions of frames <= t: next-frame logits and outcomes made at steps < t, states of frames <= t.
+    torch.testing.assert_close(a.token_logits[:, :t], b.token_logits[:, :t])
+    torch.testing.assert_close(a.reward_logit[:, :t], b.reward_logit[:, :t])
+    torch.testing.assert_close(a.termination_logit[:, :t], b.termination_logit[:, :t])
+    torch.testing.assert_close(a.state_logits[:, : t + 1], b.state_logits[:, : t + 1])
+    # ... and the change does reach the later predictions (so this test can fail).
+    assert not torch.allclose(a.token_logits[:, t:], b.token_logits[:, t:])
+    assert not torch.allclose(a.state_logits[:, t + 1 :], b.state_logits[:, t + 1 :])
+
+
+@pytest.mark.parametrize("block", ["conv", "attention"])
+def test_cached_rollout_matches_uncached_forward(block):
+    torch.manual_seed(1)
+    model = DynamicsModel(small_config(block=block)).eval()
+    tokens = torch.randint(0, 32, (3, 7, 5, 5))
+    actions = torch.randint(0, 7, (3, 7))
+    with torch.no_grad():
+        full = model(tokens, actions)
+        cache, state = model.start(tokens[:, :2], actions[:, :1])
+        torch.testing.assert_close(state, full.state_logits[:, 1])
+        for t in range(1, 6):
+            logits, outcome = model.predict_logits(cache, actions[:, t])
+            torch.testing.assert_close(logits, full.token_logits[:, t], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(outcome[:, 2], full.termination_logit[:, t], atol=1e-4, rtol=1e-4)
+            cache, state = model.observe(cache, tokens[:, t + 1], actions[:, t])
+            torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_world_model_rollout_is_what_the_forward_pass_predicts():
+    """A greedy imagined rollout, re-read teacher-forced, predicts itself at every step."""
+    torch.manual_seed(2)
+    model = DynamicsModel(small_config())
+    with torch.no_grad():
+        model.copy_bias.fill_(0.0)  # an untrained model that does not just copy the frame
+    wm = WorldModel(TileTokenizer(), model)
+    context = torch.randint(0, 32, (4, 3, 5, 5))
+    context_actions = torch.randint(0, 7, (4, 2))
+    actions = torch.randint(0, 7, (4, 5))
+    wm.reset(context, context_actions)
+    frames = [context]
+    for k in range(5):
+        step = wm.step(actions[:, k])
+        assert step.tokens.shape == (4, 5, 5) and step.state.shape == (4, model.config.state_size)
+        assert step.reward.shape == (4,) and step.terminated.dtype == torch.bool
+        frames.append(step.tokens[:, None])
+    sequence = torch.cat(frames, 1)  # (4, 8, 5, 5)
+    all_actions = torch.cat([context_actions, actions, torch.full((4, 1), -1)], 1)
+    with torch.no_grad():
+        out = model.eval()(sequence, all_actions)
+    greedy = out.token_logits.argmax(-1).view(4, -1, 5, 5)
+    assert torch.equal(greedy[:, 2:7], sequence[:, 3:8])
+    assert not torch.equal(sequence[:, 3], sequence[:, 2])  # the model did change the frame
+
+
+def test_guidance_one_is_conditional_and_zero_is_action_free():
+    torch.manual_seed(3)
+    model = DynamicsModel(small_config()).eval()
+    tokens = torch.randint(0, 32, (2, 1, 5, 5))
+    actions = torch.tensor([2, 5])
+    with torch.no_grad():
+        cache, _ = model.start(tokens, torch.zeros(2, 0, dtype=torch.long))
+        conditional, _ = model.predict_logits(cache, actions)
+        unconditional, _ = model.predict_logits(cache, torch.full_like(actions, -1))
+        torch.testing.assert_close(model.predict_logits(cache, actions, guidance=1.0)[0], conditional)
+        torch.testing.assert_close(model.predict_logits(cache, actions, guidance=0.0)[0], unconditional)
+        guided, _ = model.predict_logits(cache, actions, guidance=3.0)
+        torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional))
+
+
+def test_refinement_sampling_is_seeded_and_covers_every_token():
+    torch.manual_seed(4)
+    model = DynamicsModel(small_config()).eval()
+    tokens = torch.randint(0, 32, (3, 1, 5, 5))
+    with torch.no_grad():
+        cache, _ = model.start(tokens, torch.zeros(3, 0, dtype=torch.long))
+        draws = [model.predict(cache, torch.tensor([0, 1, 2]), temperature=1.0, refine_steps=4,
+                               generator=torch.Generator().manual_seed(7)).tokens for _ in range(2)]
+        other = model.predict(cache, torch.tensor([0, 1, 2]), temperature=1.0, refine_steps=4,
+                              generator=torch.Generator().manual_seed(8)).tokens
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], other)  # an untrained model is uncertain: samples differ
+    assert int(draws[0].min()) >= 0 and int(draws[0].max()) < 32  # no MASK token left
+
+
+def test_loss_parts_and_action_free_windows():
+    torch.manual_seed(5)
+    from worldmodel.dynamics import DynamicsBatch
+
+    model = DynamicsModel(small_config())
+    batch = DynamicsBatch(
+        tokens=torch.randint(0, 32, (2, 4, 5, 5)), actions=torch.full((2, 4), -1),  # action-free video
+        rewards=torch.zeros(2, 4), terminated=torch.zeros(2, 4, dtype=torch.bool),
+        states=torch.zeros(2, 4, model.config.state_size, dtype=torch.long), mask=torch.ones(2, 4, dtype=torch.bool),
+    )
+    losses = model.compute_loss(batch)
+    assert {"tokens", "reward", "termination", "state"} <= set(losses.parts)
+    assert torch.isfinite(losses.total) and losses.total.requires_grad
+    losses.total.backward()
+    assert model.decoder_action.weight.grad[model.no_action].abs().sum() > 0  # "no action" embedding learns
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream envs
+# ---------------------------------------------------------------------------------------------
+
+
+def _world_model(dataset, tokenizer, temperature: float = 1.0) -> WorldModel:
+    torch.manual_seed(6)
+    model = DynamicsModel(small_config(vocab_size=tokenizer.vocab_size))
+    return WorldModel(tokenizer, model, sampling=SamplingConfig(temperature=temperature, refine_steps=2))
+
+
+def test_dream_env_passes_check_env_and_is_deterministic(tiny_dataset):
+    from gymnasium.utils.env_checker import check_env
+
+    dataset, tokenizer, _ = tiny_dataset
+    env = DreamEnv(_world_model(dataset, tokenizer), DatasetStarts(dataset), max_episode_steps=20)
+    check_env(env, skip_render_check=False)
+
+    def episode(seed: int) -> list[np.ndarray]:
+        obs, info = env.reset(seed=seed)
+        seen = [obs, info["state"]]
+        for action in [2, 0, 2, 1, 2, 3]:
+            obs, reward, terminated, truncated, info = env.step(action)
+            seen += [obs, np.array([reward, terminated, truncated]), info["state"]]
+        return seen
+
+    first, again, other = episode(11), episode(11), episode(12)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, other))
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.shape == dataset.frame_shape
+
+
+def test_dream_env_from_real_env_resets_and_frame_observations(tiny_dataset):
+    from envs.make import make_env
+
+    dataset, tokenizer, _ = tiny_dataset
+    starts = EnvStarts(lambda: make_env("MiniGrid-DoorKey-5x5-v0"), tokenizer)
+    env = DreamEnv(_world_model(dataset, tokenizer), starts, obs_mode="frames")
+    obs, info = env.reset(seed=3)
+    real, real_info = make_env("MiniGrid-DoorKey-5x5-v0").reset(seed=int(np.random.default_rng(0).integers(1)))
+    assert obs.shape == real.shape and obs.dtype == np.uint8
+    assert "real_state" in info and info["real_state"].shape == real_info["state"].shape
+    assert env.observation_space.contains(env.step(2)[0])
+
+
+def test_dream_vector_env_autoresets_on_the_next_step(tiny_dataset):
+    dataset, tokenizer, _ = tiny_dataset
+    wm = _world_model(dataset, tokenizer, temperature=0.0)
+    with torch.no_grad():  # make the model predict "episode over" after every step
+        wm.dynamics.outcome_head[-1].bias[2] = 100.0
+    envs = DreamVectorEnv(wm, DatasetStarts(dataset), num_envs=3, max_episode_steps=5)
+    obs, info = envs.reset(seed=0)
+    assert obs.shape == (3, 5, 5) and envs.observation_space.contains(obs)
+    _, _, terminated, truncated, _ = envs.step(np.array([2, 2, 2]))
+    assert terminated.all() and not truncated.any()
+    starts = DatasetStarts(dataset)
+    obs, reward, terminated, truncated, info = envs.step(np.array([2, 2, 2]))
+    assert not terminated.any() and np.all(reward == 0)  # the step after the end is a reset
+    assert all(any(np.array_equal(o, s) for s in starts.tokens) for o in obs)  # real first frames
+    assert info["state"].shape == (3, dataset.arrays["states"].shape[1])
+    assert envs.render().shape == (3, *dataset.frame_shape)
+
+
+def test_imagine_rollout_with_a_state_reading_policy(tiny_dataset):
+    dataset, tokenizer, _ = tiny_dataset
+    wm = _world_model(dataset, tokenizer, temperature=0.0)
+    starts = DatasetStarts(dataset)
+    tokens, _ = starts.sample(np.random.default_rng(0), 4)
+    seen_states = []
+
+    def policy(tokens, states):
+        seen_states.append(states)
+        return torch.full((tokens.shape[0],), 2)
+
+    rollout = imagine_rollout(wm, policy, tokens[:, None], None, horizon=6)
+    assert rollout.tokens.shape == (4, 7, 5, 5) and rollout.actions.shape == (4, 6)
+    assert rollout.states.shape == (4, 7, dataset.arrays["states"].shape[1])
+    assert len(seen_states) == 6 and torch.equal(seen_states[0], rollout.states[:, 0])
+    assert (rollout.rewards[~rollout.alive] == 0).all()

@@ -1,0 +1,1 @@
+"""World model: tokenizer, dynamics model, imagination (batched rollouts, dream envs), training loops."""

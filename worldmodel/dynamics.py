@@ -1,0 +1,630 @@
+"""The action-conditioned dynamics model: token history + action -> next frame's tokens, reward,
+termination and the symbolic state of every frame.
+
+Shape of the model (chosen by measurement on a 2-core CPU, see docs/dynamics.md):
+
+```
+frame t tokens (h, w) ──embed + pos──▶ frame encoder (attention within the frame) ──▶ E_t (N, d)
+E_t ──project + flatten──▶ summary s_t ──┐
+prev action a_{t-1} ──embed──────────────┴─▶ GRU memory ──▶ c_t (frames <= t, actions < t)
+(E_t, c_t) ──▶ state head ──▶ symbolic state of frame t
+(E_t, c_t, action a_t, [partly known next tokens]) ──▶ frame decoder ──▶ logits of all N tokens
+                                                                      of frame t+1, reward, termination
+```
+
+- Causal in time by construction: the encoder sees one frame, the memory is a recurrent net fed
+  frames <= t and actions < t, the decoder adds the action a_t. A rollout carries the memory as
+  its cache (:class:`DynamicsCache`), so H imagined steps cost H steps, whatever the history.
+- All N tokens of the next frame come out of one decoder pass. Where the next frame is uncertain
+  (partial view), tokens are sampled with a temperature and optionally refined MaskGIT-style: the
+  decoder also takes the next frame's tokens with some of them masked, so a few passes can fix the
+  most confident tokens first and sample the rest given them (training draws random masks).
+- Action dropout: during training an action is replaced by a learned "no action" embedding with
+  probability ``action_dropout``; the same model then learns from action-free video (action -1),
+  and classifier-free action guidance ``logits_uncond + g * (logits_cond - logits_uncond)`` is a
+  sampling option (Vid2World).
+
+Token grids are (h, w) = (H / patch, W / patch); N = h * w. ``S`` is the symbolic state length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and typed inputs / outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DynamicsModelConfig:
+    """The model's shape: everything needed to rebuild it before loading weights."""
+
+    vocab_size: int  # tokenizer vocabulary V
+    grid_height: int  # h: token rows per frame
+    grid_width: int  # w: token columns per frame
+    state_width: int  # symbolic state grid width (cells); state length S = W * H * 3 + 6
+    state_height: int
+    num_actions: int = 7
+    dim: int = 64  # width of the per-token features
+    heads: int = 4  # attention heads, or channel groups of the "mix" block
+    block: str = "conv"  # conv | mix | attention: how tokens of a frame exchange information
+    encoder_layers: int = 0  # blocks reading the current frame before memory and state head
+    decoder_layers: int = 2  # blocks predicting the next frame
+    mlp_ratio: int = 2
+    memory_dim: int = 192  # GRU width
+    summary_channels: int = 8  # per-token channels flattened into the frame summary
+    state_hidden: int = 256
+    action_dropout: float = 0.1  # probability an action is replaced by "no action" in training
+    refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
+    reward_weight: float = 1.0
+    termination_weight: float = 1.0
+    state_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dynamics dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"unknown dynamics block type '{self.block}': choose one of {BLOCK_TYPES}")
+        for name in ("vocab_size", "grid_height", "grid_width", "state_width", "state_height", "num_actions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dynamics {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_height * self.grid_width
+
+    @property
+    def state_size(self) -> int:
+        return StateCodec(self.state_width, self.state_height).size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DynamicsModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"dynamics model config has unknown fields {unknown}")
+        return cls(**values)
+
+
+def state_field_classes(width: int, height: int) -> list[int]:
+    """Number of classes of every field of the state array (see :mod:`envs.state`)."""
+    grid = [NUM_OBJECTS, NUM_COLORS, NUM_STATES] * (width * height)
+    return grid + [width, height, 4, NUM_OBJECTS, NUM_COLORS, NUM_STATES]
+
+
+@dataclass
+class DynamicsBatch:
+    """Training windows as tensors. A transition t -> t+1 counts where mask[t + 1] and actions[t] >= 0
+    or (action-free video) where mask[t + 1]; ``action_free`` marks windows without actions."""
+
+    tokens: torch.Tensor  # (B, T, h, w) int64
+    actions: torch.Tensor  # (B, T) int64, -1 = no action (last frame, or action-free video)
+    rewards: torch.Tensor  # (B, T) float32: outcome of actions[t]
+    terminated: torch.Tensor  # (B, T) bool
+    states: torch.Tensor  # (B, T, S) int64
+    mask: torch.Tensor  # (B, T) bool: a real frame
+
+    def to(self, device: torch.device | str) -> "DynamicsBatch":
+        return DynamicsBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+@dataclass
+class Losses:
+    """A total to minimise and its named parts (the parts become log keys)."""
+
+    total: torch.Tensor  # scalar
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> scalar (detached)
+
+
+@dataclass
+class DynamicsOutput:
+    """Teacher-forced predictions for every position of a window."""
+
+    token_logits: torch.Tensor  # (B, T, N, V): logits of frame t+1's tokens
+    reward_logit: torch.Tensor  # (B, T): non-zero reward after actions[t]
+    reward_value: torch.Tensor  # (B, T): its value, where non-zero
+    termination_logit: torch.Tensor  # (B, T)
+    state_logits: torch.Tensor  # (B, T, S, K): symbolic state of frame t
+
+
+@dataclass
+class DynamicsCache:
+    """What a rollout carries between steps: the current frame's features and the memory."""
+
+    tokens: torch.Tensor  # (B, N): the current frame's tokens
+    features: torch.Tensor  # (B, N, d): encoder features E_t of the current frame
+    memory: torch.Tensor  # (B, m): GRU state c_t (frames <= t, actions < t)
+
+
+@dataclass
+class StepPrediction:
+    """One imagined transition (before or after sampling)."""
+
+    tokens: torch.Tensor  # (B, h, w) int64: the next frame
+    reward: torch.Tensor  # (B,) float32
+    terminated: torch.Tensor  # (B,) bool
+    reward_probability: torch.Tensor  # (B,)
+    termination_probability: torch.Tensor  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block over the N tokens of one frame (no mask: within-frame only)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, grid: tuple[int, int]):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, d) -> (B, N, d)."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d/heads)
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ConvBlock(nn.Module):
+    """Pre-norm residual block over one frame's token grid: a 3x3 convolution (a token's next value
+    depends mostly on its neighbours: the agent moves one tile), optionally a learned per-channel-group
+    mixing of all N positions (``mix``: global, content-independent moves such as the egocentric
+    view turning with the agent), then a per-token MLP. About half the cost of attention at batch
+    256 on the CPU (measured), which is what imagination speed hangs on."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, grid: tuple[int, int], mix: bool = False):
+        super().__init__()
+        self.grid = grid
+        n = grid[0] * grid[1]
+        self.norm1 = nn.LayerNorm(dim)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.groups = heads
+        self.mix = nn.Parameter(torch.zeros(heads, n, n)) if mix else None  # (groups, N, N), starts as no-op
+        self.norm_mix = nn.LayerNorm(dim) if mix else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, d) -> (B, N, d)."""
+        b, n, d = x.shape
+        h, w = self.grid
+        # (B, h, w, d) permuted to NCHW is channels-last in memory: the fast CPU conv path, no copy.
+        y = self.norm1(x).view(b, h, w, d).permute(0, 3, 1, 2)
+        x = x + self.conv(y).permute(0, 2, 3, 1).reshape(b, n, d)
+        if self.mix is not None and self.norm_mix is not None:
+            y = self.norm_mix(x).view(b, n, self.groups, d // self.groups)
+            x = x + torch.einsum("bngc,gnm->bmgc", y, self.mix).reshape(b, n, d)
+        return x + self.mlp(self.norm2(x))
+
+
+BLOCK_TYPES = ("conv", "mix", "attention")
+
+
+def make_block(kind: str, dim: int, heads: int, mlp_ratio: int, grid: tuple[int, int]) -> nn.Module:
+    if kind == "attention":
+        return AttentionBlock(dim, heads, mlp_ratio, grid)
+    if kind in ("conv", "mix"):
+        return ConvBlock(dim, heads, mlp_ratio, grid, mix=kind == "mix")
+    raise ValueError(f"unknown dynamics block type '{kind}': choose one of {BLOCK_TYPES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class DynamicsModel(nn.Module):
+    """Frame encoder + GRU memory + parallel frame decoder, with reward, termination and state heads.
+
+    Action index ``num_actions`` is the learned "no action" embedding; token index ``vocab_size``
+    is the decoder's MASK input (a next-frame token not yet known).
+    """
+
+    def __init__(self, config: DynamicsModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        n, d = c.num_tokens, c.dim
+        self.no_action = c.num_actions
+        self.mask_token = c.vocab_size
+        self.token_embedding = nn.Embedding(c.vocab_size, d)
+        self.position = nn.Parameter(torch.randn(n, d) * 0.02)
+        grid = (c.grid_height, c.grid_width)
+        self.encoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.encoder_layers)])
+        self.encoder_norm = nn.LayerNorm(d)
+        # Summary: a small projection per token, flattened, keeps *where* things are for the memory.
+        self.summary_in = nn.Linear(d, c.summary_channels)
+        self.summary = nn.Linear(n * c.summary_channels, c.memory_dim)
+        self.memory_action = nn.Embedding(c.num_actions + 1, c.memory_dim)
+        self.memory = nn.GRU(c.memory_dim, c.memory_dim, batch_first=True)
+        # State head: the frame's own features (cells) plus the memory (what the frame cannot show).
+        self.state_classes = state_field_classes(c.state_width, c.state_height)
+        self.state_max_classes = max(self.state_classes)
+        # Full view: the token grid *is* the world grid, so a cell's fields are read from its own
+        # token's features (a per-token head); the MLP then only states agent and carried object.
+        # Otherwise (egocentric view) the MLP states every field from the whole frame and memory.
+        self.per_cell_state = (c.grid_height, c.grid_width) == (c.state_height, c.state_width)
+        num_cell_fields = 3 * c.state_width * c.state_height
+        mlp_fields = len(self.state_classes) - (num_cell_fields if self.per_cell_state else 0)
+        self.state_head = nn.Sequential(
+            nn.Linear(n * c.summary_channels + c.memory_dim, c.state_hidden),
+            nn.GELU(),
+            nn.Linear(c.state_hidden, mlp_fields * self.state_max_classes),
+        )
+        self.cell_state_head = (
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, 3 * self.state_max_classes))
+            if self.per_cell_state else None
+        )
+        valid = torch.arange(self.state_max_classes)[None, :] < torch.tensor(self.state_classes)[:, None]
+        self.register_buffer("state_valid", valid, persistent=False)  # (S, K)
+        # Decoder conditioning: memory and action are added to every token's features.
+        self.decoder_memory = nn.Linear(c.memory_dim, d)
+        self.decoder_action = nn.Embedding(c.num_actions + 1, d)
+        self.next_token_embedding = nn.Embedding(c.vocab_size + 1, d)
+        self.decoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.decoder_layers)])
+        self.decoder_norm = nn.LayerNorm(d)
+        self.token_head = nn.Linear(d, c.vocab_size)
+        # Most tokens do not change from one frame to the next: a learned bonus on the current
+        # token's logit starts the decoder at "copy the frame" and lets it learn the changes.
+        self.copy_bias = nn.Parameter(torch.tensor(3.0))
+        self.outcome_head = nn.Sequential(nn.Linear(d + c.memory_dim, c.state_hidden // 2), nn.GELU(),
+                                          nn.Linear(c.state_hidden // 2, 3))
+        self.apply(self._init)
+        # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
+        # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
+        # (measured: turns stuck at 45% exact), so they start at the features' scale.
+        for embedding in (self.decoder_action, self.memory_action, self.next_token_embedding):
+            nn.init.normal_(embedding.weight, std=1.0)
+        for linear in (self.decoder_memory, self.summary):
+            nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ----------------------------------------------------------------- pieces
+    def _action_index(self, actions: torch.Tensor) -> torch.Tensor:
+        """-1 (no action) -> the learned "no action" index."""
+        return torch.where(actions < 0, torch.full_like(actions, self.no_action), actions)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (..., h, w) -> features (..., N, d), each frame on its own."""
+        lead = tokens.shape[:-2]
+        x = self.token_embedding(tokens.reshape(-1, self.config.num_tokens)) + self.position
+        for block in self.encoder:
+            x = block(x)
+        return self.encoder_norm(x).reshape(*lead, self.config.num_tokens, self.config.dim)
+
+    def _flat_summary(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., N, d) -> (..., N * summary_channels)."""
+        return self.summary_in(features).flatten(-2)
+
+    def memory_input(self, features: torch.Tensor, previous_actions: torch.Tensor) -> torch.Tensor:
+        """features (..., N, d), previous_actions (...) -> GRU input (..., m)."""
+        summary = self.summary(F.gelu(self._flat_summary(features)))
+        return summary + self.memory_action(self._action_index(previous_actions))
+
+    def state_logits(self, features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """features (..., N, d), memory (..., m) -> state logits (..., S, K) (invalid classes -inf)."""
+        k = self.state_max_classes
+        logits = self.state_head(torch.cat([self._flat_summary(features), memory], dim=-1))
+        logits = logits.view(*logits.shape[:-1], -1, k)
+        if self.cell_state_head is not None:
+            c = self.config
+            cells = self.cell_state_head(features)  # (..., N, 3K) in token order: row y, column x
+            lead = cells.shape[:-2]
+            # The state array lists cells in (x, y) order: transpose the token grid.
+            cells = cells.view(*lead, c.grid_height, c.grid_width, 3, k).transpose(-4, -3)
+            logits = torch.cat([cells.reshape(*lead, -1, k), logits], dim=-2)
+        return logits.masked_fill(~self.state_valid, float("-inf"))
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        memory: torch.Tensor,
+        actions: torch.Tensor,
+        next_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict frame t+1 from frame t's tokens, features and memory and the action.
+
+        tokens (M, N) of frame t, features (M, N, d), memory (M, m), actions (M,) (-1 = no action), next_tokens (M, N) with
+        ``mask_token`` where unknown (None: all unknown) -> token logits (M, N, V), outcome (M, 3):
+        [reward non-zero logit, reward value, termination logit].
+        """
+        if next_tokens is None:
+            given = self.next_token_embedding.weight[self.mask_token]
+        else:
+            given = self.next_token_embedding(next_tokens)
+        x = features + given + (self.decoder_memory(memory) + self.decoder_action(self._action_index(actions)))[:, None]
+        for block in self.decoder:
+            x = block(x)
+        x = self.decoder_norm(x)
+        outcome = self.outcome_head(torch.cat([x.mean(dim=1), memory], dim=-1))
+        logits = self.token_head(x)
+        copy = torch.zeros_like(logits).scatter_(-1, tokens[..., None], 1.0)
+        return logits + self.copy_bias * copy, outcome
+
+    # ----------------------------------------------------------------- teacher-forced pass
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor,
+        next_tokens_given: torch.Tensor | None = None,
+        memory_actions: torch.Tensor | None = None,
+    ) -> DynamicsOutput:
+        """Teacher-forced predictions over a window.
+
+        tokens (B, T, h, w), actions (B, T) (actions[t] leads from frame t to t+1; -1 = none);
+        next_tokens_given (B, T, N): the decoder's view of frame t+1 (``mask_token`` where
+        unknown; None: all unknown); memory_actions (B, T): the actions the memory sees (default
+        ``actions``; training passes the same dropped actions to both).
+        """
+        b, t = actions.shape
+        memory_actions = actions if memory_actions is None else memory_actions
+        features = self.encode(tokens)  # (B, T, N, d)
+        previous = torch.cat([torch.full_like(memory_actions[:, :1], -1), memory_actions[:, :-1]], dim=1)
+        memory, _ = self.memory(self.memory_input(features, previous))  # (B, T, m)
+        state = self.state_logits(features, memory)  # (B, T, S, K)
+        given = None if next_tokens_given is None else next_tokens_given.reshape(b * t, -1)
+        logits, outcome = self.decode(tokens.reshape(b * t, -1), features.flatten(0, 1), memory.flatten(0, 1),
+                                      actions.reshape(-1), given)
+        outcome = outcome.view(b, t, 3)
+        return DynamicsOutput(
+            token_logits=logits.view(b, t, self.config.num_tokens, -1),
+            reward_logit=outcome[..., 0],
+            reward_value=outcome[..., 1],
+            termination_logit=outcome[..., 2],
+            state_logits=state,
+        )
+
+    # ----------------------------------------------------------------- training objective
+    def compute_loss(self, batch: DynamicsBatch, generator: torch.Generator | None = None) -> Losses:
+        """Cross-entropy on next-frame tokens (the masked ones), reward (non-zero: BCE, value: MSE),
+        termination (BCE) and every state field (CE). Parts: tokens, reward, reward_value,
+        termination, state; plus detached accuracies for logging (token_accuracy, frame_exact)."""
+        c = self.config
+        b, t = batch.actions.shape
+        n = c.num_tokens
+        device = batch.tokens.device
+        # Action dropout: the same "no action" reaches decoder and memory, as in action-free video.
+        # In eval mode nothing is dropped or given: the loss then measures what a rollout does.
+        dropout, refine_fraction = (c.action_dropout, c.refine_fraction) if self.training else (0.0, 0.0)
+        drop = torch.rand(b, t, generator=generator).to(device) < dropout
+        actions = torch.where(drop, torch.full_like(batch.actions, -1), batch.actions)
+        # A transition t -> t+1 exists where frame t+1 is real (actions may be -1: action-free).
+        transition = torch.zeros(b, t, dtype=torch.bool, device=device)
+        transition[:, :-1] = batch.mask[:, 1:] & batch.mask[:, :-1]
+        next_tokens = torch.zeros(b, t, n, dtype=torch.long, device=device)
+        next_tokens[:, :-1] = batch.tokens[:, 1:].reshape(b, t - 1, n)
+        # MaskGIT-style inputs: most transitions see no next token; some see a random part of them.
+        refine = torch.rand(b, t, 1, generator=generator).to(device) < refine_fraction
+        ratio = torch.rand(b, t, 1, generator=generator).to(device)
+        hidden = torch.rand(b, t, n, generator=generator).to(device) < ratio
+        unknown = ~refine | hidden  # (B, T, N) tokens the decoder must predict
+        unknown = unknown | ~unknown.any(dim=-1, keepdim=True)  # at least one token to predict
+        given = torch.where(unknown, torch.full_like(next_tokens, self.mask_token), next_tokens)
+        out = self(batch.tokens, actions, next_tokens_given=given)
+
+        token_mask = unknown & transition[..., None]
+        token_ce = F.cross_entropy(out.token_logits.reshape(-1, c.vocab_size), next_tokens.reshape(-1), reduction="none")
+        token_loss = _masked_mean(token_ce.view(b, t, n), token_mask)
+        tmask = transition.float()
+        nonzero = (batch.rewards != 0).float()
+        reward_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.reward_logit, nonzero, reduction="none"), transition)
+        value_loss = _masked_mean((out.reward_value - batch.rewards) ** 2, transition & (batch.rewards != 0))
+        term_loss = _masked_mean(
+            F.binary_cross_entropy_with_logits(out.termination_logit, batch.terminated.float(), reduction="none"), transition
+        )
+        state_ce = F.cross_entropy(
+            out.state_logits.reshape(-1, self.state_max_classes), batch.states.reshape(-1).long(), reduction="none"
+        ).view(b, t, -1)
+        state_loss = _masked_mean(state_ce.mean(-1), batch.mask)
+        total = (token_loss + c.reward_weight * (reward_loss + value_loss) + c.termination_weight * term_loss
+                 + c.state_weight * state_loss)
+        with torch.no_grad():
+            full = transition & ~refine[..., 0]  # whole-frame predictions (what a rollout does)
+            correct = out.token_logits.argmax(-1) == next_tokens  # (B, T, N)
+            token_acc = _masked_mean(correct.float(), token_mask & full[..., None])
+            frame_exact = _masked_mean(correct.all(-1).float(), full)
+            state_exact = _masked_mean((out.state_logits.argmax(-1) == batch.states).all(-1).float(), batch.mask)
+        del tmask
+        parts = {
+            "tokens": token_loss.detach(), "reward": reward_loss.detach(), "reward_value": value_loss.detach(),
+            "termination": term_loss.detach(), "state": state_loss.detach(),
+            "token_accuracy": token_acc, "frame_exact": frame_exact, "state_exact": state_exact,
+        }
+        return Losses(total=total, parts=parts)
+
+    # ----------------------------------------------------------------- cached rollout
+    def start(self, tokens: torch.Tensor, previous_actions: torch.Tensor) -> tuple[DynamicsCache, torch.Tensor]:
+        """Read a context from scratch.
+
+        tokens (B, T0, h, w), previous_actions (B, T0 - 1) (the actions between the context frames)
+        -> cache of the last frame, state logits (B, S, K) of the last frame.
+        """
+        b, t0 = tokens.shape[:2]
+        if previous_actions.shape != (b, t0 - 1):
+            raise ValueError(f"context actions must be (B, T0 - 1) = {(b, t0 - 1)}, got {tuple(previous_actions.shape)}")
+        features = self.encode(tokens)  # (B, T0, N, d)
+        previous = torch.cat([torch.full_like(previous_actions[:, :1], -1) if t0 > 1 else
+                              torch.full((b, 1), -1, dtype=torch.long, device=tokens.device), previous_actions], dim=1)
+        memory, _ = self.memory(self.memory_input(features, previous.long()))
+        cache = DynamicsCache(tokens=tokens[:, -1].reshape(b, -1), features=features[:, -1], memory=memory[:, -1])
+        return cache, self.state_logits(cache.features, cache.memory)
+
+    def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor) -> tuple[DynamicsCache, torch.Tensor]:
+        """Advance the cache by one frame: tokens (B, h, w) reached by actions (B,) -> (new cache,
+        state logits (B, S, K) of that frame). One step of work, whatever the history length."""
+        features = self.encode(tokens)  # (B, N, d)
+        _, hidden = self.memory(self.memory_input(features, actions)[:, None], cache.memory[None].contiguous())
+        new = DynamicsCache(tokens=tokens.reshape(tokens.shape[0], -1), features=features, memory=hidden[0])
+        return new, self.state_logits(new.features, new.memory)
+
+    def predict_logits(
+        self,
+        cache: DynamicsCache,
+        actions: torch.Tensor,
+        next_tokens: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-frame token logits (B, N, V) and outcome (B, 3) from the cache and actions (B,).
+
+        ``guidance`` != 1: classifier-free action guidance on the token logits,
+        ``uncond + guidance * (cond - uncond)`` (the outcome stays action-conditioned).
+        """
+        if guidance == 1.0:
+            return self.decode(cache.tokens, cache.features, cache.memory, actions, next_tokens)
+        b = actions.shape[0]
+        both_actions = torch.cat([actions, torch.full_like(actions, -1)])
+        both_tokens = None if next_tokens is None else torch.cat([next_tokens, next_tokens])
+        logits, outcome = self.decode(cache.tokens.repeat(2, 1), cache.features.repeat(2, 1, 1), cache.memory.repeat(2, 1),
+                                      both_actions, both_tokens)
+        cond, uncond = logits[:b], logits[b:]
+        return uncond + guidance * (cond - uncond), outcome[:b]
+
+    def predict(
+        self,
+        cache: DynamicsCache,
+        actions: torch.Tensor,
+        temperature: float = 0.0,
+        refine_steps: int = 1,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> StepPrediction:
+        """Sample the next frame for actions (B,).
+
+        ``temperature`` 0: the most likely token everywhere (deterministic). Otherwise tokens are
+        sampled; ``refine_steps`` > 1 fixes the most confident tokens first (MaskGIT schedule) and
+        re-predicts the rest given them, so that uncertain regions come out mutually consistent.
+        """
+        b, n = actions.shape[0], self.config.num_tokens
+        known = torch.full((b, n), self.mask_token, dtype=torch.long, device=actions.device)
+        steps = max(1, int(refine_steps)) if temperature > 0 else 1
+        outcome = None
+        for step in range(steps):
+            logits, step_outcome = self.predict_logits(cache, actions, None if step == 0 else known, guidance)
+            if outcome is None:
+                outcome = step_outcome  # the outcome depends on the action, not on the sampled frame
+            if temperature <= 0:
+                known = logits.argmax(-1)
+                break
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(b, n)
+            unknown = known == self.mask_token
+            sampled = torch.where(unknown, sampled, known)
+            if step == steps - 1:
+                known = sampled
+                break
+            # Keep the most confident of the still-unknown tokens; cosine schedule of how many stay unknown.
+            confidence = torch.gather(probs, -1, sampled[..., None])[..., 0].masked_fill(~unknown, float("inf"))
+            remaining = int(math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps)))
+            if remaining <= 0:
+                known = sampled
+                break
+            order = confidence.argsort(dim=-1)  # least confident first
+            keep_unknown = torch.zeros_like(unknown).scatter(1, order[:, :remaining], True)
+            known = torch.where(keep_unknown, torch.full_like(sampled, self.mask_token), sampled)
+        assert outcome is not None
+        reward_p = torch.sigmoid(outcome[:, 0])
+        term_p = torch.sigmoid(outcome[:, 2])
+        reward = torch.where(reward_p > 0.5, outcome[:, 1], torch.zeros_like(outcome[:, 1]))
+        h, w = self.config.grid_height, self.config.grid_width
+        return StepPrediction(
+            tokens=known.view(b, h, w), reward=reward.float(), terminated=term_p > 0.5,
+            reward_probability=reward_p, termination_probability=term_p,
+        )
+
+    @staticmethod
+    def state_from_logits(state_logits: torch.Tensor) -> torch.Tensor:
+        """(..., S, K) -> (..., S) int64: the most likely value of every field."""
+        return state_logits.argmax(-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "gridworld-dynamics/1"
+
+
+class DynamicsCheckpointError(ValueError):
+    """A dynamics checkpoint that is missing, unreadable, or made for another tokenizer."""
+
+
+def dynamics_checkpoint(model: DynamicsModel, tokenizer_identity: str, **extra: Any) -> dict[str, Any]:
+    """The dict saved as ``dynamics.pt``: format tag, model config, weights, tokenizer identity, extras
+    (the training config, the sampling defaults, the step)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "tokenizer_identity": str(tokenizer_identity),
+        **extra,
+    }
+
+
+def load_dynamics(path, tokenizer_identity: str | None = None,
+                  device: str | torch.device = "cpu") -> tuple[DynamicsModel, dict[str, Any]]:
+    """Load ``dynamics.pt`` -> (model in eval mode, the checkpoint dict). ``tokenizer_identity``:
+    the identity of the tokenizer it will be used with; a mismatch raises
+    :class:`DynamicsCheckpointError` naming both."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DynamicsCheckpointError(f"dynamics checkpoint not found: {path} (run scripts/train_dynamics.py)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise DynamicsCheckpointError(f"dynamics checkpoint {path} cannot be read: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise DynamicsCheckpointError(f"{path} is not a dynamics checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    if tokenizer_identity is not None and checkpoint["tokenizer_identity"] != tokenizer_identity:
+        raise DynamicsCheckpointError(
+            f"dynamics model {path} was trained on tokenizer {checkpoint['tokenizer_identity']}, "
+            f"but the tokenizer given is {tokenizer_identity}: retrain the dynamics model for this tokenizer"
+        )
+    model = DynamicsModel(DynamicsModelConfig.from_dict(checkpoint["model_config"]))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise DynamicsCheckpointError(f"dynamics model {path} weights do not fit its config: {error}") from None
+    return model.to(device).eval(), checkpoint

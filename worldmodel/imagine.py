@@ -1,0 +1,509 @@
+"""Imagination: batched, cached rollouts inside the learned world model, and the dream envs.
+
+- :class:`WorldModel` joins a tokenizer and a dynamics model: ``reset(context_tokens,
+  context_actions)`` reads real context frames into the cache, ``step(actions)`` imagines one
+  transition for the whole batch (one step of work per step: the cache is the model's recurrent
+  memory plus the current frame's features). Frames are decoded only when someone asks
+  (:meth:`WorldModel.decode`).
+- :func:`imagine_rollout` rolls any policy (a callable from the current tokens and the predicted
+  states to actions) for H steps from real starting contexts.
+- :class:`DreamVectorEnv` (gymnasium ``VectorEnv``) and :class:`DreamEnv` (gymnasium ``Env``):
+  ``reset`` starts from real first frames (a dataset's episode starts, or a real env reset),
+  ``step`` runs the model. Observations are token grids (or decoded frames with
+  ``obs_mode="frames"``); ``info["tokens"]`` and ``info["state"]`` (the state head's estimate)
+  come with every step. ``render()`` decodes the current frame(s).
+- :func:`load_world_model` loads ``tokenizer.pt`` + ``dynamics.pt`` of a run folder, checking
+  that the dynamics model was trained on that very tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from worldmodel.dynamics import DynamicsCache, DynamicsModel, load_dynamics
+
+
+class TokenizerLike(Protocol):
+    """What imagination needs of a tokenizer (see ``worldmodel/tokenizer.py``)."""
+
+    vocab_size: int
+    patch_size: int
+    identity: str
+
+    def encode(self, frames: Any) -> torch.Tensor: ...  # (..., H, W, 3) uint8 -> (..., h, w) int64
+
+    def decode(self, tokens: Any) -> torch.Tensor: ...  # (..., h, w) -> (..., H, W, 3) uint8
+
+
+@dataclass
+class SamplingConfig:
+    """How imagined frames are drawn from the model's token distribution."""
+
+    temperature: float = 0.0  # 0: most likely token (deterministic); > 0: sample
+    refine_steps: int = 1  # > 1 (with temperature > 0): MaskGIT-style refinement passes per frame
+    guidance: float = 1.0  # classifier-free action guidance scale (1: plain conditional model)
+
+
+@dataclass
+class ImagineStep:
+    """One imagined step for a batch."""
+
+    tokens: torch.Tensor  # (B, h, w) int64: the new frame
+    reward: torch.Tensor  # (B,) float32
+    terminated: torch.Tensor  # (B,) bool
+    state: torch.Tensor  # (B, S) int64: the state head's estimate of the new frame
+
+
+@dataclass
+class Rollout:
+    """H imagined steps from B real contexts. ``alive[:, t]``: step t happened before any termination."""
+
+    tokens: torch.Tensor  # (B, H + 1, h, w): the last context frame, then the imagined frames
+    states: torch.Tensor  # (B, H + 1, S)
+    actions: torch.Tensor  # (B, H)
+    rewards: torch.Tensor  # (B, H), 0 after termination
+    terminated: torch.Tensor  # (B, H)
+    alive: torch.Tensor  # (B, H) bool
+
+
+def _as_long(values: Any, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values, device=device).long()
+
+
+class WorldModel:
+    """Tokenizer + dynamics model with a batched, cached imagination state.
+
+    ``reset`` / ``step`` follow docs/interfaces.md. Sampling randomness comes from
+    :attr:`generator` (seed it with :meth:`seed`), so a seeded rollout is reproducible.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike, dynamics: DynamicsModel, sampling: SamplingConfig | None = None,
+                 device: str | torch.device | None = None):
+        self.dynamics = dynamics.eval()
+        self.device = torch.device(device) if device is not None else next(dynamics.parameters()).device
+        self.dynamics.to(self.device)
+        self.tokenizer = tokenizer
+        if hasattr(tokenizer, "to"):
+            tokenizer.to(self.device)  # type: ignore[attr-defined]
+        if int(tokenizer.vocab_size) != dynamics.config.vocab_size:
+            raise ValueError(
+                f"tokenizer vocabulary ({tokenizer.vocab_size}) differs from the dynamics model's ({dynamics.config.vocab_size})"
+            )
+        self.sampling = sampling or SamplingConfig()
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+        self._cache: DynamicsCache | None = None
+        self.tokens: torch.Tensor | None = None  # (B, h, w): the current frame
+        self.state: torch.Tensor | None = None  # (B, S): the state head's estimate of the current frame
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def config(self):
+        return self.dynamics.config
+
+    @property
+    def num_actions(self) -> int:
+        return self.dynamics.config.num_actions
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.config.grid_height, self.config.grid_width
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.tokens is None else int(self.tokens.shape[0])
+
+    def seed(self, seed: int) -> None:
+        """Seed the sampling generator (only matters with temperature > 0)."""
+        self.generator.manual_seed(int(seed))
+
+    # ---------------------------------------------------------------- tokenizer
+    @torch.no_grad()
+    def encode(self, frames: Any) -> torch.Tensor:
+        """frames (..., H, W, 3) uint8 -> tokens (..., h, w) int64 on the model's device."""
+        return torch.as_tensor(self.tokenizer.encode(frames)).to(self.device).long()
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor | None = None) -> np.ndarray:
+        """tokens (..., h, w) (default: the current frames) -> frames (..., H, W, 3) uint8 array."""
+        tokens = self.tokens if tokens is None else tokens
+        if tokens is None:
+            raise RuntimeError("WorldModel.decode: nothing to decode; call reset first")
+        return torch.as_tensor(self.tokenizer.decode(tokens)).cpu().numpy().astype(np.uint8)
+
+    # ---------------------------------------------------------------- imagination
+    def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:
+        h, w = self.token_shape
+        if tuple(tokens.shape[-2:]) != (h, w):
+            raise ValueError(f"{what}: token grids must be {h}x{w} for this model, got {tuple(tokens.shape[-2:])}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"{what}: tokens must lie in [0, {self.config.vocab_size})")
+
+    def _context_actions(self, context_actions: Any | None, b: int, t0: int, what: str) -> torch.Tensor:
+        """(B, T0 - 1) int64 actions between the context frames (None or empty for T0 = 1)."""
+        if context_actions is None:
+            context_actions = torch.zeros(b, 0, dtype=torch.long)
+        actions = _as_long(context_actions, self.device)
+        if actions.numel() == 0:
+            actions = actions.reshape(b, 0)
+        if tuple(actions.shape) != (b, t0 - 1):
+            raise ValueError(f"{what}: context_actions must be (B, T0 - 1) = {(b, t0 - 1)}, got {tuple(actions.shape)}")
+        return actions
+
+    @torch.no_grad()
+    def reset(self, context_tokens: Any, context_actions: Any | None = None) -> torch.Tensor:
+        """Read real context into the cache.
+
+        context_tokens (B, T0, h, w) (or (B, h, w) for a single frame), context_actions (B, T0 - 1)
+        (the actions taken between the context frames; None when T0 = 1) -> tokens (B, h, w) of
+        the last context frame.
+        """
+        tokens = _as_long(context_tokens, self.device)
+        if tokens.dim() == 3:
+            tokens = tokens[:, None]
+        if tokens.dim() != 4:
+            raise ValueError(f"context_tokens must be (B, T0, h, w), got shape {tuple(tokens.shape)}")
+        self._check_tokens(tokens, "WorldModel.reset")
+        b, t0 = tokens.shape[:2]
+        actions = self._context_actions(context_actions, b, t0, "WorldModel.reset")
+        self._cache, state_logits = self.dynamics.start(tokens, actions)
+        self.tokens = tokens[:, -1]
+        self.state = DynamicsModel.state_from_logits(state_logits)
+        return self.tokens
+
+    @torch.no_grad()
+    def reset_rows(self, rows: Any, context_tokens: Any, context_actions: Any | None = None) -> None:
+        """Restart only the batch rows ``rows`` (indices or a (B,) bool mask) from new contexts
+        (R, T0, h, w); the other rows keep their imagination going."""
+        if self._cache is None or self.tokens is None or self.state is None:
+            raise RuntimeError("WorldModel.reset_rows: call reset first")
+        index = torch.as_tensor(np.asarray(rows) if not torch.is_tensor(rows) else rows, device=self.device)
+        if index.dtype == torch.bool:
+            index = index.nonzero()[:, 0]
+        if index.numel() == 0:
+            return
+        tokens = _as_long(context_tokens, self.device)
+        if tokens.dim() == 3:
+            tokens = tokens[:, None]
+        self._check_tokens(tokens, "WorldModel.reset_rows")
+        actions = self._context_actions(context_actions, len(index), tokens.shape[1], "WorldModel.reset_rows")
+        cache, state_logits = self.dynamics.start(tokens, actions)
+        self._cache.tokens[index] = cache.tokens
+        self._cache.features[index] = cache.features
+        self._cache.memory[index] = cache.memory
+        self.tokens[index] = tokens[:, -1]
+        self.state[index] = DynamicsModel.state_from_logits(state_logits)
+
+    @torch.no_grad()
+    def step(self, actions: Any, sampling: SamplingConfig | None = None) -> ImagineStep:
+        """Imagine one transition for every row: actions (B,) -> :class:`ImagineStep`."""
+        if self._cache is None:
+            raise RuntimeError("WorldModel.step: call reset first")
+        sampling = sampling or self.sampling
+        actions = _as_long(actions, self.device).reshape(-1)
+        if actions.shape[0] != self.batch_size:
+            raise ValueError(f"WorldModel.step: got {actions.shape[0]} actions for a batch of {self.batch_size}")
+        if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.num_actions):
+            raise ValueError(f"WorldModel.step: actions must lie in [0, {self.num_actions})")
+        prediction = self.dynamics.predict(
+            self._cache, actions, temperature=sampling.temperature, refine_steps=sampling.refine_steps,
+            guidance=sampling.guidance, generator=self.generator,
+        )
+        self._cache, state_logits = self.dynamics.observe(self._cache, prediction.tokens, actions)
+        self.tokens = prediction.tokens
+        self.state = DynamicsModel.state_from_logits(state_logits)
+        return ImagineStep(tokens=self.tokens, reward=prediction.reward, terminated=prediction.terminated, state=self.state)
+
+
+Policy = Callable[[torch.Tensor, torch.Tensor], Any]  # (tokens (B, h, w), states (B, S)) -> actions (B,)
+
+
+@torch.no_grad()
+def imagine_rollout(world_model: WorldModel, policy: Policy, context_tokens: Any, context_actions: Any | None,
+                    horizon: int) -> Rollout:
+    """Roll ``policy`` for ``horizon`` imagined steps from real contexts (B, T0, h, w).
+
+    ``policy(tokens (B, h, w), states (B, S)) -> actions (B,)`` (array or tensor); a learned
+    policy reads the tokens, a scripted one the predicted states. Rows keep stepping after they
+    terminate (the batch stays rectangular); ``alive`` says which steps count.
+    """
+    tokens = [world_model.reset(context_tokens, context_actions)]
+    states = [world_model.state]
+    actions, rewards, terminated = [], [], []
+    for _ in range(int(horizon)):
+        action = _as_long(policy(tokens[-1], states[-1]), world_model.device).reshape(-1)
+        step = world_model.step(action)
+        tokens.append(step.tokens)
+        states.append(step.state)
+        actions.append(action)
+        rewards.append(step.reward)
+        terminated.append(step.terminated)
+    b = tokens[0].shape[0]
+    if horizon > 0:
+        term = torch.stack(terminated, 1)
+        done_before = torch.cumsum(term.long(), 1) - term.long()  # terminations strictly before t
+        alive = done_before == 0
+    else:
+        term = torch.zeros(b, 0, dtype=torch.bool, device=world_model.device)
+        alive = term.clone()
+    return Rollout(
+        tokens=torch.stack(tokens, 1), states=torch.stack(states, 1),
+        actions=torch.stack(actions, 1) if actions else torch.zeros(b, 0, dtype=torch.long),
+        rewards=(torch.stack(rewards, 1) * alive) if rewards else torch.zeros(b, 0),
+        terminated=term & alive, alive=alive,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Where dream episodes start: real first frames
+# ---------------------------------------------------------------------------------------------
+
+
+class StartSource(Protocol):
+    """Real first frames: ``sample(rng, n) -> (tokens (n, h, w) int64, states (n, S) or None)``."""
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+class DatasetStarts:
+    """First frames of a dataset's episodes. ``tokens`` (N_frames, h, w): the tokens of every frame
+    of ``dataset`` (e.g. ``dataset.extras["tokens"]``); default: tokenise the first frames here."""
+
+    def __init__(self, dataset: Any, tokens: np.ndarray | None = None, tokenizer: TokenizerLike | None = None):
+        starts = np.asarray(dataset.episode_starts)
+        if tokens is None and "tokens" in getattr(dataset, "extras", {}):
+            tokens = dataset.extras["tokens"]
+        if tokens is not None:
+            self.tokens = np.asarray(tokens)[starts].astype(np.int64)
+        elif tokenizer is not None:
+            self.tokens = torch.as_tensor(tokenizer.encode(dataset.frames[starts])).cpu().numpy().astype(np.int64)
+        else:
+            raise ValueError("DatasetStarts needs the dataset's tokens or a tokenizer to make them")
+        self.states = np.asarray(dataset.states)[starts].astype(np.int64)
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        pick = rng.integers(len(self.tokens), size=n)
+        return self.tokens[pick], self.states[pick]
+
+
+class EnvStarts:
+    """First frames of real env resets: ``make_env()`` builds the env, each start resets it with a
+    seed drawn from the dream env's generator."""
+
+    def __init__(self, make_env: Callable[[], gym.Env], tokenizer: TokenizerLike):
+        self.env = make_env()
+        self.tokenizer = tokenizer
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        frames, states = [], []
+        for seed in rng.integers(2**31 - 1, size=n):
+            frame, info = self.env.reset(seed=int(seed))
+            frames.append(frame)
+            states.append(info.get("state"))
+        tokens = torch.as_tensor(self.tokenizer.encode(np.stack(frames))).cpu().numpy().astype(np.int64)
+        have_states = all(s is not None for s in states)
+        return tokens, (np.stack(states).astype(np.int64) if have_states else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream envs
+# ---------------------------------------------------------------------------------------------
+
+
+def _spaces(world_model: WorldModel, obs_mode: str) -> tuple[spaces.Space, spaces.Space]:
+    h, w = world_model.token_shape
+    if obs_mode == "tokens":
+        observation = spaces.MultiDiscrete(np.full((h, w), world_model.config.vocab_size, dtype=np.int64))
+    elif obs_mode == "frames":
+        p = int(world_model.tokenizer.patch_size)
+        observation = spaces.Box(0, 255, shape=(h * p, w * p, 3), dtype=np.uint8)
+    else:
+        raise ValueError(f"dream env obs_mode must be 'tokens' or 'frames', got '{obs_mode}'")
+    return observation, spaces.Discrete(world_model.num_actions)
+
+
+class DreamVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` episodes imagined in one batch. Autoreset: NEXT_STEP (gymnasium's default): the
+    step after an episode ends returns the next episode's first frame with reward 0.
+
+    observation_space: MultiDiscrete (num_envs, h, w) of tokens (``obs_mode="tokens"``) or Box uint8
+    (num_envs, H, W, 3) frames (``obs_mode="frames"``, decoded every step); action_space:
+    MultiDiscrete([num_actions] * num_envs). ``info["tokens"]`` (num_envs, h, w),
+    ``info["state"]`` (num_envs, S) from the state head; after reset also ``info["real_state"]``
+    when the start source knows it. Episodes are truncated after ``max_episode_steps``.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, world_model: WorldModel, starts: StartSource, num_envs: int, max_episode_steps: int = 100,
+                 obs_mode: str = "tokens", render_mode: str | None = "rgb_array"):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        self.world_model = world_model
+        self.starts = starts
+        self.num_envs = int(num_envs)
+        self.max_episode_steps = int(max_episode_steps)
+        self.obs_mode = obs_mode
+        self.render_mode = render_mode
+        self.single_observation_space, self.single_action_space = _spaces(world_model, obs_mode)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._elapsed = np.zeros(self.num_envs, dtype=np.int64)
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)
+        self._np_random = None
+
+    def _observation(self) -> np.ndarray:
+        if self.obs_mode == "frames":
+            return self.world_model.decode()
+        assert self.world_model.tokens is not None
+        return self.world_model.tokens.cpu().numpy().astype(np.int64)
+
+    def _info(self) -> dict[str, Any]:
+        assert self.world_model.tokens is not None and self.world_model.state is not None
+        return {"tokens": self.world_model.tokens.cpu().numpy().astype(np.int64),
+                "state": self.world_model.state.cpu().numpy().astype(np.int64)}
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        """Start every env from a real first frame (``options["tokens"]`` (num_envs, h, w) to choose them)."""
+        if isinstance(seed, (list, tuple)):
+            seed = int(seed[0]) if seed and seed[0] is not None else None
+        if seed is not None or self._np_random is None:
+            self._np_random, _ = gym.utils.seeding.np_random(seed)
+            self.world_model.seed(int(self._np_random.integers(2**31 - 1)))
+        options = options or {}
+        if "tokens" in options:
+            tokens, real = np.asarray(options["tokens"]), options.get("state")
+        else:
+            tokens, real = self.starts.sample(self._np_random, self.num_envs)
+        self.world_model.reset(tokens)
+        self._elapsed[:] = 0
+        self._needs_reset[:] = False
+        info = self._info()
+        if real is not None:
+            info["real_state"] = np.asarray(real, dtype=np.int64)
+        return self._observation(), info
+
+    def step(self, actions: Any):
+        actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        if self.world_model.tokens is None:
+            raise RuntimeError("DreamVectorEnv.step: call reset first")
+        # Rows that ended last step are restarted instead of stepped (their action is ignored).
+        safe_actions = np.where(self._needs_reset, 0, actions)
+        result = self.world_model.step(safe_actions)
+        reward = result.reward.cpu().numpy().astype(np.float64)
+        terminated = result.terminated.cpu().numpy().astype(bool)
+        self._elapsed += 1
+        truncated = (self._elapsed >= self.max_episode_steps) & ~terminated
+        restart = self._needs_reset.copy()
+        if restart.any():
+            tokens, _ = self.starts.sample(self._np_random, int(restart.sum()))
+            self.world_model.reset_rows(restart, tokens)
+            reward[restart] = 0.0
+            terminated[restart] = False
+            truncated[restart] = False
+            self._elapsed[restart] = 0
+        self._needs_reset = terminated | truncated
+        return self._observation(), reward, terminated, truncated, self._info()
+
+    def render(self) -> np.ndarray | None:
+        """The current frames (num_envs, H, W, 3) uint8, decoded now."""
+        if self.render_mode != "rgb_array" or self.world_model.tokens is None:
+            return None
+        return self.world_model.decode()
+
+
+class DreamEnv(gym.Env):
+    """One episode imagined by the world model: a gymnasium ``Env`` any agent can train in.
+
+    observation_space: MultiDiscrete (h, w) of tokens (``obs_mode="tokens"``) or Box uint8
+    (H, W, 3) (``obs_mode="frames"``); action_space: Discrete(num_actions). ``reset`` starts from a
+    real first frame drawn with the env's seeded generator (or ``options["tokens"]`` (h, w)); the
+    episode ends when the model predicts termination, and is truncated after ``max_episode_steps``.
+    ``info["tokens"]``, ``info["state"]`` (the state head's estimate); ``render()`` decodes.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, world_model: WorldModel, starts: StartSource, max_episode_steps: int = 100,
+                 obs_mode: str = "tokens", render_mode: str | None = "rgb_array"):
+        self.world_model = world_model
+        self.starts = starts
+        self.max_episode_steps = int(max_episode_steps)
+        self.obs_mode = obs_mode
+        self.render_mode = render_mode
+        self.observation_space, self.action_space = _spaces(world_model, obs_mode)
+        self._elapsed = 0
+
+    def _observation(self) -> np.ndarray:
+        if self.obs_mode == "frames":
+            return self.world_model.decode()[0]
+        assert self.world_model.tokens is not None
+        return self.world_model.tokens[0].cpu().numpy().astype(np.int64)
+
+    def _info(self) -> dict[str, Any]:
+        assert self.world_model.tokens is not None and self.world_model.state is not None
+        return {"tokens": self.world_model.tokens[0].cpu().numpy().astype(np.int64),
+                "state": self.world_model.state[0].cpu().numpy().astype(np.int64)}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        # The model's sampling generator follows the env's: a seeded episode is reproducible.
+        self.world_model.seed(int(self.np_random.integers(2**31 - 1)))
+        options = options or {}
+        if "tokens" in options:
+            tokens, real = np.asarray(options["tokens"])[None], options.get("state")
+        else:
+            tokens, real = self.starts.sample(self.np_random, 1)
+            real = None if real is None else real[0]
+        self.world_model.reset(tokens)
+        self._elapsed = 0
+        info = self._info()
+        if real is not None:
+            info["real_state"] = np.asarray(real, dtype=np.int64)
+        return self._observation(), info
+
+    def step(self, action: Any):
+        if self.world_model.tokens is None:
+            raise RuntimeError("DreamEnv.step: call reset first")
+        result = self.world_model.step(np.asarray([int(action)]))
+        self._elapsed += 1
+        terminated = bool(result.terminated[0])
+        truncated = (self._elapsed >= self.max_episode_steps) and not terminated
+        return self._observation(), float(result.reward[0]), terminated, truncated, self._info()
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array" or self.world_model.tokens is None:
+            return None
+        return self.world_model.decode()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_world_model(run_dir: str | Path | None = None, tokenizer_path: str | Path | None = None,
+                     dynamics_path: str | Path | None = None, device: str | torch.device = "cpu",
+                     sampling: SamplingConfig | None = None) -> WorldModel:
+    """Load ``<run_dir>/tokenizer.pt`` and ``<run_dir>/dynamics.pt`` (or explicit paths) as a
+    :class:`WorldModel`; fails clearly when the dynamics model was trained with another tokenizer.
+    ``sampling`` defaults to the one saved with the dynamics model."""
+    from worldmodel.tokenizer import load_tokenizer
+
+    if run_dir is None and (tokenizer_path is None or dynamics_path is None):
+        raise ValueError("load_world_model: give run_dir, or both tokenizer_path and dynamics_path")
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(run_dir) / "tokenizer.pt"  # type: ignore[arg-type]
+    dynamics_path = Path(dynamics_path) if dynamics_path else Path(run_dir) / "dynamics.pt"  # type: ignore[arg-type]
+    dynamics, checkpoint = load_dynamics(dynamics_path, device=device)
+    tokenizer = load_tokenizer(tokenizer_path, identity=checkpoint["tokenizer_identity"], device=device)
+    saved = checkpoint.get("sampling") or {}
+    return WorldModel(tokenizer, dynamics, sampling=sampling or SamplingConfig(**saved), device=device)

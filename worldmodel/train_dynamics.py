@@ -1,0 +1,429 @@
+"""Training loop of the dynamics model (and the evaluation the benchmark shares).
+
+Reads the run's dataset and ``tokenizer.pt``, tokenises every frame once, trains on random
+windows of tokens, logs losses and open-loop videos (real | imagined) and writes
+``<run>/dynamics.pt`` (weights, config, the tokenizer's identity, sampling defaults).
+``<run>/dynamics.resume.pt`` is written every ``checkpoint_every`` steps and resumed from.
+
+Runs unchanged under ``torchrun --nproc_per_node=N`` (DistributedDataParallel: gloo on the CPU,
+nccl on GPUs): every rank draws its own windows, gradients are averaged, only rank 0 writes.
+Window sampling and dropout draw from generators seeded by (seed, rank, step), so a resumed run
+repeats the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from common.atomic import atomic_torch_save
+from common.config import param
+from common.seeding import derive_seed, seed_everything
+from envs.dataset import EpisodeDataset, WindowBatch
+from envs.state import StateCodec
+from worldmodel.dynamics import (
+    DynamicsBatch,
+    DynamicsModel,
+    DynamicsModelConfig,
+    count_parameters,
+    dynamics_checkpoint,
+)
+from worldmodel.imagine import SamplingConfig, WorldModel
+
+CHECKPOINT_NAME = "dynamics.pt"
+RESUME_NAME = "dynamics.resume.pt"
+
+
+@dataclass
+class DynamicsConfig:
+    """Dynamics model: architecture, training, evaluation, sampling defaults."""
+
+    # ---- model
+    dim: int = param(64, "width of the per-token features")
+    heads: int = param(4, "attention heads (attention blocks) or position-mixing groups (mix blocks)")
+    block: str = param("conv", "how a frame's tokens exchange information: conv (3x3, local), mix (conv + learned "
+                       "global position mixing, for the egocentric view), attention")
+    encoder_layers: int = param(0, "blocks reading the current frame before the memory and the state head")
+    decoder_layers: int = param(2, "blocks predicting the next frame from the current one")
+    mlp_ratio: int = param(2, "MLP width / dim in each block")
+    memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)")
+    summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads")
+    state_hidden: int = param(256, "hidden width of the state and outcome heads")
+    action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training")
+    refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
+    # ---- optimisation
+    steps: int = param(3000, "optimizer steps")
+    batch_size: int = param(32, "windows per step, over all ranks")
+    window: int = param(16, "frames per training window")
+    lr: float = param(2e-3, "peak learning rate (AdamW)")
+    min_lr_fraction: float = param(0.05, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = param(100, "linear warm-up steps")
+    weight_decay: float = param(0.01, "AdamW weight decay")
+    grad_clip: float = param(1.0, "gradient norm clip (0: off)")
+    # ---- logging, evaluation, checkpoints
+    log_every: int = param(50, "steps between loss logs")
+    eval_every: int = param(500, "steps between validation evaluations (0: only at the end)")
+    eval_windows: int = param(256, "validation windows per evaluation")
+    video_every: int = param(1000, "steps between open-loop videos (0: only at the end)")
+    video_length: int = param(32, "imagined steps per open-loop video")
+    video_count: int = param(4, "rollouts side by side in a video")
+    checkpoint_every: int = param(500, "steps between resume checkpoints (0: none)")
+    encode_batch: int = param(4096, "frames per tokenizer call when tokenising the dataset")
+    # ---- sampling defaults saved with the model (imagination reads them)
+    temperature: float = param(0.0, "sampling temperature of imagined tokens (0: most likely)")
+    refine_steps: int = param(1, "MaskGIT refinement passes per imagined frame (with temperature > 0)")
+    guidance: float = param(1.0, "classifier-free action guidance scale (1: off)")
+
+
+MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",
+                "state_hidden", "action_dropout", "refine_fraction")
+
+
+def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
+                 num_actions: int) -> DynamicsModelConfig:
+    """The model's shape from the config section and the data it will read."""
+    return DynamicsModelConfig(
+        vocab_size=int(vocab_size), grid_height=int(token_shape[0]), grid_width=int(token_shape[1]),
+        state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
+        **{name: getattr(section, name) for name in MODEL_FIELDS},
+    )
+
+
+def sampling_config(section: Any) -> SamplingConfig:
+    return SamplingConfig(temperature=float(section.temperature), refine_steps=int(section.refine_steps),
+                          guidance=float(section.guidance))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def tokenize_frames(tokenizer: Any, frames: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """frames (N, H, W, 3) uint8 -> tokens (N, h, w) int64 (numpy), in chunks."""
+    parts = [torch.as_tensor(tokenizer.encode(frames[i : i + batch])).cpu().numpy() for i in range(0, len(frames), batch)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def state_codec_for(dataset: EpisodeDataset) -> StateCodec:
+    """The state codec of a dataset (from its card when it says the grid size)."""
+    size = int(dataset.arrays["states"].shape[1])
+    width = dataset.card.get("grid_width") if isinstance(dataset.card, dict) else None
+    return StateCodec.for_array_size(size, width=int(width) if width else None)
+
+
+def to_batch(windows: WindowBatch, device: torch.device | str = "cpu") -> DynamicsBatch:
+    """A dataset WindowBatch with ``extras["tokens"]`` -> tensors for the model."""
+    if "tokens" not in windows.extras:
+        raise ValueError("windows carry no tokens: attach them with dataset.with_frame_array('tokens', ...)")
+    return DynamicsBatch(
+        tokens=torch.as_tensor(windows.extras["tokens"]).long(),
+        actions=torch.as_tensor(windows.actions).long(),
+        rewards=torch.as_tensor(windows.rewards).float(),
+        terminated=torch.as_tensor(windows.terminated).bool(),
+        states=torch.as_tensor(windows.states).long(),
+        mask=torch.as_tensor(windows.mask).bool(),
+    ).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (shared with benchmarks/dynamics.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
+    tp = float(np.sum(predicted & actual))
+    fp = float(np.sum(predicted & ~actual))
+    fn = float(np.sum(~predicted & actual))
+    if tp + fp + fn == 0:
+        return 1.0  # no event, none predicted
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+@torch.no_grad()
+def evaluate_one_step(model: DynamicsModel, dataset: EpisodeDataset, max_frames: int = 0,
+                      window: int = 32, batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced metrics over whole episodes (read in consecutive windows of ``window`` frames,
+    the memory restarting at each window): next frame exactly right, reward (non-zero) and
+    termination F1, all state fields right. ``max_frames`` > 0 limits the frames read."""
+    model.eval()
+    device = next(model.parameters()).device
+    episodes, starts = [], []
+    for e, length in enumerate(dataset.episode_lengths):
+        for s in range(0, int(length) + 1, window):
+            episodes.append(e)
+            starts.append(s)
+    episodes_a, starts_a = np.asarray(episodes), np.asarray(starts)
+    if max_frames > 0:
+        keep = max(1, max_frames // window)
+        pick = np.random.default_rng(0).permutation(len(episodes_a))[:keep]
+        episodes_a, starts_a = episodes_a[np.sort(pick)], starts_a[np.sort(pick)]
+    exact, tok_correct, tok_total = [], 0, 0
+    reward_pred, reward_true, term_pred, term_true, state_ok = [], [], [], [], []
+    for i in range(0, len(episodes_a), batch_size):
+        windows = dataset.windows_at(episodes_a[i : i + batch_size], starts_a[i : i + batch_size], window)
+        batch = to_batch(windows, device)
+        out = model(batch.tokens, batch.actions)
+        b, t = batch.actions.shape
+        transition = torch.zeros(b, t, dtype=torch.bool, device=device)
+        transition[:, :-1] = batch.mask[:, 1:] & batch.mask[:, :-1] & (batch.actions[:, :-1] >= 0)
+        correct = out.token_logits.argmax(-1)[:, :-1] == batch.tokens[:, 1:].flatten(2)  # (B, T-1, N)
+        valid = transition[:, :-1]
+        exact.append(correct.all(-1)[valid].cpu().numpy())
+        tok_correct += int(correct[valid].sum())
+        tok_total += int(correct[valid].numel())
+        reward_pred.append((out.reward_logit > 0)[transition].cpu().numpy())
+        reward_true.append((batch.rewards != 0)[transition].cpu().numpy())
+        term_pred.append((out.termination_logit > 0)[transition].cpu().numpy())
+        term_true.append(batch.terminated[transition].cpu().numpy())
+        state_ok.append((out.state_logits.argmax(-1) == batch.states).all(-1)[batch.mask].cpu().numpy())
+    exact_a = np.concatenate(exact)
+    return {
+        "frame_exact_1step": float(exact_a.mean()) if len(exact_a) else float("nan"),
+        "token_accuracy": tok_correct / max(tok_total, 1),
+        "reward_f1": _f1(np.concatenate(reward_pred), np.concatenate(reward_true)),
+        "termination_f1": _f1(np.concatenate(term_pred), np.concatenate(term_true)),
+        "state_head_accuracy": float(np.concatenate(state_ok).mean()),
+        "transitions": int(len(exact_a)),
+    }
+
+
+@torch.no_grad()
+def open_loop(world_model: WorldModel, dataset: EpisodeDataset, horizon: int, num_rollouts: int,
+              seed: int = 0, context: int = 1) -> dict[str, np.ndarray]:
+    """Open-loop rollouts with the true actions from real contexts of ``context`` frames.
+
+    Picks ``num_rollouts`` windows of ``context + horizon`` frames that lie wholly inside episodes
+    (episodes too short are skipped). Returns ``real`` and ``imagined`` tokens (R, horizon, h, w),
+    ``exact`` (R, horizon) bool (the imagined frame equals the real one), ``states_real`` and
+    ``states_imagined`` (R, horizon, S).
+    """
+    length = context + horizon
+    lengths = dataset.episode_lengths + 1
+    eligible = np.nonzero(lengths >= length)[0]
+    if len(eligible) == 0:
+        raise ValueError(f"no episode has {length} frames for an open-loop rollout of {horizon} steps")
+    rng = np.random.default_rng(seed)
+    episodes = rng.choice(eligible, size=num_rollouts, replace=len(eligible) < num_rollouts)
+    starts = (rng.random(num_rollouts) * (lengths[episodes] - length + 1)).astype(np.int64)
+    windows = dataset.windows_at(episodes, starts, length)
+    tokens = torch.as_tensor(windows.extras["tokens"], device=world_model.device).long()
+    actions = torch.as_tensor(windows.actions, device=world_model.device).long()
+    world_model.reset(tokens[:, :context], actions[:, : context - 1])
+    imagined, states = [], []
+    for k in range(horizon):
+        step = world_model.step(actions[:, context - 1 + k])
+        imagined.append(step.tokens)
+        states.append(step.state)
+    imagined_t = torch.stack(imagined, 1)
+    real = tokens[:, context:]
+    return {
+        "real": real.cpu().numpy(), "imagined": imagined_t.cpu().numpy(),
+        "exact": (imagined_t == real).flatten(2).all(-1).cpu().numpy(),
+        "states_real": windows.states[:, context:].astype(np.int64),
+        "states_imagined": torch.stack(states, 1).cpu().numpy(),
+    }
+
+
+def side_by_side_video(world_model: WorldModel, real: np.ndarray, imagined: np.ndarray) -> np.ndarray:
+    """real, imagined tokens (R, T, h, w) -> frames (T, R*H, 2*W + 2, 3): real | imagined per row."""
+    real_f = world_model.decode(torch.as_tensor(real))  # (R, T, H, W, 3)
+    imag_f = world_model.decode(torch.as_tensor(imagined))
+    r, t, h, w, _ = real_f.shape
+    gap = np.full((r, t, h, 2, 3), 255, dtype=np.uint8)
+    rows = np.concatenate([real_f, gap, imag_f], axis=3)  # (R, T, H, 2W+2, 3)
+    return rows.transpose(1, 0, 2, 3, 4).reshape(t, r * h, 2 * w + 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU) -> (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = distributed_rank()
+    device = torch.device(device_name)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class _LossWrapper(nn.Module):
+    """Routes compute_loss through ``forward`` so DistributedDataParallel sees (and syncs) it."""
+
+    def __init__(self, model: DynamicsModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: DynamicsBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = self.model.compute_loss(batch, generator=generator)
+        return losses.total, losses.parts
+
+
+def _learning_rate(cfg: Any, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    progress = min(1.0, step / max(1, cfg.steps))
+    cosine = cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress))
+    return float(cfg.lr * warm * cosine)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokenizer: Any = None,
+          log: Any = print) -> dict[str, Any]:
+    """Train the dynamics model of run ``run_dir`` (a :class:`common.runs.RunDir`; None on ranks > 0).
+
+    ``dataset`` / ``tokenizer`` default to the run's ``dataset/`` and ``tokenizer.pt``. Returns the
+    final validation metrics (rank 0; {} elsewhere).
+    """
+    from common.runs import Logger
+    from envs.dataset import training_folder
+    from worldmodel.tokenizer import load_tokenizer
+
+    section = cfg.dynamics
+    rank, world, device = setup_distributed(cfg.run.device)
+    is_main = rank == 0
+    if cfg.run.threads > 0:
+        torch.set_num_threads(int(cfg.run.threads))
+    seed_everything(cfg.run.seed)
+    run_path = Path(cfg.run.root) / cfg.run.name
+    if section.batch_size % world:
+        raise ValueError(f"dynamics.batch_size ({section.batch_size}) must divide among {world} ranks")
+
+    # ---- data: the dataset, tokenised once by the run's tokenizer --------------------------
+    if dataset is None:
+        dataset = EpisodeDataset.load(training_folder(cfg))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(run_path / "tokenizer.pt", tile_size=cfg.env.tile_size,
+                                   frame_shape=dataset.frame_shape, device=device)
+    if "tokens" not in dataset.extras:
+        dataset.with_frame_array("tokens", tokenize_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
+    train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
+    val_set = val_set or train_set
+    codec = state_codec_for(dataset)
+    token_shape = tuple(dataset.extras["tokens"].shape[1:])
+    num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7
+
+    # ---- model, optimizer, resume ------------------------------------------------------------
+    model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions)  # type: ignore[arg-type]
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = DynamicsModel(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+    start_step = 0
+    resume_path = run_path / RESUME_NAME
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        if state["model_config"] != model_cfg.to_dict() or state["tokenizer_identity"] != tokenizer.identity:
+            raise ValueError(f"{resume_path} was written for another model or tokenizer: delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        if is_main:
+            log(f"[dynamics] resuming from {resume_path} at step {start_step}")
+    wrapped: nn.Module = _LossWrapper(model)
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
+    logger = Logger(run_dir, cfg, "dynamics") if is_main and run_dir is not None else None
+    world_model = WorldModel(tokenizer, model, sampling_config(section), device=device)
+    if is_main:
+        log(f"[dynamics] {count_parameters(model):,} parameters, tokens {token_shape} of {tokenizer.vocab_size}, "
+            f"{train_set.num_frames} train / {val_set.num_frames} val frames, {world} rank(s)")
+
+    def evaluate(step: int, video: bool) -> dict[str, float]:
+        metrics = evaluate_one_step(model, val_set, max_frames=section.eval_windows * section.window,
+                                    window=section.window)
+        if video and logger is not None:
+            horizon = int(min(section.video_length, int(val_set.episode_lengths.max())))
+            if horizon >= 1:
+                rollout = open_loop(world_model, val_set, horizon, section.video_count, seed=cfg.run.seed)
+                metrics["frame_exact_open_loop_last"] = float(rollout["exact"][:, -1].mean())
+                logger.video(step, "open_loop", side_by_side_video(world_model, rollout["real"], rollout["imagined"]))
+        model.train()
+        return metrics
+
+    # ---- loop ------------------------------------------------------------------------------
+    per_rank = section.batch_size // world
+    model.train()
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(start_step, section.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(section, step)
+        rng = np.random.default_rng([cfg.run.seed, rank, step])
+        generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank, step))
+        batch = to_batch(train_set.sample_windows(rng, per_rank, section.window), device)
+        total, parts = wrapped(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if section.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip)
+        optimizer.step()
+        done = step + 1
+        # ---- logging, evaluation, checkpoints (rank 0 only) ---------------------------------
+        if is_main and (done % section.log_every == 0 or done == section.steps):
+            scalars = {k: float(v) for k, v in parts.items()}
+            scalars.update(loss=float(total.detach()), lr=optimizer.param_groups[0]["lr"],
+                           steps_per_second=(done - start_step) / (time.perf_counter() - started))
+            if logger is not None:
+                logger.scalars(done, scalars)
+            log(f"[dynamics] step {done}/{section.steps} loss {float(total):.4f} "
+                f"frame_exact {scalars['frame_exact']:.3f} state_exact {scalars['state_exact']:.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
+        if is_main and section.eval_every > 0 and done % section.eval_every == 0 and done < section.steps:
+            metrics = evaluate(done, video=section.video_every > 0 and done % section.video_every == 0)
+            if logger is not None:
+                logger.scalars(done, {f"val_{k}": v for k, v in metrics.items()})
+            log(f"[dynamics] val step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if is_main and section.checkpoint_every > 0 and done % section.checkpoint_every == 0 and done < section.steps:
+            atomic_torch_save(resume_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                "model_config": model_cfg.to_dict(), "tokenizer_identity": tokenizer.identity,
+            })
+    train_seconds = time.perf_counter() - started
+
+    # ---- final evaluation and checkpoint (rank 0) -------------------------------------------
+    if is_main:
+        metrics = evaluate(section.steps, video=True)
+        metrics["train_seconds"] = round(train_seconds, 2)
+        if logger is not None:
+            logger.scalars(section.steps, {f"val_{k}": v for k, v in metrics.items()})
+            logger.close()
+        from omegaconf import OmegaConf
+
+        atomic_torch_save(run_path / CHECKPOINT_NAME, dynamics_checkpoint(
+            model, tokenizer.identity,
+            config=OmegaConf.to_container(cfg, resolve=True) if not dataclasses.is_dataclass(cfg) else dataclasses.asdict(cfg),
+            sampling=dataclasses.asdict(sampling_config(section)), step=section.steps, metrics=metrics,
+        ))
+        if resume_path.is_file():
+            resume_path.unlink()
+        if run_dir is not None:
+            run_dir.update_metrics("dynamics", metrics)
+        log(f"[dynamics] val: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log(f"[dynamics] wrote {run_path / CHECKPOINT_NAME}")
+    if world > 1:
+        dist.barrier()
+    return metrics if is_main else {}
