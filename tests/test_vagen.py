@@ -311,3 +311,28 @@ def test_dream_option_trains_on_the_world_models_state_head(tmp_path):
     assert metrics["episodes"] == 1 and (tmp_path / "dream" / "vagen.pt").is_file()
     with pytest.raises(FileNotFoundError, match="train the tokenizer and dynamics model first"):
         main(["--preset", "tiny", f"run.root={tmp_path}", "run.name=nowm", "vagen.world=dream", f"vagen.world_model={tmp_path / 'none'}"])
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch):
+    import agents.train_vagen as train_vagen
+    from scripts.train_vagen import main
+
+    args = [
+        "--preset", "tiny", f"run.root={tmp_path}", "run.name=killed", "vagen.num_envs=2", "vagen.rollout_turns=4",
+        "vagen.total_env_steps=24", "vagen.minibatch_turns=8", "vagen.checkpoint_every=1", "vagen.format_warmup_steps=5",
+        "vagen.eval_episodes=1", "env.max_steps=20",
+    ]
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed before the final evaluation")
+
+    monkeypatch.setattr(train_vagen, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    resume = tmp_path / "killed" / "vagen.resume.pt"
+    assert resume.is_file() and not (tmp_path / "killed" / "vagen.pt").exists()
+    assert torch.load(resume, weights_only=False)["update"] == 2  # written after updates 1 and 2 of 3
+    monkeypatch.undo()
+    metrics = main(args)
+    assert metrics["env_steps"] == 24 and (tmp_path / "killed" / "vagen.pt").is_file() and not resume.exists()
