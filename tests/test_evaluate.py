@@ -63,6 +63,10 @@ def test_imagined_rollouts_follow_the_model_to_termination_or_step_limit():
     assert forward.returns.tolist() == [1.0, 1.0, 1.0]
     assert forward.lengths.tolist() == [5, 3, 1] and forward.success.all()
     assert forward.frames.shape == (6, 4, 24, 3)  # first frame + 5 imagined ones, decoded
+    # MiniGrid's step-aware reward: success at step 5, 3, 1 of a 100-step episode pays 1 - 0.9 * t / 100.
+    timed = run_imagined(_Constant(FORWARD), model, first_frames, first_states, max_steps=20, policy_seed=0,
+                         env_max_steps=100)
+    assert timed.returns_step_aware.tolist() == pytest.approx([0.955, 0.973, 0.991])
     left = run_imagined(_Constant(LEFT), model, first_frames, first_states, max_steps=20, policy_seed=0)
     assert left.returns.tolist() == [0.0, 0.0, 0.0] and left.lengths.tolist() == [20, 20, 20]
 
@@ -96,6 +100,6 @@ def test_report_and_plots():
     headline = {"episodes": 4, "normalized_score": 0.934, "spearman": 1.0, "kendall": 1.0, "num_policies": 4}
     report = format_report(_Cfg, headline, rows, ["dreamer"], "runs/x")
     assert "| normalized_score | 0.934 |" in report
-    assert "| dreamer@250 | 0.500 ± 0.010 | 0.600 ± 0.020 |" in report
+    assert "| dreamer@250 | 0.500 ± 0.010 | 0.600 ± 0.020 | 0.100 | - |" in report
     assert "media/evaluate_dreamer_real_vs_imagined.gif" in report
     assert isinstance(Rollouts(np.zeros(1), np.zeros(1), np.zeros(1, bool)), Rollouts)
