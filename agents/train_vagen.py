@@ -337,14 +337,26 @@ def agent_codec(cfg: Any) -> tuple[StateCodec, Vocab]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: Any, run: RunDir) -> dict[str, Any]:
-    """Train the agent of ``cfg.vagen`` in run folder ``run``; write ``vagen.pt`` and return the
-    final evaluation (also merged into ``metrics.json`` under ``vagen``)."""
-    vcfg = cfg.vagen
+def check_config(vcfg: Any) -> None:
+    """Checks the types cannot express; each error names its key."""
     if vcfg.strategy not in STRATEGIES:
         raise ValueError(f"vagen.strategy must be one of {STRATEGIES}, got '{vcfg.strategy}'")
     if vcfg.advantage not in ("bilevel", "turn"):
         raise ValueError(f"vagen.advantage must be 'bilevel' or 'turn', got '{vcfg.advantage}'")
+    if vcfg.world not in ("real", "dream"):
+        raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
+    if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
+        raise ValueError("vagen.num_envs, rollout_turns, minibatch_turns and epochs must be positive")
+    unknown = set(vcfg.field_weights) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"vagen.field_weights: unknown fields {sorted(unknown)}; fields are {FIELDS}")
+
+
+def train(cfg: Any, run: RunDir) -> dict[str, Any]:
+    """Train the agent of ``cfg.vagen`` in run folder ``run``; write ``vagen.pt`` and return the
+    final evaluation (also merged into ``metrics.json`` under ``vagen``)."""
+    vcfg = cfg.vagen
+    check_config(vcfg)
     final_path, resume_path = run / "vagen.pt", run / "vagen.resume.pt"
 
     # --- set-up -----------------------------------------------------------------------------------

@@ -149,6 +149,9 @@ def markdown(table: dict, args: argparse.Namespace, header: dict) -> str:
         f"{args.steps} real env steps per run, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
         f"{args.eval_episodes} evaluation episodes per run (same env seeds for every strategy), {args.workers} worker(s).",
         f"Machine: {header['machine']}; load average before {header['load_before']}, after {header['load_after']}.",
+        f"Sum over runs of training + evaluation time: {header['run_minutes']:.0f} min "
+        f"(runs finished by an earlier invocation are reused, so this invocation's wall time can be shorter).",
+        *([header["note"]] if header.get("note") else []),
         "",
         "Cells: mean ± std over seeds (per-seed values). normalized_score = real return / BFS-oracle return per",
         "episode; accuracies are field-wise over all evaluation turns (a malformed turn counts 0); — = the strategy",
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
     parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")
     parser.add_argument("--out", default=str(RESULTS), help="folder for vagen.md and vagen.json")
+    parser.add_argument("--note", default="", help="a line for the table's header (e.g. how busy the machine was)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that an earlier invocation finished")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run, e.g. vagen.lr=0.001")
     args = parser.parse_args(argv)
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         results = [run_one(job) for job in jobs]
     header["wall_minutes"] = (time.time() - started) / 60
+    header["run_minutes"] = sum(float(r["metrics"].get("wall_seconds", 0.0)) for r in results) / 60
+    header["note"] = args.note
     header["load_after"] = load_average()
     table = summarise(results, args.envs, args.strategies)
     out = Path(args.out)

@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.train_vagen import train
+from agents.train_vagen import check_config, train
 from common.config import cli_config
 from common.runs import RunDir
 from scripts.config import Config, validate
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = cli_config(Config, argv)
     try:
         validate(cfg)
+        check_config(cfg.vagen)
     except ValueError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

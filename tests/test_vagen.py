@@ -336,3 +336,12 @@ def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     metrics = main(args)
     assert metrics["env_steps"] == 24 and (tmp_path / "killed" / "vagen.pt").is_file() and not resume.exists()
+
+
+def test_a_bad_strategy_fails_naming_the_key(tmp_path, capsys):
+    from scripts.train_vagen import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"run.root={tmp_path}", "run.name=bad", "vagen.strategy=Thinking"])
+    assert exit_info.value.code == 2
+    assert "vagen.strategy" in capsys.readouterr().err and not (tmp_path / "bad").exists()
