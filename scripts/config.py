@@ -14,6 +14,7 @@ from envs.collect import CollectConfig
 from envs.dataset import DataConfig
 from envs.make import EnvConfig
 from worldmodel.train_dynamics import DynamicsConfig
+from worldmodel.train_tokenizer import TokenizerStageConfig
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Config:
     env: EnvConfig = param(default_factory=EnvConfig, help="environment and observation")
     collect: CollectConfig = param(default_factory=CollectConfig, help="offline rollout collection")
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
+    tokenizer: TokenizerStageConfig = param(default_factory=TokenizerStageConfig, help="frame tokenizer: frames <-> one token per tile")
     dynamics: DynamicsConfig = param(default_factory=DynamicsConfig, help="action-conditioned dynamics model (world model)")
     dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
     evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")

@@ -1,0 +1,191 @@
+"""Tokenizer: the discrete interface, exactness after a short tiny-preset training, checkpoints,
+and the training script end to end (one collection + one training shared by the module)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.make import make_env
+from worldmodel.tokenizer import (
+    Tokenizer,
+    TokenizerCheckpointError,
+    TokenizerConfig,
+    frames_to_patches,
+    load_tokenizer,
+    reconstruction_stats,
+    tokenizer_checkpoint,
+)
+
+
+def random_frames(env_id: str, seeds: list[int], steps: int, obs: str = "full") -> np.ndarray:
+    """Frames (N, H, W, 3) uint8 of uniform-random episodes, one reset per seed."""
+    env = make_env(env_id, obs=obs)
+    rng = np.random.default_rng(seeds[0])
+    frames = []
+    for seed in seeds:
+        frame, _ = env.reset(seed=seed)
+        frames.append(frame)
+        for _ in range(steps):
+            frame, _, terminated, truncated, _ = env.step(int(rng.integers(7)))
+            frames.append(frame)
+            if terminated or truncated:
+                break
+    return np.stack(frames)
+
+
+# ------------------------------------------------------------------------- untrained model
+
+
+@pytest.fixture(scope="module", params=[("fsq", "regression"), ("vq", "categorical")], ids=lambda p: "-".join(p))
+def fresh(request) -> Tokenizer:
+    """An untrained tokenizer with a vocabulary of 16, for each bottleneck and decoder output."""
+    quantizer, output = request.param
+    torch.manual_seed(0)
+    return Tokenizer(TokenizerConfig(patch_size=8, hidden_dim=16, num_layers=1, quantizer=quantizer, fsq_levels=[4, 4],
+                                     codebook_size=16, code_dim=4, decoder_output=output, intensity_dim=4))
+
+
+def test_encode_decode_shapes_dtypes_and_determinism(fresh):
+    frames = random_frames("MiniGrid-DoorKey-5x5-v0", [1, 2], steps=5)[:6].reshape(2, 3, 40, 40, 3)
+    tokens = fresh.encode(frames)
+    assert tokens.shape == (2, 3, 5, 5) and tokens.dtype == torch.int64
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < fresh.vocab_size == 16
+    decoded = fresh.decode(tokens)
+    assert decoded.shape == (2, 3, 40, 40, 3) and decoded.dtype == torch.uint8
+    # Deterministic, and independent of the batch a frame comes in.
+    assert torch.equal(fresh.encode(frames), tokens)
+    assert torch.equal(fresh.encode(frames[1, 2]), tokens[1, 2])
+    assert torch.equal(fresh.decode(tokens), decoded)
+    # The decode table is exactly the decoder network, token by token.
+    assert torch.equal(fresh.decode_network(tokens.reshape(6, 5, 5)), decoded.reshape(6, 40, 40, 3))
+
+
+def test_decode_table_follows_weight_changes(fresh):
+    model = Tokenizer(fresh.config)
+    model.load_state_dict(fresh.state_dict())
+    tokens = torch.arange(16).view(4, 4)
+    before = model.decode(tokens)
+    with torch.no_grad():
+        model.decoder[-1].weight.mul_(-3.0)  # changes every decoded patch
+    after = model.decode(tokens)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, model.decode_network(tokens[None])[0])
+
+
+def test_bad_inputs_fail_clearly(fresh):
+    with pytest.raises(ValueError, match="uint8"):
+        fresh.encode(np.zeros((1, 40, 40, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="multiple of the tokenizer's patch size 8"):
+        fresh.encode(np.zeros((1, 44, 40, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W, 3\)"):
+        fresh.encode(np.zeros((1, 40, 40), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
+        fresh.decode(torch.full((2, 2), 16))
+    with pytest.raises(ValueError, match="quantizer"):
+        TokenizerConfig(quantizer="kmeans")
+
+
+def test_frames_to_patches_row_major():
+    frames = np.arange(2 * 16 * 24 * 3, dtype=np.int64).reshape(2, 16, 24, 3).astype(np.uint8)
+    patches = frames_to_patches(frames, 8)
+    assert patches.shape == (2 * 2 * 3, 8, 8, 3)
+    assert np.array_equal(patches[4], frames[0, 8:16, 8:16])  # frame 0, tile row 1, column 1
+
+
+def test_reconstruction_stats_hand_computed():
+    real = np.zeros((2, 2, 2, 3), dtype=np.uint8)
+    recon = real.copy()
+    recon[1, 0, 0, 0] = 10  # one wrong channel in one pixel of the second frame
+    stats = reconstruction_stats(real, recon)
+    assert stats["exact_frame_rate"] == 0.5
+    assert stats["pixel_accuracy"] == pytest.approx(7 / 8)
+    assert stats["mse"] == pytest.approx(100 / 24)
+
+
+# ------------------------------------------------------------------------- trained on the tiny preset
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Collect the tiny dataset and train the tokenizer on it through the entry points."""
+    from scripts import collect as collect_script
+    from scripts import train_tokenizer
+
+    root = tmp_path_factory.mktemp("runs")
+    argv = ["--preset", "tiny", f"run.root={root}", "run.name=tok", "run.threads=1"]
+    collect_script.main(argv)
+    metrics = train_tokenizer.main(argv)
+    return root / "tok", argv, metrics
+
+
+def test_script_writes_its_artifacts(tiny_run):
+    run, _, metrics = tiny_run
+    assert (run / "tokenizer.pt").is_file()
+    assert not (run / "tokenizer.resume.pt").exists()
+    assert (run / "media" / "tokenizer_reconstruction.png").is_file()
+    assert any((run / "tb" / "tokenizer").iterdir())
+    saved = json.loads((run / "metrics.json").read_text())["tokenizer"]
+    assert saved["identity"] == metrics["identity"] == load_tokenizer(run / "tokenizer.pt").identity
+    assert saved["train_tiles_exact_rate"] == 1.0
+
+
+def test_trained_tokenizer_is_exact_on_held_out_layouts(tiny_run):
+    run, _, _ = tiny_run
+    tokenizer = load_tokenizer(run / "tokenizer.pt", tile_size=8, frame_shape=(40, 40, 3))
+    # Seeds far from the tiny collection's (0..7): layouts it never saw.
+    frames = random_frames("MiniGrid-DoorKey-5x5-v0", [5000, 5001, 5002, 5003], steps=30)
+    tokens = tokenizer.encode(frames)
+    assert tokens.shape == (len(frames), 5, 5)
+    stats = reconstruction_stats(frames, tokenizer.decode(tokens))
+    # A random-weight model reconstructs no frame exactly; a trained one should all of them.
+    assert stats["exact_frame_rate"] >= 0.9, stats
+    # Same tiles on a bigger grid: the per-tile model carries over (Empty-8x8: walls, floor, goal, agent).
+    bigger = random_frames("MiniGrid-Empty-8x8-v0", [7], steps=20)
+    assert reconstruction_stats(bigger, tokenizer.decode(tokenizer.encode(bigger)))["exact_frame_rate"] >= 0.9
+
+
+def test_save_load_gives_identical_tokens(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    tokenizer = load_tokenizer(run / "tokenizer.pt")
+    frames = random_frames("MiniGrid-DoorKey-5x5-v0", [42], steps=10)
+    copy_path = tmp_path / "copy.pt"
+    torch.save(tokenizer_checkpoint(tokenizer), copy_path)
+    again = load_tokenizer(copy_path, identity=tokenizer.identity)
+    assert torch.equal(again.encode(frames), tokenizer.encode(frames))
+    assert torch.equal(again.decode(again.encode(frames)), tokenizer.decode(tokenizer.encode(frames)))
+
+
+def test_mismatched_checkpoint_fails_clearly(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    path = run / "tokenizer.pt"
+    vocab = load_tokenizer(path).vocab_size
+    with pytest.raises(TokenizerCheckpointError, match="tile size 8 px, but frames use tile size 16"):
+        load_tokenizer(path, tile_size=16)
+    with pytest.raises(TokenizerCheckpointError, match=f"vocabulary size {vocab}, but 7 was expected"):
+        load_tokenizer(path, vocab_size=7)
+    with pytest.raises(TokenizerCheckpointError, match="cannot tokenize frames of shape"):
+        load_tokenizer(path, frame_shape=(44, 40, 3))
+    with pytest.raises(TokenizerCheckpointError, match="retrained"):
+        load_tokenizer(path, identity="tokenizer-0000000000000000")
+    with pytest.raises(TokenizerCheckpointError, match="not found"):
+        load_tokenizer(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something-else"}, other)
+    with pytest.raises(TokenizerCheckpointError, match="not a tokenizer checkpoint"):
+        load_tokenizer(other)
+
+
+def test_finished_stage_is_skipped_and_a_changed_config_is_refused(tiny_run, capsys):
+    from scripts import train_tokenizer
+
+    run, argv, metrics = tiny_run
+    stamp = (run / "tokenizer.pt").stat().st_mtime_ns
+    assert train_tokenizer.main(argv)["identity"] == metrics["identity"]
+    assert (run / "tokenizer.pt").stat().st_mtime_ns == stamp
+    assert "skipping" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="hidden_dim: checkpoint"):
+        train_tokenizer.main(argv + ["tokenizer.hidden_dim=7"])
