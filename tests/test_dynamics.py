@@ -156,7 +156,7 @@ def test_world_model_rollout_is_what_the_forward_pass_predicts():
     all_actions = torch.cat([context_actions, actions, torch.full((4, 1), -1)], 1)
     with torch.no_grad():
         out = model.eval()(sequence, all_actions)
-    greedy = out.token_logits.argmax(-1).view(4, -1, 5, 5)
+    greedy = model.tokens_from_logits(out.token_logits).view(4, -1, 5, 5)
     assert torch.equal(greedy[:, 2:7], sequence[:, 3:8])
     assert not torch.equal(sequence[:, 3], sequence[:, 2])  # the model did change the frame
 
@@ -288,3 +288,142 @@ def test_imagine_rollout_with_a_state_reading_policy(tiny_dataset):
     assert rollout.states.shape == (4, 7, dataset.arrays["states"].shape[1])
     assert len(seen_states) == 6 and torch.equal(seen_states[0], rollout.states[:, 0])
     assert (rollout.rewards[~rollout.alive] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_cfg(tmp_path: Path, name: str, *overrides: str):
+    from common.config import load_config
+    from scripts.config import Config
+
+    return load_config(Config, ["--preset", "tiny", f"run.root={tmp_path}", f"run.name={name}", *overrides])
+
+
+# On the held-out quarter of these episodes, copying the current frame is exact for 0.52 of the
+# transitions; the tiny preset measured 0.725 (seed 0, 1 thread): the floor asks for dynamics
+# clearly learned beyond copying, with margin.
+TINY_ONE_STEP_FLOOR = 0.65
+
+
+def test_tiny_preset_training_learns_the_dynamics(tiny_dataset, tmp_path):
+    from worldmodel.train_dynamics import evaluate_one_step, train
+
+    dataset, tokenizer, _ = tiny_dataset
+    torch.set_num_threads(1)  # the machine is shared: one thread is faster than two oversubscribed ones
+    cfg = _tiny_cfg(tmp_path, "learn", "data.val_fraction=0.25")
+    train(cfg, None, dataset=dataset, tokenizer=tokenizer, log=lambda *_: None)
+    model, checkpoint = load_dynamics(tmp_path / "learn" / "dynamics.pt")
+    _, val_set = dataset.split(0.25, seed=cfg.run.seed)
+    metrics = evaluate_one_step(model, val_set)  # every held-out transition
+    copy = np.mean([np.array_equal(a, b) for a, b, act in zip(
+                    val_set.extras["tokens"][:-1], val_set.extras["tokens"][1:], val_set.arrays["actions"][:-1]) if act >= 0])
+    assert copy < 0.55  # the baseline the floor is set against
+    assert metrics["frame_exact_1step"] >= TINY_ONE_STEP_FLOOR, metrics
+    assert checkpoint["tokenizer_identity"] == tokenizer.identity
+    with pytest.raises(DynamicsCheckpointError, match="trained on tokenizer"):
+        load_dynamics(tmp_path / "learn" / "dynamics.pt", tokenizer_identity="another-tokenizer")
+
+
+def test_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path):
+    from worldmodel.train_dynamics import RESUME_NAME, train
+
+    dataset, tokenizer, _ = tiny_dataset
+    torch.set_num_threads(1)
+    common = ["dynamics.steps=6", "dynamics.checkpoint_every=3", "dynamics.log_every=1", "dynamics.eval_every=0",
+              "dynamics.video_length=2", "dynamics.eval_windows=4"]
+    train(_tiny_cfg(tmp_path, "straight", *common), None, dataset=dataset, tokenizer=tokenizer, log=lambda *_: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_checkpoint(message: str) -> None:
+        if "step 4/" in message:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_tiny_cfg(tmp_path, "killed", *common), None, dataset=dataset, tokenizer=tokenizer, log=stop_after_checkpoint)
+    assert (tmp_path / "killed" / RESUME_NAME).is_file()
+    train(_tiny_cfg(tmp_path, "killed", *common), None, dataset=dataset, tokenizer=tokenizer, log=lambda *_: None)
+    assert not (tmp_path / "killed" / RESUME_NAME).is_file()
+    straight, _ = load_dynamics(tmp_path / "straight" / "dynamics.pt")
+    resumed, _ = load_dynamics(tmp_path / "killed" / "dynamics.pt")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def _write_tokenizer(run: Path, dataset_frames: np.ndarray) -> None:
+    """A tokenizer checkpoint in the run folder (untrained: this test is about plumbing)."""
+    from common.atomic import atomic_torch_save
+    from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_checkpoint
+
+    torch.manual_seed(0)
+    atomic_torch_save(run / "tokenizer.pt", tokenizer_checkpoint(Tokenizer(TokenizerConfig())))
+
+
+def test_script_end_to_end_then_load_world_model(tiny_dataset, tmp_path):
+    from worldmodel.imagine import load_world_model
+
+    dataset, _, folder = tiny_dataset
+    run = tmp_path / "e2e"
+    run.mkdir()
+    _write_tokenizer(run, dataset.arrays["frames"])
+    args = ["--preset", "tiny", f"run.root={tmp_path}", "run.name=e2e", f"data.path={folder}", "dynamics.steps=4",
+            "dynamics.video_length=3"]
+    from scripts.train_dynamics import main
+
+    metrics = main(args)
+    assert (run / "dynamics.pt").is_file() and (run / "media" / "dynamics_open_loop.gif").is_file()
+    assert "frame_exact_1step" in metrics and any((run / "tb" / "dynamics").iterdir())
+    wm = load_world_model(run)
+    tokens = wm.reset(wm.encode(dataset.arrays["frames"][:2]))
+    assert wm.step(np.array([0, 2])).tokens.shape == tokens.shape
+
+
+def test_ddp_two_processes_end_with_identical_parameters(tiny_dataset, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): both ranks train, then dump their own weights."""
+    dataset, _, folder = tiny_dataset
+    run = tmp_path / "ddp"
+    run.mkdir()
+    _write_tokenizer(run, dataset.arrays["frames"])
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        torch.set_num_threads(1)
+        import worldmodel.train_dynamics as td
+        captured = {{}}
+        original = td.DynamicsModel
+        class Capturing(original):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                captured["model"] = self
+        td.DynamicsModel = Capturing
+        from scripts.train_dynamics import main
+        main(sys.argv[1:])
+        rank = int(os.environ["RANK"])
+        torch.save(captured["model"].state_dict(), {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+    """))
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(worker),
+               "--preset", "tiny", f"run.root={tmp_path}", "run.name=ddp", f"data.path={folder}", "dynamics.steps=5",
+               "dynamics.eval_every=0", "dynamics.video_length=2", "dynamics.batch_size=8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    initial = DynamicsModel(load_dynamics(run / "dynamics.pt")[0].config).state_dict()
+    moved = False
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), name
+        moved = moved or not torch.equal(value, initial[name])
+    assert moved  # they trained (from the same start), not just stayed equal at initialisation
+    assert (run / "dynamics.pt").is_file()

@@ -67,6 +67,11 @@ class DynamicsModelConfig:
     state_hidden: int = 256
     action_dropout: float = 0.1  # probability an action is replaced by "no action" in training
     refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
+    change_weight: float = 10.0  # extra loss weight of tokens that change from one frame to the next
+    # The tokens the decoder can output (sorted ids; empty: the whole vocabulary). A tokenizer's
+    # vocabulary is often far larger than the tiles a game has (512 codes, ~20 tiles): predicting
+    # over the tokens seen in training makes the output layer, the loss and sampling that much cheaper.
+    output_tokens: list[int] = field(default_factory=list)
     reward_weight: float = 1.0
     termination_weight: float = 1.0
     state_weight: float = 1.0
@@ -134,7 +139,7 @@ class Losses:
 class DynamicsOutput:
     """Teacher-forced predictions for every position of a window."""
 
-    token_logits: torch.Tensor  # (B, T, N, V): logits of frame t+1's tokens
+    token_logits: torch.Tensor  # (B, T, N, K): logits of frame t+1's tokens over the K output tokens
     reward_logit: torch.Tensor  # (B, T): non-zero reward after actions[t]
     reward_value: torch.Tensor  # (B, T): its value, where non-zero
     termination_logit: torch.Tensor  # (B, T)
@@ -285,7 +290,15 @@ class DynamicsModel(nn.Module):
         self.next_token_embedding = nn.Embedding(c.vocab_size + 1, d)
         self.decoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.decoder_layers)])
         self.decoder_norm = nn.LayerNorm(d)
-        self.token_head = nn.Linear(d, c.vocab_size)
+        output = sorted(set(int(v) for v in c.output_tokens)) or list(range(c.vocab_size))
+        if output[0] < 0 or output[-1] >= c.vocab_size:
+            raise ValueError(f"dynamics output_tokens must lie in [0, {c.vocab_size})")
+        self.num_outputs = len(output)
+        to_output = torch.full((c.vocab_size + 1,), -1, dtype=torch.long)
+        to_output[torch.tensor(output)] = torch.arange(len(output))
+        self.register_buffer("output_tokens", torch.tensor(output, dtype=torch.long), persistent=False)  # (K,)
+        self.register_buffer("token_to_output", to_output, persistent=False)  # (V + 1,), -1: not an output
+        self.token_head = nn.Linear(d, self.num_outputs)
         # Most tokens do not change from one frame to the next: a learned bonus on the current
         # token's logit starts the decoder at "copy the frame" and lets it learn the changes.
         self.copy_bias = nn.Parameter(torch.tensor(3.0))
@@ -368,8 +381,9 @@ class DynamicsModel(nn.Module):
             x = block(x)
         x = self.decoder_norm(x)
         outcome = self.outcome_head(torch.cat([x.mean(dim=1), memory], dim=-1))
-        logits = self.token_head(x)
-        copy = torch.zeros_like(logits).scatter_(-1, tokens[..., None], 1.0)
+        logits = self.token_head(x)  # (M, N, K) over the output tokens
+        current = self.token_to_output[tokens]  # (M, N); -1 where the current token is no output
+        copy = torch.zeros_like(logits).scatter_(-1, current.clamp_min(0)[..., None], 1.0) * (current >= 0)[..., None]
         return logits + self.copy_bias * copy, outcome
 
     # ----------------------------------------------------------------- teacher-forced pass
@@ -434,8 +448,14 @@ class DynamicsModel(nn.Module):
         out = self(batch.tokens, actions, next_tokens_given=given)
 
         token_mask = unknown & transition[..., None]
-        token_ce = F.cross_entropy(out.token_logits.reshape(-1, c.vocab_size), next_tokens.reshape(-1), reduction="none")
-        token_loss = _masked_mean(token_ce.view(b, t, n), token_mask)
+        target = self.token_to_output[next_tokens]  # -1: a token the decoder cannot output (ignored)
+        token_ce = F.cross_entropy(out.token_logits.reshape(-1, self.num_outputs), target.reshape(-1), reduction="none",
+                                   ignore_index=-1)
+        # Few tokens change per step (the agent's tile and the one it enters): they carry the
+        # dynamics, so they weigh more than the copied background.
+        changed = next_tokens != batch.tokens.reshape(b, t, n)
+        token_weight = token_mask.float() * (1.0 + c.change_weight * changed.float())
+        token_loss = (token_ce.view(b, t, n) * token_weight).sum() / token_weight.sum().clamp_min(1.0)
         tmask = transition.float()
         nonzero = (batch.rewards != 0).float()
         reward_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.reward_logit, nonzero, reduction="none"), transition)
@@ -451,7 +471,7 @@ class DynamicsModel(nn.Module):
                  + c.state_weight * state_loss)
         with torch.no_grad():
             full = transition & ~refine[..., 0]  # whole-frame predictions (what a rollout does)
-            correct = out.token_logits.argmax(-1) == next_tokens  # (B, T, N)
+            correct = self.tokens_from_logits(out.token_logits) == next_tokens  # (B, T, N)
             token_acc = _masked_mean(correct.float(), token_mask & full[..., None])
             frame_exact = _masked_mean(correct.all(-1).float(), full)
             state_exact = _masked_mean((out.state_logits.argmax(-1) == batch.states).all(-1).float(), batch.mask)
@@ -534,17 +554,17 @@ class DynamicsModel(nn.Module):
             if outcome is None:
                 outcome = step_outcome  # the outcome depends on the action, not on the sampled frame
             if temperature <= 0:
-                known = logits.argmax(-1)
+                known = self.tokens_from_logits(logits)
                 break
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(b, n)
+            drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(b, n)  # output index
             unknown = known == self.mask_token
-            sampled = torch.where(unknown, sampled, known)
+            sampled = torch.where(unknown, self.output_tokens[drawn], known)
             if step == steps - 1:
                 known = sampled
                 break
             # Keep the most confident of the still-unknown tokens; cosine schedule of how many stay unknown.
-            confidence = torch.gather(probs, -1, sampled[..., None])[..., 0].masked_fill(~unknown, float("inf"))
+            confidence = torch.gather(probs, -1, drawn[..., None])[..., 0].masked_fill(~unknown, float("inf"))
             remaining = int(math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps)))
             if remaining <= 0:
                 known = sampled
@@ -561,6 +581,10 @@ class DynamicsModel(nn.Module):
             tokens=known.view(b, h, w), reward=reward.float(), terminated=term_p > 0.5,
             reward_probability=reward_p, termination_probability=term_p,
         )
+
+    def tokens_from_logits(self, token_logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) logits over the output tokens -> (...) int64 token ids of the most likely."""
+        return self.output_tokens[token_logits.argmax(-1)]
 
     @staticmethod
     def state_from_logits(state_logits: torch.Tensor) -> torch.Tensor:

@@ -60,11 +60,14 @@ class DynamicsConfig:
     state_hidden: int = param(256, "hidden width of the state and outcome heads")
     action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training")
     refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
+    change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
     # ---- optimisation
     steps: int = param(3000, "optimizer steps")
+    time_limit_s: float = param(0.0, "if > 0: stop after this many seconds of training, the learning-rate schedule "
+                                "following elapsed time (for time-boxed benchmarks; results then depend on machine speed)")
     batch_size: int = param(32, "windows per step, over all ranks")
     window: int = param(16, "frames per training window")
-    lr: float = param(2e-3, "peak learning rate (AdamW)")
+    lr: float = param(4e-3, "peak learning rate (AdamW)")
     min_lr_fraction: float = param(0.05, "final learning rate as a fraction of the peak (cosine decay)")
     warmup_steps: int = param(100, "linear warm-up steps")
     weight_decay: float = param(0.01, "AdamW weight decay")
@@ -85,15 +88,16 @@ class DynamicsConfig:
 
 
 MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",
-                "state_hidden", "action_dropout", "refine_fraction")
+                "state_hidden", "action_dropout", "refine_fraction", "change_weight")
 
 
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
-                 num_actions: int) -> DynamicsModelConfig:
+                 num_actions: int, output_tokens: list[int] | None = None) -> DynamicsModelConfig:
     """The model's shape from the config section and the data it will read."""
     return DynamicsModelConfig(
         vocab_size=int(vocab_size), grid_height=int(token_shape[0]), grid_width=int(token_shape[1]),
         state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
+        output_tokens=[int(v) for v in (output_tokens or [])],
         **{name: getattr(section, name) for name in MODEL_FIELDS},
     )
 
@@ -177,7 +181,7 @@ def evaluate_one_step(model: DynamicsModel, dataset: EpisodeDataset, max_frames:
         b, t = batch.actions.shape
         transition = torch.zeros(b, t, dtype=torch.bool, device=device)
         transition[:, :-1] = batch.mask[:, 1:] & batch.mask[:, :-1] & (batch.actions[:, :-1] >= 0)
-        correct = out.token_logits.argmax(-1)[:, :-1] == batch.tokens[:, 1:].flatten(2)  # (B, T-1, N)
+        correct = model.tokens_from_logits(out.token_logits)[:, :-1] == batch.tokens[:, 1:].flatten(2)  # (B, T-1, N)
         valid = transition[:, :-1]
         exact.append(correct.all(-1)[valid].cpu().numpy())
         tok_correct += int(correct[valid].sum())
@@ -280,9 +284,11 @@ class _LossWrapper(nn.Module):
         return losses.total, losses.parts
 
 
-def _learning_rate(cfg: Any, step: int) -> float:
+def _learning_rate(cfg: Any, step: int, elapsed: float = 0.0) -> float:
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     progress = min(1.0, step / max(1, cfg.steps))
+    if cfg.time_limit_s > 0:
+        progress = max(progress, min(1.0, elapsed / cfg.time_limit_s))
     cosine = cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress))
     return float(cfg.lr * warm * cosine)
 
@@ -328,7 +334,9 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7
 
     # ---- model, optimizer, resume ------------------------------------------------------------
-    model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions)  # type: ignore[arg-type]
+    # The decoder outputs the tokens the training frames use (a tile never seen cannot be learned).
+    output_tokens = np.unique(train_set.extras["tokens"]).tolist()
+    model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens)  # type: ignore[arg-type]
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = DynamicsModel(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
@@ -369,9 +377,19 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     model.train()
     started = time.perf_counter()
     metrics: dict[str, float] = {}
+    final_step = section.steps
     for step in range(start_step, section.steps):
+        elapsed = time.perf_counter() - started
+        if section.time_limit_s > 0:
+            # Rank 0's clock decides for every rank, so all ranks stop at the same step.
+            stop = torch.tensor([float(elapsed >= section.time_limit_s)])
+            if world > 1:
+                dist.broadcast(stop, src=0)
+            if stop.item() > 0:
+                final_step = step
+                break
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(section, step)
+            group["lr"] = _learning_rate(section, step, elapsed)
         rng = np.random.default_rng([cfg.run.seed, rank, step])
         generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank, step))
         batch = to_batch(train_set.sample_windows(rng, per_rank, section.window), device)
@@ -389,7 +407,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
                            steps_per_second=(done - start_step) / (time.perf_counter() - started))
             if logger is not None:
                 logger.scalars(done, scalars)
-            log(f"[dynamics] step {done}/{section.steps} loss {float(total):.4f} "
+            log(f"[dynamics] step {done}/{section.steps} loss {float(total.detach()):.4f} "
                 f"frame_exact {scalars['frame_exact']:.3f} state_exact {scalars['state_exact']:.3f} "
                 f"({time.perf_counter() - started:.0f} s)")
         if is_main and section.eval_every > 0 and done % section.eval_every == 0 and done < section.steps:
@@ -406,8 +424,9 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
 
     # ---- final evaluation and checkpoint (rank 0) -------------------------------------------
     if is_main:
-        metrics = evaluate(section.steps, video=True)
+        metrics = evaluate(final_step, video=True)
         metrics["train_seconds"] = round(train_seconds, 2)
+        metrics["train_steps"] = final_step
         if logger is not None:
             logger.scalars(section.steps, {f"val_{k}": v for k, v in metrics.items()})
             logger.close()
@@ -416,7 +435,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         atomic_torch_save(run_path / CHECKPOINT_NAME, dynamics_checkpoint(
             model, tokenizer.identity,
             config=OmegaConf.to_container(cfg, resolve=True) if not dataclasses.is_dataclass(cfg) else dataclasses.asdict(cfg),
-            sampling=dataclasses.asdict(sampling_config(section)), step=section.steps, metrics=metrics,
+            sampling=dataclasses.asdict(sampling_config(section)), step=final_step, metrics=metrics,
         ))
         if resume_path.is_file():
             resume_path.unlink()
