@@ -39,7 +39,7 @@ from envs.dataset import EpisodeDataset, collect_folder
 from envs.make import make_env
 from scripts.config import Config
 from worldmodel.imagine import SamplingConfig, WorldModel, load_world_model
-from worldmodel.train_dynamics import evaluate_one_step, open_loop, train, tokenize_frames
+from worldmodel.train_dynamics import evaluate_one_step, open_loop, tokenize_frames, train
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
 
-
 # ---------------------------------------------------------------------------------------------
 # Config and typed inputs / outputs
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +455,6 @@ class DynamicsModel(nn.Module):
         changed = next_tokens != batch.tokens.reshape(b, t, n)
         token_weight = token_mask.float() * (1.0 + c.change_weight * changed.float())
         token_loss = (token_ce.view(b, t, n) * token_weight).sum() / token_weight.sum().clamp_min(1.0)
-        tmask = transition.float()
         nonzero = (batch.rewards != 0).float()
         reward_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.reward_logit, nonzero, reduction="none"), transition)
         value_loss = _masked_mean((out.reward_value - batch.rewards) ** 2, transition & (batch.rewards != 0))
@@ -475,7 +473,6 @@ class DynamicsModel(nn.Module):
             token_acc = _masked_mean(correct.float(), token_mask & full[..., None])
             frame_exact = _masked_mean(correct.all(-1).float(), full)
             state_exact = _masked_mean((out.state_logits.argmax(-1) == batch.states).all(-1).float(), batch.mask)
-        del tmask
         parts = {
             "tokens": token_loss.detach(), "reward": reward_loss.detach(), "reward_value": value_loss.detach(),
             "termination": term_loss.detach(), "state": state_loss.detach(),

@@ -441,7 +441,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
             resume_path.unlink()
         if run_dir is not None:
             run_dir.update_metrics("dynamics", metrics)
-        log(f"[dynamics] val: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log("[dynamics] val: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         log(f"[dynamics] wrote {run_path / CHECKPOINT_NAME}")
     if world > 1:
         dist.barrier()
