@@ -21,17 +21,22 @@ from common.config import cli_config
 from common.runs import RunDir
 from envs.dataset import EpisodeDataset, training_folder
 from scripts.config import Config
-from worldmodel.train_tokenizer import train
+from worldmodel.train_tokenizer import model_config, train
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli_config(Config, argv)
+    try:  # values the types cannot check (quantizer name, levels) fail before any work, naming the key
+        model_config(cfg.tokenizer, cfg.env.tile_size)
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     run = RunDir(cfg, "tokenizer", argv)
     folder = training_folder(cfg)
     dataset = EpisodeDataset.load(folder)
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     return train(cfg, run, train_set.frames, None if val_set is None else val_set.frames,
-                 data_source=str(folder.resolve()))
+                 data_source=f"{folder.resolve()} (val_fraction {cfg.data.val_fraction}, split seed {cfg.run.seed})")
 
 
 if __name__ == "__main__":

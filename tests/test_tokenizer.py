@@ -189,3 +189,53 @@ def test_finished_stage_is_skipped_and_a_changed_config_is_refused(tiny_run, cap
     assert "skipping" in capsys.readouterr().out
     with pytest.raises(ValueError, match="hidden_dim: checkpoint"):
         train_tokenizer.main(argv + ["tokenizer.hidden_dim=7"])
+
+
+def test_killed_training_resumes_to_the_same_weights(tiny_run, monkeypatch):
+    from common.config import load_config
+    from common.runs import RunDir
+    from envs.dataset import EpisodeDataset
+    from scripts.config import Config
+    from worldmodel import train_tokenizer as loop
+
+    run_path, _, _ = tiny_run
+    frames = EpisodeDataset.load(run_path / "dataset").frames
+
+    def run_dir(name: str):
+        argv = ["--preset", "tiny", f"run.root={run_path.parent}", f"run.name={name}", "run.threads=1",
+                "tokenizer.steps=30", "tokenizer.checkpoint_every=15", "tokenizer.stop_when_exact=false"]
+        cfg = load_config(Config, argv, use_run_config=False)
+        return cfg, RunDir(cfg, "tokenizer", argv)
+
+    cfg, run = run_dir("straight")
+    straight = loop.train(cfg, run, frames, frames[:50])
+
+    cfg, run = run_dir("killed")
+    calls = {"n": 0}
+    original = Tokenizer.compute_loss
+
+    def dies_at_step_20(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch)
+
+    monkeypatch.setattr(Tokenizer, "compute_loss", dies_at_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, run, frames, frames[:50])
+    monkeypatch.setattr(Tokenizer, "compute_loss", original)
+    assert (run / "tokenizer.resume.pt").is_file() and not (run / "tokenizer.pt").exists()
+    resumed = loop.train(cfg, run, frames, frames[:50])
+    assert not (run / "tokenizer.resume.pt").exists()
+    assert resumed["identity"] == straight["identity"]  # same weights as if never killed
+
+
+def test_distinct_rows_is_exact_even_on_hash_collisions(monkeypatch):
+    import worldmodel.tokenizer as module
+
+    rows = torch.randint(0, 3, (400, 16), dtype=torch.uint8)
+    distinct, inverse = module._distinct_rows(rows)
+    assert torch.equal(distinct[inverse], rows) and len(distinct) == len(torch.unique(rows, dim=0))
+    monkeypatch.setattr(module, "_row_keys", lambda r: torch.zeros(len(r), dtype=torch.int64))  # all collide
+    distinct, inverse = module._distinct_rows(rows)
+    assert torch.equal(distinct[inverse], rows) and len(distinct) == len(torch.unique(rows, dim=0))

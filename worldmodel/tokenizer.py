@@ -64,13 +64,13 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"tokenizer quantizer must be one of {QUANTIZERS}, got '{self.quantizer}'")
+            raise ValueError(f"tokenizer.quantizer must be one of {QUANTIZERS}, got '{self.quantizer}'")
         if self.patch_size < 1 or self.hidden_dim < 1 or self.num_layers < 0:
             raise ValueError("tokenizer patch_size and hidden_dim must be positive, num_layers non-negative")
         if self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 2):
             raise ValueError(f"tokenizer fsq_levels need at least one channel of >= 2 levels, got {self.fsq_levels}")
         if self.decoder_output not in DECODER_OUTPUTS:
-            raise ValueError(f"tokenizer decoder_output must be one of {DECODER_OUTPUTS}, got '{self.decoder_output}'")
+            raise ValueError(f"tokenizer.decoder_output must be one of {DECODER_OUTPUTS}, got '{self.decoder_output}'")
         if self.quantizer == "vq" and (self.codebook_size < 2 or self.code_dim < 1):
             raise ValueError("tokenizer codebook_size must be >= 2 and code_dim >= 1")
 
@@ -374,16 +374,25 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """frames (..., H, W, 3) uint8 -> tokens (..., H/p, W/p) int64 (on the model's device)."""
+        """frames (..., H, W, 3) uint8 -> tokens (..., H/p, W/p) int64 (on the model's device).
+
+        A token depends on its tile alone, and a batch of gridworld frames holds a few dozen
+        distinct tiles among thousands, so the network runs once per distinct tile and the tokens
+        are scattered back: the same tokens as running it on every tile, ~10x faster.
+        """
         flat, lead = self._flatten(frames)
         device = next(self.parameters()).device
+        tiles = self.patches(flat.to(device))  # (N, h, w, p, p, 3)
+        n, h, w = tiles.shape[:3]
+        rows = tiles.reshape(n * h * w, -1)  # (M, p*p*3) uint8
+        representatives, inverse = _distinct_rows(rows)
         was_training = self.training
         self.eval()
         try:
-            _, tokens, _ = self.quantizer(self.encode_latents(self.patches(flat.to(device))))
+            _, tokens, _ = self.quantizer(self.encode_latents(representatives.view(1, 1, -1, *tiles.shape[3:])))
         finally:
             self.train(was_training)
-        return tokens.reshape(*lead, *tokens.shape[-2:])
+        return tokens.reshape(-1).index_select(0, inverse).reshape(*lead, h, w)
 
     def _weights_key(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter, so
@@ -414,8 +423,10 @@ class Tokenizer(nn.Module):
         table = self.decode_table()
         p = self.patch_size
         lead, (h, w) = tuple(tokens.shape[:-2]), tuple(tokens.shape[-2:])
-        patches = table[tokens.to(table.device).long().reshape(-1, h, w)]  # (N, h, w, p, p, 3)
-        frames = patches.permute(0, 1, 3, 2, 4, 5).reshape(-1, h * p, w * p, 3)
+        # index_select on the flattened table: an order of magnitude faster than fancy indexing.
+        flat_tokens = tokens.to(table.device).long().reshape(-1)
+        patches = table.view(len(table), -1).index_select(0, flat_tokens).view(-1, h, w, p, p, 3)
+        frames = patches.transpose(2, 3).reshape(-1, h * p, w * p, 3)
         return frames.reshape(*lead, h * p, w * p, 3)
 
     @torch.no_grad()
@@ -426,6 +437,38 @@ class Tokenizer(nn.Module):
         p = self.patch_size
         tiles = self.output_to_uint8(self.decode_latents(self.quantizer.embed(tokens.reshape(-1, h, w))))
         return tiles.transpose(2, 3).reshape(*lead, h * p, w * p, 3)
+
+
+_HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """rows (M, D) uint8 -> (M,) int64 keys, equal for equal rows (different rows may collide)."""
+    width = rows.shape[1]
+    words = width // 8 if width % 8 == 0 and rows.is_contiguous() else 0
+    key = (words or width, str(rows.device))
+    if key not in _HASH_WEIGHTS:
+        generator = torch.Generator().manual_seed(width)
+        _HASH_WEIGHTS[key] = torch.randint(1, 2**62, (words or width,), generator=generator).to(rows.device) | 1
+    if words:  # 8 pixels bytes per int64 word: 8x fewer operations than per byte
+        return (rows.view(torch.int64) * _HASH_WEIGHTS[key]).sum(1)  # wraps around: a hash
+    return (rows.long() * _HASH_WEIGHTS[key]).sum(1)
+
+
+def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (M, D) uint8 -> (distinct rows (U, D), inverse (M,) int64 with rows == distinct[inverse]).
+
+    Rows are grouped by a hash key and the grouping is verified row by row; on a key collision it
+    falls back to ``torch.unique(dim=0)``, so the result is exact in every case.
+    """
+    rows = rows.contiguous()
+    _, inverse = torch.unique(_row_keys(rows), return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.int64, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(rows), device=rows.device), reduce="amin")
+    distinct = rows.index_select(0, first)
+    if not torch.equal(distinct.index_select(0, inverse), rows):  # a key collision
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    return distinct, inverse
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

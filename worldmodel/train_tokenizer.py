@@ -20,6 +20,7 @@ decoder can undo (measured on DoorKey-6x6, docs/tokenizer.md). The codebook and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -103,10 +104,16 @@ def unique_tiles(frames: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.nd
     return patches[first], counts.astype(np.int64)
 
 
-def stage_signature(stage: Any, tile_size: int, data_source: str) -> dict[str, Any]:
-    """What a final checkpoint must match to be reused: stage config, tile size, data source."""
+def stage_signature(stage: Any, tile_size: int, data_source: str, tiles: np.ndarray, counts: np.ndarray,
+                    num_val_frames: int) -> dict[str, Any]:
+    """What a checkpoint must match to be reused or resumed: stage config, tile size, and the data,
+    named (``data_source``) and fingerprinted (the distinct training tiles with their counts, which
+    is all that training reads, and the validation size)."""
     values = OmegaConf.to_container(stage, resolve=True) if OmegaConf.is_config(stage) else dataclasses.asdict(stage)
-    return {"stage": values, "tile_size": int(tile_size), "data": data_source}
+    digest = hashlib.sha256(np.ascontiguousarray(tiles).tobytes() + np.ascontiguousarray(counts).tobytes())
+    return {"stage": values, "tile_size": int(tile_size), "data": data_source,
+            "training_tiles": f"{len(tiles)} distinct, sha256 {digest.hexdigest()[:16]}",
+            "validation_frames": int(num_val_frames)}
 
 
 def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -140,7 +147,11 @@ def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarra
     stage = cfg.tokenizer
     tile_size = int(cfg.env.tile_size)
     final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
-    signature = stage_signature(stage, tile_size, data_source)
+    tiles, counts = unique_tiles(train_frames, tile_size)
+    if val_frames is None or len(val_frames) == 0:
+        val_frames = train_frames
+    val_frames = val_frames[: int(stage.max_val_frames)]
+    signature = stage_signature(stage, tile_size, data_source, tiles, counts, len(val_frames))
 
     # ------------------------------------------------------------------ skip a finished stage
     if final_path.is_file():
@@ -160,13 +171,9 @@ def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarra
     if cfg.run.threads > 0:
         torch.set_num_threads(int(cfg.run.threads))
     device = torch.device(cfg.run.device)
-    tiles, counts = unique_tiles(train_frames, tile_size)
     weights = counts.astype(np.float64) ** float(stage.sampling_power)
     weights /= weights.sum()
     tiles_t = torch.as_tensor(tiles, device=device)
-    if val_frames is None or len(val_frames) == 0:
-        val_frames = train_frames
-    val_frames = val_frames[: int(stage.max_val_frames)]
     print(f"tokenizer: {len(train_frames)} training frames {train_frames.shape[1:]}, "
           f"{len(tiles)} distinct tiles, {len(val_frames)} validation frames")
 
