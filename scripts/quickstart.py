@@ -9,6 +9,7 @@ skipped, so a killed quickstart resumes where it stopped. Prints where the resul
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import cli_config
-from common.runs import RunDir
+from common.runs import RunDir, run_path
 from envs.collect import format_card
 from envs.dataset import CARD_NAME, collect_folder
-from scripts import collect
+from scripts import collect, evaluate, train_dreamer, train_dynamics
 from scripts.config import Config, validate
 
 
@@ -35,8 +36,25 @@ class Stage:
     run: Callable[[object, RunDir], object]
 
 
+def _train_tokenizer(cfg, run_dir: RunDir) -> dict:
+    """The tokenizer stage (what ``scripts/train_tokenizer.py`` does) on the run's dataset."""
+    from envs.dataset import EpisodeDataset, training_folder
+    from worldmodel.train_tokenizer import train
+
+    folder = training_folder(cfg)
+    dataset = EpisodeDataset.load(folder)
+    train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
+    return train(cfg, run_dir, train_set.frames, None if val_set is None else val_set.frames,
+                 data_source=str(folder.resolve()))
+
+
+# Each stage's artifact is written atomically and last, so "it exists" means "the stage finished".
 STAGES = [
     Stage("collect", lambda cfg: collect_folder(cfg) / CARD_NAME, collect.run),
+    Stage("tokenizer", lambda cfg: run_path(cfg) / "tokenizer.pt", _train_tokenizer),
+    Stage("dynamics", lambda cfg: run_path(cfg) / "dynamics.pt", train_dynamics.run),
+    Stage("dreamer", lambda cfg: run_path(cfg) / "dreamer.pt", train_dreamer.run),
+    Stage("evaluate", lambda cfg: run_path(cfg) / "report.md", evaluate.run),
 ]
 
 
@@ -56,8 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{stage.name}] done in {timings[stage.name]:.1f} s")
     print()
     print(format_card(collect.run(cfg, run_dir)))
+    metrics = json.loads((run_dir / "metrics.json").read_text()).get("evaluate", {})
+    print(f"\nagent vs world model: {evaluate.headline(metrics)}")
+    print(f"report: {run_dir / 'report.md'}")
     print(f"\nresults: {run_dir.path}")
-    return {"run_dir": str(run_dir.path), "timings": timings}
+    return {"run_dir": str(run_dir.path), "timings": timings, "evaluate": metrics}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +76,36 @@ def test_killed_between_stages_resumes_without_redoing(run_root, monkeypatch):
     assert ran == [quickstart.STAGES[0].name, ("killed", second)]
     quickstart.main(argv)
     assert ran[2:] == [stage.name for stage in quickstart.STAGES[1:]]  # the first stage was not redone
+
+
+def test_quickstart_report_metrics_and_videos(tiny_quickstart):
+    """The evaluation stage's outputs exist and parse: metrics, report table, plots, side-by-side GIFs."""
+    import json
+
+    import imageio.v3 as iio
+
+    from agents.policy import PolicyInput, load_policy
+
+    root, result = tiny_quickstart
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = root / "quickstart"
+    evaluation = json.loads((run / "metrics.json").read_text())["evaluate"]
+    for key in ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall"):
+        assert key in evaluation
+    names = [row["policy"] for row in evaluation["policies"]]
+    assert {"dreamer", "random", "oracle", "epsilon_oracle@0.1"} <= set(names) and evaluation["num_policies"] >= 8
+    report = (run / "report.md").read_text()
+    assert "| dreamer |" in report and "| oracle |" in report and "media/evaluate_scatter.png" in report
+    assert f"report: {run / 'report.md'}" in result.stdout and "normalized_score" in result.stdout
+    for name in ("evaluate_scatter.png", "evaluate_learning_curve.png"):
+        image = iio.imread(run / "media" / name)
+        assert image.ndim == 3 and image.shape[0] > 100
+    gifs = sorted((run / "media").glob("evaluate_*_real_vs_imagined.gif"))
+    assert {g.name for g in gifs} >= {"evaluate_dreamer_real_vs_imagined.gif", "evaluate_oracle_real_vs_imagined.gif"}
+    for gif in gifs:
+        frames = iio.imread(gif)
+        assert frames.ndim == 4 and frames.shape[2] > frames.shape[1]  # real | imagined, side by side
+    policy = load_policy(run / "dreamer.pt")  # the saved agent loads through the common interface
+    policy.reset(2, seed=0)
+    grid = tuple(policy.grid_shape)
+    assert policy.act(PolicyInput(tokens=np.zeros((2, *grid), dtype=np.int64))).shape == (2,)
