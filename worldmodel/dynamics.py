@@ -67,6 +67,7 @@ class DynamicsModelConfig:
     action_dropout: float = 0.1  # probability an action is replaced by "no action" in training
     refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
     change_weight: float = 10.0  # extra loss weight of tokens that change from one frame to the next
+    event_weight: float = 20.0  # BCE weight of the rare positive reward / termination steps (~0.3% of steps)
     # The tokens the decoder can output (sorted ids; empty: the whole vocabulary). A tokenizer's
     # vocabulary is often far larger than the tiles a game has (512 codes, ~20 tiles): predicting
     # over the tokens seen in training makes the output layer, the loss and sampling that much cheaper.
@@ -456,10 +457,15 @@ class DynamicsModel(nn.Module):
         token_weight = token_mask.float() * (1.0 + c.change_weight * changed.float())
         token_loss = (token_ce.view(b, t, n) * token_weight).sum() / token_weight.sum().clamp_min(1.0)
         nonzero = (batch.rewards != 0).float()
-        reward_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.reward_logit, nonzero, reduction="none"), transition)
+        # Goal steps are ~0.3% of transitions: unweighted, the heads learned to never fire (F1 0 after
+        # 1200 steps); weighting positives x20 took a frozen model's heads to F1 0.95 in 150 steps.
+        event = torch.tensor(c.event_weight, device=device)
+        reward_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.reward_logit, nonzero, pos_weight=event,
+                                                                      reduction="none"), transition)
         value_loss = _masked_mean((out.reward_value - batch.rewards) ** 2, transition & (batch.rewards != 0))
         term_loss = _masked_mean(
-            F.binary_cross_entropy_with_logits(out.termination_logit, batch.terminated.float(), reduction="none"), transition
+            F.binary_cross_entropy_with_logits(out.termination_logit, batch.terminated.float(), pos_weight=event,
+                                               reduction="none"), transition
         )
         state_ce = F.cross_entropy(
             out.state_logits.reshape(-1, self.state_max_classes), batch.states.reshape(-1).long(), reduction="none"

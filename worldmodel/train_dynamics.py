@@ -61,6 +61,7 @@ class DynamicsConfig:
     action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training")
     refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
     change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
+    event_weight: float = param(20.0, "loss weight of the rare positive reward / termination steps")
     # ---- optimisation
     steps: int = param(3000, "optimizer steps")
     time_limit_s: float = param(0.0, "if > 0: stop after this many seconds of training, the learning-rate schedule "
@@ -88,7 +89,7 @@ class DynamicsConfig:
 
 
 MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",
-                "state_hidden", "action_dropout", "refine_fraction", "change_weight")
+                "state_hidden", "action_dropout", "refine_fraction", "change_weight", "event_weight")
 
 
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
