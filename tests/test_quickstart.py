@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny preset's dynamics steps are sized for its learning test; here only the plumbing counts.
+FAST = ["dynamics.steps=30", "dynamics.checkpoint_every=15"]
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +17,7 @@ def tiny_quickstart(tmp_path_factory):
     """One tiny quickstart run shared by the tests below (it is the slowest thing in the suite)."""
     root = tmp_path_factory.mktemp("quickstart") / "runs"
     result = subprocess.run(
-        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}"],
+        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}", *FAST],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     return root, result
@@ -42,7 +44,7 @@ def test_quickstart_rerun_skips_finished_stages(tiny_quickstart):
     root, first = tiny_quickstart
     assert first.returncode == 0
     again = subprocess.run(
-        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}"],
+        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={root}", *FAST],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert again.returncode == 0, again.stderr[-3000:]
@@ -70,7 +72,7 @@ def test_killed_between_stages_resumes_without_redoing(run_root, monkeypatch):
 
     for stage in quickstart.STAGES:
         monkeypatch.setattr(stage, "run", wrap(stage.name))
-    argv = ["--preset", "tiny", f"run.root={run_root}"]
+    argv = ["--preset", "tiny", f"run.root={run_root}", *FAST]
     with pytest.raises(KeyboardInterrupt):
         quickstart.main(argv)
     assert ran == [quickstart.STAGES[0].name, ("killed", second)]
