@@ -62,7 +62,7 @@ def main() -> None:
         oracle_runs, random_runs = [], []
         for seed in range(args.seeds):
             oracle.reset()
-            oracle_runs.append(episode(env, codec, lambda s: _or_done(oracle.action(s)), seed))
+            oracle_runs.append(episode(env, codec, lambda s, oracle=oracle: _or_done(oracle.action(s)), seed))
             random_policy.reset(np.random.default_rng(derive_seed(seed, 1)))
             random_runs.append(episode(env, codec, random_policy.act, seed))
         o = np.array(oracle_runs, dtype=np.float64)
