@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoints import read_checkpoint
 from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
 
 # ---------------------------------------------------------------------------------------------
@@ -635,15 +636,7 @@ def load_dynamics(path, tokenizer_identity: str | None = None,
     from pathlib import Path
 
     path = Path(path)
-    if not path.is_file():
-        raise DynamicsCheckpointError(f"dynamics checkpoint not found: {path} (run scripts/train_dynamics.py)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a corrupt file
-        raise DynamicsCheckpointError(f"dynamics checkpoint {path} cannot be read: {error}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise DynamicsCheckpointError(f"{path} is not a dynamics checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    checkpoint = read_checkpoint(path, "dynamics", DynamicsCheckpointError, CHECKPOINT_FORMAT, "run scripts/train_dynamics.py")
     if tokenizer_identity is not None and checkpoint["tokenizer_identity"] != tokenizer_identity:
         raise DynamicsCheckpointError(
             f"dynamics model {path} was trained on tokenizer {checkpoint['tokenizer_identity']}, "

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.checkpoints import read_checkpoint
+
 CHECKPOINT_FORMAT = "gridworld-sandbox/tokenizer/1"
 QUANTIZERS = ("fsq", "vq")
 DECODER_OUTPUTS = ("categorical", "regression")
@@ -557,15 +559,7 @@ def load_tokenizer(
     :class:`TokenizerCheckpointError` naming both values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise TokenizerCheckpointError(f"tokenizer checkpoint not found: {path} (run scripts/train_tokenizer.py)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a corrupt file
-        raise TokenizerCheckpointError(f"tokenizer checkpoint {path} cannot be read: {error}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise TokenizerCheckpointError(f"{path} is not a tokenizer checkpoint (format {found!r}, want {CHECKPOINT_FORMAT!r})")
+    checkpoint = read_checkpoint(path, "tokenizer", TokenizerCheckpointError, CHECKPOINT_FORMAT, "run scripts/train_tokenizer.py")
     config = TokenizerConfig.from_dict(checkpoint["model_config"])
     if tile_size is not None and int(tile_size) != config.patch_size:
         raise TokenizerCheckpointError(
