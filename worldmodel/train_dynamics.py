@@ -150,8 +150,9 @@ def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
     tp = float(np.sum(predicted & actual))
     fp = float(np.sum(predicted & ~actual))
     fn = float(np.sum(~predicted & actual))
-    if tp + fp + fn == 0:
-        return 1.0  # no event, none predicted
+    if tp + fn == 0:
+        # No event in the evaluated data: F1 says nothing (a head that never fires would score 1).
+        return float("nan")
     return 2 * tp / (2 * tp + fp + fn)
 
 
@@ -198,6 +199,8 @@ def evaluate_one_step(model: DynamicsModel, dataset: EpisodeDataset, max_frames:
         "token_accuracy": tok_correct / max(tok_total, 1),
         "reward_f1": _f1(np.concatenate(reward_pred), np.concatenate(reward_true)),
         "termination_f1": _f1(np.concatenate(term_pred), np.concatenate(term_true)),
+        "reward_events": int(np.concatenate(reward_true).sum()),
+        "termination_events": int(np.concatenate(term_true).sum()),
         "state_head_accuracy": float(np.concatenate(state_ok).mean()),
         "transitions": int(len(exact_a)),
     }
