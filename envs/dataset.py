@@ -278,7 +278,47 @@ class EpisodeDataset:
         """``batch_size`` windows of ``length`` frames, uniform over all windows of the dataset."""
         if length < 1:
             raise ValueError(f"window length must be at least 1, got {length}")
+        return self.windows_at(*self.sample_window_starts(rng, batch_size, length), length)
+
+    def sample_window_starts(self, rng: np.random.Generator, batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(episodes, starts) of ``batch_size`` windows drawn uniformly over all windows of ``length`` frames."""
+        if length < 1:
+            raise ValueError(f"window length must be at least 1, got {length}")
         num_starts = np.maximum(self.episode_lengths + 1 - length + 1, 1)
         episodes = rng.choice(self.num_episodes, size=batch_size, p=num_starts / num_starts.sum())
         starts = (rng.random(batch_size) * num_starts[episodes]).astype(np.int64)
-        return self.windows_at(episodes, starts, length)
+        return episodes, starts
+
+    def event_steps(self) -> np.ndarray:
+        """Flat frame indices t whose transition t -> t+1 had a non-zero reward or ended the episode
+        (the rare steps a model of rewards and terminations has to learn from)."""
+        a = self.arrays
+        return np.flatnonzero((a["rewards"] != 0) | a["terminated"])
+
+    def sample_windows_around(self, rng: np.random.Generator, batch_size: int, length: int,
+                              steps: np.ndarray) -> WindowBatch:
+        """``batch_size`` windows of ``length`` frames, each holding a transition drawn uniformly from
+        ``steps`` (flat frame indices t of transitions t -> t+1, e.g. :meth:`event_steps`), at a
+        uniform position inside the window. Oversampling rare events this way lets the reward and
+        termination heads see them every step instead of a few times per epoch."""
+        return self.windows_at(*self.window_starts_around(rng, batch_size, length, steps), length)
+
+    def window_starts_around(self, rng: np.random.Generator, batch_size: int, length: int,
+                             steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(episodes, starts) of the windows :meth:`sample_windows_around` reads."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if len(steps) == 0:
+            raise ValueError("sample_windows_around: no steps to sample around")
+        if length < 2:
+            raise ValueError(f"a window around a transition needs at least 2 frames, got {length}")
+        chosen = steps[rng.integers(0, len(steps), size=batch_size)]
+        episodes = np.searchsorted(self.episode_starts, chosen, side="right") - 1
+        position = chosen - self.episode_starts[episodes]  # t within its episode; t + 1 exists
+        if np.any(position >= self.episode_lengths[episodes]):
+            raise ValueError("sample_windows_around: a step is an episode's last frame (no transition follows)")
+        # The window [s, s + length) holds frames t and t + 1: s in [t + 2 - length, t], within the episode.
+        latest = np.minimum(position, np.maximum(self.episode_lengths[episodes] + 1 - length, 0))
+        earliest = np.maximum(position + 2 - length, 0)
+        earliest = np.minimum(earliest, latest)
+        starts = earliest + (rng.random(batch_size) * (latest - earliest + 1)).astype(np.int64)
+        return episodes, starts

@@ -47,3 +47,9 @@ def validate(cfg) -> None:
         parse_policy_mix(cfg.collect.policy_mix)
     except ValueError as error:
         raise ValueError(f"collect.policy_mix: {error}") from None
+    from worldmodel.dynamics import BLOCK_TYPES, MEMORY_TYPES
+
+    if cfg.dynamics.block not in BLOCK_TYPES:
+        raise ValueError(f"dynamics.block: unknown block type '{cfg.dynamics.block}', choose one of {BLOCK_TYPES}")
+    if cfg.dynamics.memory not in ("auto",) + MEMORY_TYPES:
+        raise ValueError(f"dynamics.memory: unknown memory '{cfg.dynamics.memory}', choose one of {('auto',) + MEMORY_TYPES}")

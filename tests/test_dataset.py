@@ -72,6 +72,26 @@ def test_windows_never_mix_episodes(small_dataset):
             assert (batch.actions[b, n:] == -1).all() and not batch.terminated[b, n:].any()
 
 
+def test_windows_around_rare_events_hold_them(small_dataset):
+    data = EpisodeDataset.load(small_dataset[0])
+    events = data.event_steps()
+    ends = data.episode_starts + data.episode_lengths - 1  # each episode's last transition
+    assert len(events) and set(events) <= set(ends.tolist())  # in MiniGrid only the last step pays or ends
+    assert all(data.rewards[t] != 0 or data.terminated[t] for t in events)
+    rng = np.random.default_rng(1)
+    for length in (2, 5, 16, 400):
+        batch = data.sample_windows_around(rng, 64, length, events)
+        held = (batch.rewards != 0) | batch.terminated  # (B, L): the event, as seen inside the window
+        assert held[:, :-1].any(axis=1).all(), length  # every window holds its event with the frame after it
+        assert batch.mask[np.arange(64), held.argmax(axis=1) + 1].all()
+    positions = data.window_starts_around(rng, 2000, 8, events)[1]
+    assert len(np.unique(positions)) > 4  # the event is not always at the same place in the window
+    with pytest.raises(ValueError, match="no steps"):
+        data.sample_windows_around(rng, 4, 8, np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="last frame"):
+        data.sample_windows_around(rng, 4, 8, data.episode_starts[1:2] - 1)
+
+
 def test_split_by_episode(small_dataset):
     data = EpisodeDataset.load(small_dataset[0])
     train, val = data.split(0.3, seed=0)

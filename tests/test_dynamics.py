@@ -117,10 +117,10 @@ def test_causality_no_prediction_sees_the_future(block):
     assert not torch.allclose(a.state_logits[:, t + 1 :], b.state_logits[:, t + 1 :])
 
 
-@pytest.mark.parametrize("block", ["conv", "attention"])
-def test_cached_rollout_matches_uncached_forward(block):
+@pytest.mark.parametrize("block,memory", [("conv", "recurrent"), ("attention", "recurrent"), ("conv", "frame")])
+def test_cached_rollout_matches_uncached_forward(block, memory):
     torch.manual_seed(1)
-    model = DynamicsModel(small_config(block=block)).eval()
+    model = DynamicsModel(small_config(block=block, memory=memory)).eval()
     tokens = torch.randint(0, 32, (3, 7, 5, 5))
     actions = torch.randint(0, 7, (3, 7))
     with torch.no_grad():
@@ -133,6 +133,27 @@ def test_cached_rollout_matches_uncached_forward(block):
             torch.testing.assert_close(outcome[:, 2], full.termination_logit[:, t], atol=1e-4, rtol=1e-4)
             cache, state = model.observe(cache, tokens[:, t + 1], actions[:, t])
             torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_frame_memory_predicts_from_the_current_frame_alone():
+    """memory="frame": the predictions made at frame t depend on frame t and action t only (the
+    model is Markov in the frame), while the recurrent memory does read the earlier frames."""
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 32, (2, 5, 5, 5))
+    actions = torch.randint(0, 7, (2, 5))
+    changed = tokens.clone()
+    changed[:, :3] = torch.randint(0, 32, changed[:, :3].shape)
+    changed_actions = actions.clone()
+    changed_actions[:, :3] = (actions[:, :3] + 1) % 7
+    for memory, same in (("frame", True), ("recurrent", False)):
+        model = DynamicsModel(small_config(memory=memory)).eval()
+        with torch.no_grad():
+            a, b = model(tokens, actions), model(changed, changed_actions)
+        assert torch.allclose(a.token_logits[:, 3:], b.token_logits[:, 3:]) == same, memory
+        assert torch.allclose(a.state_logits[:, 3:], b.state_logits[:, 3:]) == same, memory
+        assert torch.allclose(a.reward_logit[:, 3:], b.reward_logit[:, 3:]) == same, memory
+    with pytest.raises(ValueError, match="memory"):
+        small_config(memory="lstm")
 
 
 def test_world_model_rollout_is_what_the_forward_pass_predicts():

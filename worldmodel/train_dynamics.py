@@ -31,6 +31,7 @@ from common.seeding import derive_seed, seed_everything
 from envs.dataset import EpisodeDataset, WindowBatch
 from envs.state import StateCodec
 from worldmodel.dynamics import (
+    MEMORY_TYPES,
     DynamicsBatch,
     DynamicsModel,
     DynamicsModelConfig,
@@ -59,9 +60,14 @@ class DynamicsConfig:
     summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads")
     state_hidden: int = param(256, "hidden width of the state and outcome heads")
     action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training")
+    memory: str = param("auto", "what the heads remember: recurrent (a GRU over all frames so far), frame (the current "
+                        "frame alone: Markov, generalises from few rare events), auto (frame for the full view, whose "
+                        "frame is the whole state; recurrent for the partial view)")
     refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
     change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
-    event_weight: float = param(20.0, "loss weight of the rare positive reward / termination steps")
+    event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps")
+    event_fraction: float = param(0.125, "share of each batch's windows drawn around a reward or termination step "
+                                  "(random-policy data holds a few dozen; 0: uniform windows only)")
     # ---- optimisation
     steps: int = param(3000, "optimizer steps")
     time_limit_s: float = param(0.0, "if > 0: stop after this many seconds of training, the learning-rate schedule "
@@ -99,8 +105,19 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
         vocab_size=int(vocab_size), grid_height=int(token_shape[0]), grid_width=int(token_shape[1]),
         state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
         output_tokens=[int(v) for v in (output_tokens or [])],
+        memory=resolve_memory(section.memory, token_shape, codec),
         **{name: getattr(section, name) for name in MODEL_FIELDS},
     )
+
+
+def resolve_memory(memory: str, token_shape: tuple[int, int], codec: StateCodec) -> str:
+    """``auto`` -> ``frame`` where the token grid is the world grid (the full view: the frame shows the
+    whole state but the step count), else ``recurrent``."""
+    if memory == "auto":
+        return "frame" if tuple(token_shape) == (codec.height, codec.width) else "recurrent"
+    if memory not in MEMORY_TYPES:
+        raise ValueError(f"dynamics.memory must be one of auto, {', '.join(MEMORY_TYPES)}: got '{memory}'")
+    return memory
 
 
 def sampling_config(section: Any) -> SamplingConfig:
@@ -139,6 +156,18 @@ def to_batch(windows: WindowBatch, device: torch.device | str = "cpu") -> Dynami
         states=torch.as_tensor(windows.states).long(),
         mask=torch.as_tensor(windows.mask).bool(),
     ).to(device)
+
+
+def sample_training_windows(dataset: EpisodeDataset, rng: np.random.Generator, batch_size: int, length: int,
+                            event_fraction: float, events: np.ndarray) -> WindowBatch:
+    """A training batch: ``round(event_fraction * batch_size)`` windows around the given event steps
+    (when there are any), the rest uniform over the dataset."""
+    num_events = int(round(event_fraction * batch_size)) if len(events) and length >= 2 else 0
+    episodes, starts = dataset.sample_window_starts(rng, batch_size - num_events, length)
+    if num_events:
+        around = dataset.window_starts_around(rng, num_events, length, events)
+        episodes, starts = np.concatenate([episodes, around[0]]), np.concatenate([starts, around[1]])
+    return dataset.windows_at(episodes, starts, length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +407,10 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
 
     # ---- loop ------------------------------------------------------------------------------
     per_rank = section.batch_size // world
+    events = train_set.event_steps()
+    if is_main:
+        log(f"[dynamics] {len(events)} reward/termination steps in the training episodes"
+            + (f", {section.event_fraction:.0%} of windows drawn around them" if len(events) and section.event_fraction > 0 else ""))
     model.train()
     started = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -396,7 +429,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
             group["lr"] = _learning_rate(section, step, elapsed)
         rng = np.random.default_rng([cfg.run.seed, rank, step])
         generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank, step))
-        batch = to_batch(train_set.sample_windows(rng, per_rank, section.window), device)
+        batch = to_batch(sample_training_windows(train_set, rng, per_rank, section.window, section.event_fraction,
+                                                 events), device)
         total, parts = wrapped(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
