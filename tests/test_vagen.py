@@ -228,6 +228,53 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
             break
 
 
+# --- the network -----------------------------------------------------------------------------
+
+
+def _random_net(seed: int = 0):
+    from agents.vagen import VagenModelConfig, VagenNet
+
+    env = make_env("MiniGrid-DoorKey-5x5-v0")
+    base = env.unwrapped
+    vocab = Vocab(base.width, base.height)
+    frames = np.stack([env.reset(seed=s)[0] for s in range(8)])
+    torch.manual_seed(seed)
+    config = VagenModelConfig(
+        vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
+        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0),
+    )
+    return VagenNet(config).eval(), vocab, torch.from_numpy(frames)
+
+
+def test_cached_decoding_equals_the_teacher_forced_pass():
+    """generate decodes token by token with a key/value cache; its log-probs and values must be
+    those of the full causal pass over the same tokens (what PPO trains on)."""
+    from agents.vagen import generate, token_logprobs
+
+    net, vocab, frames = _random_net()
+    history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
+    gen = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(0))
+    assert gen.mask.sum(-1).max() > 3  # some rows decode several tokens
+    logprobs, _, values = token_logprobs(net, frames, history, gen.tokens)
+    assert torch.allclose(logprobs * gen.mask, gen.logprobs, atol=1e-5)
+    assert torch.allclose(values * gen.mask, gen.values, atol=1e-5)
+    # Teacher-forced logits at a later position do not depend on later tokens (causality).
+    changed = gen.tokens.clone()
+    changed[:, 6:] = vocab.first_action
+    again, _, _ = token_logprobs(net, frames, history, changed)
+    assert torch.allclose(again[:, :6], logprobs[:, :6], atol=1e-6)
+
+
+def test_generation_is_deterministic_for_a_seed():
+    from agents.vagen import generate
+
+    net, vocab, frames = _random_net()
+    history = torch.full((len(frames), 2), 7)
+    first = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(3))
+    second = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(3))
+    assert torch.equal(first.tokens, second.tokens) and torch.equal(first.logprobs, second.logprobs)
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
