@@ -28,6 +28,7 @@ from common.runs import RunDir, write_gif, write_png
 from common.seeding import derive_seed, seed_everything
 
 REPORT_NAME = "report.md"
+IMAGINED_REWARDS = ("step_aware", "model")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class EvaluateConfig:
     gif_max_steps: int = param(60, "frames per GIF at most")
     gif_scale: int = param(4, "pixel repeat of the GIF frames")
     max_checkpoints: int = param(6, "at most this many checkpoints along training (evenly spread, last included)")
+    imagined_reward: str = param(
+        "step_aware", "what an imagined success pays in the headline imagined return: step_aware (MiniGrid's reward "
+        "1 - 0.9 t / max_steps at the imagined step t: the step count is not in the frame, so the model cannot know "
+        "it) or model (the reward head's value); both are always reported")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +189,8 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
         lengths += alive
         success |= alive & (reward > 0)
         tokens = torch.as_tensor(step.tokens).cpu().numpy().astype(np.int64)
-        states = torch.as_tensor(step.state).cpu().numpy().astype(np.int64)
+        if "states" in policy.inputs:  # the state head runs only for policies that read it
+            states = torch.as_tensor(step.state).cpu().numpy().astype(np.int64)
         if record_first and alive[0] and len(recorded) < max_record:
             recorded.append(np.asarray(tokenizer.decode(tokens[:1]).cpu())[0])
         alive &= ~terminated
@@ -281,6 +287,9 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
     max_steps = int(stage.max_steps) or env_max_steps
     probe.close()
 
+    chosen = str(stage.imagined_reward)
+    if chosen not in IMAGINED_REWARDS:
+        raise ValueError(f"evaluate.imagined_reward: unknown '{chosen}', choose one of {IMAGINED_REWARDS}")
     gif_names = {n.strip() for n in str(stage.gif_policies).split(",") if n.strip()}
     rows, gifs = [], {}
     bar = None
@@ -300,10 +309,14 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
             "training_step": getattr(policy, "training_step", None),
             "real_return": float(real.returns.mean()), "real_return_std": float(real.returns.std()),
             "real_success": float(real.success.mean()), "real_length": float(real.lengths.mean()),
-            "imagined_return": float(imagined.returns.mean()), "imagined_return_std": float(imagined.returns.std()),
             "imagined_success": float(imagined.success.mean()), "imagined_length": float(imagined.lengths.mean()),
+            "imagined_return_model": float(imagined.returns.mean()),
+            "imagined_return_model_std": float(imagined.returns.std()),
             "imagined_return_step_aware": float(imagined.returns_step_aware.mean()),
+            "imagined_return_step_aware_std": float(imagined.returns_step_aware.std()),
         })
+        rows[-1]["imagined_return"] = rows[-1][f"imagined_return_{chosen}"]
+        rows[-1]["imagined_return_std"] = rows[-1][f"imagined_return_{chosen}_std"]
         if record:
             gifs[policy.name] = side_by_side(real.frames, imagined.frames)
         if bar is not None:
@@ -316,24 +329,20 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
     by_name = {row["policy"]: row for row in rows}
     random_return, oracle_return = by_name["random"]["real_return"], by_name["oracle"]["real_return"]
     for row in rows:
-        row["return_gap"] = row["imagined_return"] - row["real_return"]
         row["normalized_score"] = normalized_score(row["real_return"], random_return, oracle_return)
-        row["return_gap_step_aware"] = row["imagined_return_step_aware"] - row["real_return"]
-    ranks = rank_agreement([r["imagined_return"] for r in rows], [r["real_return"] for r in rows])
-    ranks_step_aware = rank_agreement([r["imagined_return_step_aware"] for r in rows], [r["real_return"] for r in rows])
-    headline: dict[str, Any] = {
-        "num_policies": len(rows), "episodes": int(stage.episodes), **ranks,
-        "spearman_step_aware": ranks_step_aware["spearman"], "kendall_step_aware": ranks_step_aware["kendall"],
-        "random_return": random_return, "oracle_return": oracle_return,
-    }
+        for suffix in ("", "_model", "_step_aware"):
+            row[f"return_gap{suffix}"] = row[f"imagined_return{suffix}"] - row["real_return"]
+    headline: dict[str, Any] = {"num_policies": len(rows), "episodes": int(stage.episodes), "imagined_reward": chosen}
+    for suffix in ("", "_model", "_step_aware"):
+        ranks = rank_agreement([r[f"imagined_return{suffix}"] for r in rows], [r["real_return"] for r in rows])
+        headline.update({f"{k}{suffix}": v for k, v in ranks.items()})
+    headline.update(random_return=random_return, oracle_return=oracle_return)
     agent = by_name.get("dreamer")
     if agent is not None:
-        headline.update({
-            "normalized_score": agent["normalized_score"], "real_return": agent["real_return"],
-            "imagined_return": agent["imagined_return"], "return_gap": abs(agent["return_gap"]),
-            "imagined_return_step_aware": agent["imagined_return_step_aware"],
-            "return_gap_step_aware": abs(agent["return_gap_step_aware"]),
-        })
+        headline.update(normalized_score=agent["normalized_score"], real_return=agent["real_return"])
+        for suffix in ("", "_model", "_step_aware"):
+            headline[f"imagined_return{suffix}"] = agent[f"imagined_return{suffix}"]
+            headline[f"return_gap{suffix}"] = abs(agent[f"return_gap{suffix}"])
     headline["eval_seconds"] = round(time.perf_counter() - started, 2)
 
     # ------------------------------------------------------------------ artifacts
@@ -447,6 +456,7 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "|---|---|",
     ]
     for key in ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall",
+                "imagined_reward", "imagined_return_model", "return_gap_model", "spearman_model", "kendall_model",
                 "imagined_return_step_aware", "return_gap_step_aware", "spearman_step_aware", "kendall_step_aware",
                 "num_policies", "random_return", "oracle_return"):
         if key in headline:
@@ -455,21 +465,23 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "",
         "`normalized_score` = (R - R_random) / (R_oracle - R_random) of the trained agent's real return; "
         "`return_gap` = |imagined - real| for it; `spearman`/`kendall`: rank agreement of imagined and real "
-        "returns over all policies. `*_step_aware`: the same with each imagined success paid MiniGrid's reward "
-        "for the step it happens at (1 - 0.9 t / max_steps); the step count is not in a frame, so the model's "
-        "own reward value can only be an average over the data.",
+        "returns over all policies. The headline imagined return is the `imagined_reward` one. "
+        "`*_step_aware`: each imagined success paid MiniGrid's reward for the step it happens at "
+        "(1 - 0.9 t / max_steps); `*_model`: paid the reward head's value. The step count is not in a frame, "
+        "so the head's value can only be an average over the data; success and its timing are the model's in both.",
         "",
         "## Policies",
         "",
-        "| policy | real return | imagined return | gap | imagined (step-aware) | normalised score | real success | "
-        "imagined success | real length | imagined length |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | real return | imagined return | gap | imagined (model reward) | imagined (step-aware) | "
+        "normalised score | real success | imagined success | real length | imagined length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['policy']} | {_fmt(row['real_return'])} ± {_fmt(row['real_return_std'])} | "
             f"{_fmt(row['imagined_return'])} ± {_fmt(row['imagined_return_std'])} | {_fmt(row['return_gap'])} | "
-            f"{_fmt(row.get('imagined_return_step_aware'))} | {_fmt(row['normalized_score'])} | {_fmt(row['real_success'])} | {_fmt(row['imagined_success'])} | "
+            f"{_fmt(row.get('imagined_return_model'))} | {_fmt(row.get('imagined_return_step_aware'))} | "
+            f"{_fmt(row['normalized_score'])} | {_fmt(row['real_success'])} | {_fmt(row['imagined_success'])} | "
             f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} |"
         )
     lines += ["", "## Plots", "", "![imagined vs real](media/evaluate_scatter.png)", "",

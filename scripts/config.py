@@ -51,5 +51,9 @@ def validate(cfg) -> None:
 
     if cfg.dynamics.block not in BLOCK_TYPES:
         raise ValueError(f"dynamics.block: unknown block type '{cfg.dynamics.block}', choose one of {BLOCK_TYPES}")
+    from agents.evaluate import IMAGINED_REWARDS
+
+    if cfg.evaluate.imagined_reward not in IMAGINED_REWARDS:
+        raise ValueError(f"evaluate.imagined_reward: unknown '{cfg.evaluate.imagined_reward}', choose one of {IMAGINED_REWARDS}")
     if cfg.dynamics.memory not in ("auto",) + MEMORY_TYPES:
         raise ValueError(f"dynamics.memory: unknown memory '{cfg.dynamics.memory}', choose one of {('auto',) + MEMORY_TYPES}")

@@ -182,6 +182,31 @@ def test_world_model_rollout_is_what_the_forward_pass_predicts():
     assert not torch.equal(sequence[:, 3], sequence[:, 2])  # the model did change the frame
 
 
+def test_imagined_states_are_computed_on_demand_and_stay_with_their_step():
+    """The state head runs only when a state is read; a step read late (after later steps and a row
+    restart) still gives the state of its own frame, the one the teacher-forced pass gives."""
+    torch.manual_seed(4)
+    model = DynamicsModel(small_config()).eval()
+    wm = WorldModel(TileTokenizer(), model)
+    context = torch.randint(0, 32, (3, 1, 5, 5))
+    actions = torch.randint(0, 7, (3, 3))
+    calls = []
+    original = model.state_logits
+    model.state_logits = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+    wm.reset(context)
+    calls.clear()
+    steps = [wm.step(actions[:, k]) for k in range(3)]
+    assert calls == []  # nobody read a state: the head never ran
+    wm.reset_rows(torch.tensor([1]), torch.randint(0, 32, (1, 1, 5, 5)))  # reading a context: one state pass
+    sequence = torch.cat([context] + [s.tokens[:, None] for s in steps], 1)
+    with torch.no_grad():
+        out = model(sequence, torch.cat([actions, torch.full((3, 1), -1)], 1))
+    for k, step in enumerate(steps):
+        assert torch.equal(step.state, out.state_logits[:, k + 1].argmax(-1))
+    assert len(calls) == 1 + 3 + 1  # the restart, each step's state once, the teacher-forced pass
+    assert torch.equal(wm.state[0], steps[-1].state[0]) and wm.state.shape == (3, model.config.state_size)
+
+
 def test_guidance_one_is_conditional_and_zero_is_action_free():
     torch.manual_seed(3)
     model = DynamicsModel(small_config()).eval()

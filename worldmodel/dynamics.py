@@ -523,14 +523,16 @@ class DynamicsModel(nn.Module):
         cache = DynamicsCache(tokens=tokens[:, -1].reshape(b, -1), features=features[:, -1], memory=memory[:, -1])
         return cache, self.state_logits(cache.features, cache.memory)
 
-    def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor) -> tuple[DynamicsCache, torch.Tensor]:
+    def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor,
+                with_state: bool = True) -> tuple[DynamicsCache, torch.Tensor | None]:
         """Advance the cache by one frame: tokens (B, h, w) reached by actions (B,) -> (new cache,
-        state logits (B, S, K) of that frame). One step of work, whatever the history length."""
+        state logits (B, S, K) of that frame, or None without ``with_state``). One step of work,
+        whatever the history length."""
         features = self.encode(tokens)  # (B, N, d)
         hidden = self.memory_sequence(features[:, None], actions[:, None]) if self.config.memory == "frame" else \
             self.memory(self.memory_input(features, actions)[:, None], cache.memory[None].contiguous())[1].transpose(0, 1)
         new = DynamicsCache(tokens=tokens.reshape(tokens.shape[0], -1), features=features, memory=hidden[:, 0])
-        return new, self.state_logits(new.features, new.memory)
+        return new, self.state_logits(new.features, new.memory) if with_state else None
 
     def predict_logits(
         self,

@@ -53,14 +53,24 @@ class SamplingConfig:
     guidance: float = 1.0  # classifier-free action guidance scale (1: plain conditional model)
 
 
-@dataclass
 class ImagineStep:
-    """One imagined step for a batch."""
+    """One imagined step for a batch: ``tokens`` (B, h, w) int64 (the new frame), ``reward`` (B,)
+    float32, ``terminated`` (B,) bool, ``state`` (B, S) int64 (the state head's estimate of the new
+    frame). The state head runs on first access only: a policy reading tokens never pays for it."""
 
-    tokens: torch.Tensor  # (B, h, w) int64: the new frame
-    reward: torch.Tensor  # (B,) float32
-    terminated: torch.Tensor  # (B,) bool
-    state: torch.Tensor  # (B, S) int64: the state head's estimate of the new frame
+    def __init__(self, tokens: torch.Tensor, reward: torch.Tensor, terminated: torch.Tensor,
+                 state: torch.Tensor | None = None, state_fn: Callable[[], torch.Tensor] | None = None):
+        if state is None and state_fn is None:
+            raise ValueError("ImagineStep needs a state or a function computing it")
+        self.tokens, self.reward, self.terminated = tokens, reward, terminated
+        self._state, self._state_fn = state, state_fn
+
+    @property
+    def state(self) -> torch.Tensor:
+        if self._state is None:
+            assert self._state_fn is not None
+            self._state = self._state_fn()
+        return self._state
 
 
 @dataclass
@@ -103,7 +113,7 @@ class WorldModel:
         self.generator.manual_seed(0)
         self._cache: DynamicsCache | None = None
         self.tokens: torch.Tensor | None = None  # (B, h, w): the current frame
-        self.state: torch.Tensor | None = None  # (B, S): the state head's estimate of the current frame
+        self._state: torch.Tensor | None = None  # the state head's estimate, once computed
 
     # ---------------------------------------------------------------- properties
     @property
@@ -117,6 +127,17 @@ class WorldModel:
     @property
     def token_shape(self) -> tuple[int, int]:
         return self.config.grid_height, self.config.grid_width
+
+    @property
+    def state(self) -> torch.Tensor | None:
+        """(B, S) int64: the state head's estimate of the current frames (computed on first access)."""
+        if self._state is None and self._cache is not None:
+            self._state = self._state_of(self._cache)
+        return self._state
+
+    @torch.no_grad()
+    def _state_of(self, cache: DynamicsCache) -> torch.Tensor:
+        return DynamicsModel.state_from_logits(self.dynamics.state_logits(cache.features, cache.memory))
 
     @property
     def batch_size(self) -> int:
@@ -177,14 +198,14 @@ class WorldModel:
         actions = self._context_actions(context_actions, b, t0, "WorldModel.reset")
         self._cache, state_logits = self.dynamics.start(tokens, actions)
         self.tokens = tokens[:, -1]
-        self.state = DynamicsModel.state_from_logits(state_logits)
+        self._state = DynamicsModel.state_from_logits(state_logits)
         return self.tokens
 
     @torch.no_grad()
     def reset_rows(self, rows: Any, context_tokens: Any, context_actions: Any | None = None) -> None:
         """Restart only the batch rows ``rows`` (indices or a (B,) bool mask) from new contexts
         (R, T0, h, w); the other rows keep their imagination going."""
-        if self._cache is None or self.tokens is None or self.state is None:
+        if self._cache is None or self.tokens is None:
             raise RuntimeError("WorldModel.reset_rows: call reset first")
         index = torch.as_tensor(np.asarray(rows) if not torch.is_tensor(rows) else rows, device=self.device)
         if index.dtype == torch.bool:
@@ -196,12 +217,14 @@ class WorldModel:
             tokens = tokens[:, None]
         self._check_tokens(tokens, "WorldModel.reset_rows")
         actions = self._context_actions(context_actions, len(index), tokens.shape[1], "WorldModel.reset_rows")
-        cache, state_logits = self.dynamics.start(tokens, actions)
-        self._cache.tokens[index] = cache.tokens
-        self._cache.features[index] = cache.features
-        self._cache.memory[index] = cache.memory
-        self.tokens[index] = tokens[:, -1]
-        self.state[index] = DynamicsModel.state_from_logits(state_logits)
+        cache, _ = self.dynamics.start(tokens, actions)
+        # New tensors, not in-place writes: an earlier ImagineStep may still compute its state from the old cache.
+        old = self._cache
+        self._cache = DynamicsCache(tokens=old.tokens.index_copy(0, index, cache.tokens),
+                                    features=old.features.index_copy(0, index, cache.features),
+                                    memory=old.memory.index_copy(0, index, cache.memory))
+        self.tokens = self.tokens.index_copy(0, index, tokens[:, -1])
+        self._state = None
 
     @torch.no_grad()
     def step(self, actions: Any, sampling: SamplingConfig | None = None) -> ImagineStep:
@@ -218,10 +241,17 @@ class WorldModel:
             self._cache, actions, temperature=sampling.temperature, refine_steps=sampling.refine_steps,
             guidance=sampling.guidance, generator=self.generator,
         )
-        self._cache, state_logits = self.dynamics.observe(self._cache, prediction.tokens, actions)
+        self._cache, _ = self.dynamics.observe(self._cache, prediction.tokens, actions, with_state=False)
         self.tokens = prediction.tokens
-        self.state = DynamicsModel.state_from_logits(state_logits)
-        return ImagineStep(tokens=self.tokens, reward=prediction.reward, terminated=prediction.terminated, state=self.state)
+        self._state = None
+        cache = self._cache
+
+        def state() -> torch.Tensor:
+            if self._cache is cache:  # still the current frame: compute once, share with WorldModel.state
+                return self.state  # type: ignore[return-value]
+            return self._state_of(cache)
+
+        return ImagineStep(tokens=self.tokens, reward=prediction.reward, terminated=prediction.terminated, state_fn=state)
 
 
 Policy = Callable[[torch.Tensor, torch.Tensor], Any]  # (tokens (B, h, w), states (B, S)) -> actions (B,)
