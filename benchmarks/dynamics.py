@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the dynamics model (issue 4): trains everything it measures from scratch, fixed seed.
 
-    python benchmarks/dynamics.py [--threads 2] [--skip-partial] [--steps N] [--episodes N]
+    python benchmarks/dynamics.py [--threads 2] [--skip-partial] [--steps N] [--episodes N] [key=value ...]
 
 1. Full view, DoorKey-6x6: collect a random + epsilon-oracle mix with the project's collection
    code, train the tokenizer, train the dynamics model (``configs/dynamics.yaml`` defaults), then
@@ -93,7 +93,7 @@ def train_tokenizer_stage(cfg, run_dir: RunDir, dataset: EpisodeDataset) -> None
 
 def pipeline(name: str, obs: str, args: argparse.Namespace, extra: list[str] = ()):
     """Collect, tokenizer, dynamics for one observation mode -> (cfg, dataset, world model, metrics)."""
-    cfg = make_cfg(name, obs, args, extra)
+    cfg = make_cfg(name, obs, args, [*extra, *getattr(args, "overrides", [])])
     run_path = Path(cfg.run.root) / cfg.run.name
     if run_path.exists() and not args.keep:
         shutil.rmtree(run_path)  # from scratch: every figure comes from this run
@@ -138,19 +138,24 @@ def env_steps_per_second(obs: str, steps: int = 3000) -> float:
 
 
 def imagined_steps_per_second(world_model: WorldModel, dataset: EpisodeDataset, batch: int = 256,
-                              steps: int = 40) -> float:
-    """Imagined transitions per second at ``batch`` parallel rollouts (tokens, reward, termination and
-    state-head estimate every step; no frame decoding, as agents read tokens)."""
+                              steps: int = 40, with_state: bool = False) -> float:
+    """Imagined transitions per second at ``batch`` parallel rollouts: tokens, reward and termination
+    every step (what an agent reading tokens pays; no frame decoding), and with ``with_state`` the
+    state head's estimate too (what a policy reading states pays)."""
     starts = dataset.extras["tokens"][dataset.episode_starts]
     rng = np.random.default_rng(SEED)
     context = torch.as_tensor(starts[rng.integers(len(starts), size=batch)])
     actions = torch.as_tensor(rng.integers(7, size=(steps + 5, batch)))
     world_model.reset(context)
     for k in range(5):  # warm-up
-        world_model.step(actions[k])
+        step = world_model.step(actions[k])
+        if with_state:
+            step.state
     started = time.perf_counter()
     for k in range(5, steps + 5):
-        world_model.step(actions[k])
+        step = world_model.step(actions[k])
+        if with_state:
+            step.state
     return batch * steps / (time.perf_counter() - started)
 
 
@@ -255,7 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--partial-episodes", type=int, default=200, help="episodes collected for the partial view")
     parser.add_argument("--skip-partial", action="store_true", help="measure the full view only")
     parser.add_argument("--keep", action="store_true", help="reuse an earlier benchmark run folder (not from scratch)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad} (config overrides are key=value)")
+    args.overrides = overrides
     torch.set_num_threads(args.threads)
     results: dict = {"env_id": ENV_ID, "policy_mix": POLICY_MIX, "seed": SEED, "threads": args.threads,
                      "load_average_start": load_average()}
@@ -273,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_average_after_training"] = load_average()
     results["env_steps_per_second"] = round(env_steps_per_second("full"), 1)
     results["imagined_steps_per_second"] = round(imagined_steps_per_second(world_model, dataset), 1)
+    results["imagined_steps_per_second_with_state"] = round(imagined_steps_per_second(world_model, dataset, with_state=True), 1)
     results["env_steps_per_second_after"] = round(env_steps_per_second("full"), 1)  # load drifts: measure around
     results["imagined_speedup"] = round(results["imagined_steps_per_second"] / np.mean(
         [results["env_steps_per_second"], results["env_steps_per_second_after"]]), 2)
