@@ -102,6 +102,31 @@ def test_split_by_episode(small_dataset):
     assert data.split(0.0)[1] is None
 
 
+def _with_events(data: EpisodeDataset, episodes: list[int]) -> EpisodeDataset:
+    """A copy of ``data`` where only ``episodes`` end with a reward (and termination)."""
+    arrays = {k: v.copy() for k, v in data.arrays.items()}
+    arrays["rewards"][:] = 0.0
+    arrays["terminated"][:] = False
+    for e in episodes:
+        last = data.episode_starts[e] + data.episode_lengths[e] - 1
+        arrays["rewards"][last], arrays["terminated"][last] = 0.9, True
+    return EpisodeDataset(arrays, data.card)
+
+
+def test_split_keeps_rare_successes_in_training(small_dataset):
+    data = EpisodeDataset.load(small_dataset[0])
+    one = _with_events(data, [4])
+    for seed in range(20):  # whatever the seed, the only success stays in training
+        train, val = one.split(0.3, seed=seed)
+        assert len(train.event_steps()) == 1 and len(val.event_steps()) == 0 and val.num_episodes == 3
+    # With more successes, validation gets its share of them (3 of 9 at 30%), training the rest.
+    many = _with_events(data, [0, 1, 2, 3, 4, 5, 6, 7, 8])
+    train, val = many.split(0.3, seed=0)
+    assert (len(train.event_steps()), len(val.event_steps())) == (6, 3)
+    assert train.num_episodes + val.num_episodes == data.num_episodes
+    assert not set(train.episode_seeds) & set(val.episode_seeds)
+
+
 def test_same_config_same_bytes_whatever_the_parallelism(small_dataset, tmp_path):
     folder, _ = small_dataset
     env, settings = configs(num_envs=1)
