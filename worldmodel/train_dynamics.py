@@ -49,7 +49,7 @@ class DynamicsConfig:
     """Dynamics model: architecture, training, evaluation, sampling defaults."""
 
     # ---- model
-    dim: int = param(64, "width of the per-token features")
+    dim: int = param(32, "width of the per-token features")
     heads: int = param(4, "attention heads (attention blocks) or position-mixing groups (mix blocks)")
     block: str = param("conv", "how a frame's tokens exchange information: conv (3x3, local), mix (conv + learned "
                        "global position mixing, for the egocentric view), attention")
