@@ -55,5 +55,10 @@ def validate(cfg) -> None:
 
     if cfg.evaluate.imagined_reward not in IMAGINED_REWARDS:
         raise ValueError(f"evaluate.imagined_reward: unknown '{cfg.evaluate.imagined_reward}', choose one of {IMAGINED_REWARDS}")
+    from worldmodel.dynamics import DECODER_CONTEXTS
+
+    if cfg.dynamics.decoder_context not in ("auto",) + DECODER_CONTEXTS:
+        raise ValueError(f"dynamics.decoder_context: unknown '{cfg.dynamics.decoder_context}', "
+                         f"choose one of {('auto',) + DECODER_CONTEXTS}")
     if cfg.dynamics.memory not in ("auto",) + MEMORY_TYPES:
         raise ValueError(f"dynamics.memory: unknown memory '{cfg.dynamics.memory}', choose one of {('auto',) + MEMORY_TYPES}")

@@ -156,6 +156,31 @@ def test_frame_memory_predicts_from_the_current_frame_alone():
         small_config(memory="lstm")
 
 
+def test_local_decoder_sees_a_neighbourhood_and_reads_events_off_the_transition():
+    """decoder_context="local" with one decoder block: a cell's next-token logits depend on its 3x3
+    neighbourhood only; reward/termination come from the (before, after, action) cells, so a
+    sampled step's outcome is what the teacher-forced pass gives for that same transition."""
+    torch.manual_seed(5)
+    model = DynamicsModel(small_config(memory="frame", decoder_context="local", decoder_layers=1)).eval()
+    tokens = torch.randint(0, 32, (2, 2, 5, 5))
+    actions = torch.randint(0, 7, (2, 2))
+    far = tokens.clone()
+    far[:, 0, 4, 4] = (far[:, 0, 4, 4] + 1) % 32  # a corner cell, more than one tile from (0..2, 0..2)
+    with torch.no_grad():
+        a = model(tokens, actions).token_logits[:, 0].view(2, 5, 5, -1)
+        b = model(far, actions).token_logits[:, 0].view(2, 5, 5, -1)
+    torch.testing.assert_close(a[:, :3, :3], b[:, :3, :3])
+    assert not torch.allclose(a[:, 3:, 3:], b[:, 3:, 3:])
+    with torch.no_grad():
+        cache, _ = model.start(tokens[:, :1], actions[:, :0])
+        step = model.predict(cache, actions[:, 0])
+        out = model(torch.stack([tokens[:, 0], step.tokens], 1), actions)
+    torch.testing.assert_close(step.termination_probability, torch.sigmoid(out.termination_logit[:, 0]))
+    torch.testing.assert_close(step.reward_probability, torch.sigmoid(out.reward_logit[:, 0]))
+    with pytest.raises(ValueError, match="decoder_context"):
+        small_config(decoder_context="everywhere")
+
+
 def test_world_model_rollout_is_what_the_forward_pass_predicts():
     """A greedy imagined rollout, re-read teacher-forced, predicts itself at every step."""
     torch.manual_seed(2)

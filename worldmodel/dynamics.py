@@ -73,6 +73,14 @@ class DynamicsModelConfig:
     # the goal step right from a one-frame context, wrong after any longer one); where the frame is
     # the whole state (full view), "frame" generalises from those few.
     memory: str = "recurrent"
+    # What the next-frame decoder and the reward/termination heads see: "global" (every token also
+    # gets the memory; the heads read the pooled decoder features and the memory) or "local" (no
+    # memory: a token's prediction depends on its neighbourhood of decoder_layers tiles only, and
+    # reward/termination are read off the transition cell by cell — each position's token before
+    # and after, and the action — taking the most confident cell). Gridworld dynamics are local;
+    # with one success in the data, the global model tied it to the whole frame it happened in
+    # (the key and the door elsewhere) and missed it in every other layout.
+    decoder_context: str = "global"
     refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
     change_weight: float = 10.0  # extra loss weight of tokens that change from one frame to the next
     event_weight: float = 5.0  # BCE weight of the rare positive reward / termination steps (oversampled in training too)
@@ -87,6 +95,8 @@ class DynamicsModelConfig:
     def __post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"dynamics dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if self.decoder_context not in DECODER_CONTEXTS:
+            raise ValueError(f"unknown dynamics decoder_context '{self.decoder_context}': choose one of {DECODER_CONTEXTS}")
         if self.memory not in MEMORY_TYPES:
             raise ValueError(f"unknown dynamics memory '{self.memory}': choose one of {MEMORY_TYPES}")
         if self.block not in BLOCK_TYPES:
@@ -236,6 +246,7 @@ class ConvBlock(nn.Module):
 
 BLOCK_TYPES = ("conv", "mix", "attention")
 MEMORY_TYPES = ("recurrent", "frame")
+DECODER_CONTEXTS = ("global", "local")
 
 
 def make_block(kind: str, dim: int, heads: int, mlp_ratio: int, grid: tuple[int, int]) -> nn.Module:
@@ -313,8 +324,13 @@ class DynamicsModel(nn.Module):
         # Most tokens do not change from one frame to the next: a learned bonus on the current
         # token's logit starts the decoder at "copy the frame" and lets it learn the changes.
         self.copy_bias = nn.Parameter(torch.tensor(3.0))
-        self.outcome_head = nn.Sequential(nn.Linear(d + c.memory_dim, c.state_hidden // 2), nn.GELU(),
-                                          nn.Linear(c.state_hidden // 2, 3))
+        self.local = c.decoder_context == "local"
+        self.outcome_head = nn.Sequential(nn.Linear(d if self.local else d + c.memory_dim, c.state_hidden // 2),
+                                          nn.GELU(), nn.Linear(c.state_hidden // 2, 3))
+        if self.local:  # per-cell transition features: token before, token after, action
+            self.outcome_before = nn.Embedding(c.vocab_size, d)
+            self.outcome_after = nn.Embedding(c.vocab_size, d)
+            self.outcome_action = nn.Embedding(c.num_actions + 1, d)
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -396,15 +412,29 @@ class DynamicsModel(nn.Module):
             given = self.next_token_embedding.weight[self.mask_token]
         else:
             given = self.next_token_embedding(next_tokens)
-        x = features + given + (self.decoder_memory(memory) + self.decoder_action(self._action_index(actions)))[:, None]
+        condition = self.decoder_action(self._action_index(actions))
+        if not self.local:
+            condition = condition + self.decoder_memory(memory)
+        x = features + given + condition[:, None]
         for block in self.decoder:
             x = block(x)
         x = self.decoder_norm(x)
-        outcome = self.outcome_head(torch.cat([x.mean(dim=1), memory], dim=-1))
+        outcome = None if self.local else self.outcome_head(torch.cat([x.mean(dim=1), memory], dim=-1))
         logits = self.token_head(x)  # (M, N, K) over the output tokens
         current = self.token_to_output[tokens]  # (M, N); -1 where the current token is no output
         copy = torch.zeros_like(logits).scatter_(-1, current.clamp_min(0)[..., None], 1.0) * (current >= 0)[..., None]
         return logits + self.copy_bias * copy, outcome
+
+    def transition_outcome(self, tokens: torch.Tensor, next_tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``decoder_context="local"``: [reward non-zero logit, reward value, termination logit] (M, 3)
+        of the transition tokens (M, N) -> next_tokens (M, N) under actions (M,), read cell by cell:
+        the most confident cell's logit, the value at the cell that fires."""
+        cells = (self.outcome_before(tokens) + self.outcome_after(next_tokens)
+                 + self.outcome_action(self._action_index(actions))[:, None])
+        per_cell = self.outcome_head(cells)  # (M, N, 3)
+        reward_logit, where = per_cell[..., 0].max(dim=1)
+        value = per_cell[..., 1].gather(1, where[:, None])[:, 0]
+        return torch.stack([reward_logit, value, per_cell[..., 2].max(dim=1).values], dim=-1)
 
     # ----------------------------------------------------------------- teacher-forced pass
     def forward(
@@ -428,8 +458,11 @@ class DynamicsModel(nn.Module):
         memory = self.memory_sequence(features, previous)  # (B, T, m)
         state = self.state_logits(features, memory)  # (B, T, S, K)
         given = None if next_tokens_given is None else next_tokens_given.reshape(b * t, -1)
-        logits, outcome = self.decode(tokens.reshape(b * t, -1), features.flatten(0, 1), memory.flatten(0, 1),
-                                      actions.reshape(-1), given)
+        flat_tokens = tokens.reshape(b * t, -1)
+        logits, outcome = self.decode(flat_tokens, features.flatten(0, 1), memory.flatten(0, 1), actions.reshape(-1), given)
+        if outcome is None:  # local: read off the true transition (the last frame's has none: masked out)
+            after = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1).reshape(b * t, -1)
+            outcome = self.transition_outcome(flat_tokens, after, actions.reshape(-1))
         outcome = outcome.view(b, t, 3)
         return DynamicsOutput(
             token_logits=logits.view(b, t, self.config.num_tokens, -1),
@@ -540,8 +573,9 @@ class DynamicsModel(nn.Module):
         actions: torch.Tensor,
         next_tokens: torch.Tensor | None = None,
         guidance: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-frame token logits (B, N, V) and outcome (B, 3) from the cache and actions (B,).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-frame token logits (B, N, V) and outcome (B, 3) from the cache and actions (B,)
+        (outcome None for ``decoder_context="local"``: it is read off the sampled frame).
 
         ``guidance`` != 1: classifier-free action guidance on the token logits,
         ``uncond + guidance * (cond - uncond)`` (the outcome stays action-conditioned).
@@ -554,7 +588,7 @@ class DynamicsModel(nn.Module):
         logits, outcome = self.decode(cache.tokens.repeat(2, 1), cache.features.repeat(2, 1, 1), cache.memory.repeat(2, 1),
                                       both_actions, both_tokens)
         cond, uncond = logits[:b], logits[b:]
-        return uncond + guidance * (cond - uncond), outcome[:b]
+        return uncond + guidance * (cond - uncond), None if outcome is None else outcome[:b]
 
     def predict(
         self,
@@ -598,6 +632,8 @@ class DynamicsModel(nn.Module):
             order = confidence.argsort(dim=-1)  # least confident first
             keep_unknown = torch.zeros_like(unknown).scatter(1, order[:, :remaining], True)
             known = torch.where(keep_unknown, torch.full_like(sampled, self.mask_token), sampled)
+        if self.local:  # read off the imagined transition
+            outcome = self.transition_outcome(cache.tokens, known, actions)
         assert outcome is not None
         reward_p = torch.sigmoid(outcome[:, 0])
         term_p = torch.sigmoid(outcome[:, 2])

@@ -31,6 +31,7 @@ from common.seeding import derive_seed, seed_everything
 from envs.dataset import EpisodeDataset, WindowBatch
 from envs.state import StateCodec
 from worldmodel.dynamics import (
+    DECODER_CONTEXTS,
     MEMORY_TYPES,
     DynamicsBatch,
     DynamicsModel,
@@ -54,7 +55,8 @@ class DynamicsConfig:
     block: str = param("conv", "how a frame's tokens exchange information: conv (3x3, local), mix (conv + learned "
                        "global position mixing, for the egocentric view), attention")
     encoder_layers: int = param(0, "blocks reading the current frame before the memory and the state head")
-    decoder_layers: int = param(2, "blocks predicting the next frame from the current one")
+    decoder_layers: int = param(1, "blocks predicting the next frame from the current one (each widens a token's "
+                                "view by one tile: 1 sees the 3x3 neighbourhood, all a full-view move needs)")
     mlp_ratio: int = param(2, "MLP width / dim in each block")
     memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)")
     summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads")
@@ -63,6 +65,10 @@ class DynamicsConfig:
     memory: str = param("auto", "what the heads remember: recurrent (a GRU over all frames so far), frame (the current "
                         "frame alone: Markov, generalises from few rare events), auto (frame for the full view, whose "
                         "frame is the whole state; recurrent for the partial view)")
+    decoder_context: str = param("auto", "what the next-frame decoder and reward/termination heads see: global (the "
+                                 "memory too, whole-frame pooling), local (a neighbourhood of decoder_layers tiles; "
+                                 "events read cell by cell off the transition: generalises from a single success), "
+                                 "auto (local where the memory is the frame alone, i.e. the full view; else global)")
     refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
     change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
     event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps")
@@ -101,11 +107,13 @@ MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "ml
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
                  num_actions: int, output_tokens: list[int] | None = None) -> DynamicsModelConfig:
     """The model's shape from the config section and the data it will read."""
+    memory = resolve_memory(section.memory, token_shape, codec)
     return DynamicsModelConfig(
         vocab_size=int(vocab_size), grid_height=int(token_shape[0]), grid_width=int(token_shape[1]),
         state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
         output_tokens=[int(v) for v in (output_tokens or [])],
-        memory=resolve_memory(section.memory, token_shape, codec),
+        memory=memory,
+        decoder_context=resolve_decoder_context(section.decoder_context, memory),
         **{name: getattr(section, name) for name in MODEL_FIELDS},
     )
 
@@ -118,6 +126,16 @@ def resolve_memory(memory: str, token_shape: tuple[int, int], codec: StateCodec)
     if memory not in MEMORY_TYPES:
         raise ValueError(f"dynamics.memory must be one of auto, {', '.join(MEMORY_TYPES)}: got '{memory}'")
     return memory
+
+
+def resolve_decoder_context(context: str, memory: str) -> str:
+    """``auto`` -> ``local`` with a frame memory (the frame is the state: dynamics and events are
+    local), ``global`` with a recurrent one (the egocentric view needs what the memory holds)."""
+    if context == "auto":
+        return "local" if memory == "frame" else "global"
+    if context not in DECODER_CONTEXTS:
+        raise ValueError(f"dynamics.decoder_context must be one of auto, {', '.join(DECODER_CONTEXTS)}: got '{context}'")
+    return context
 
 
 def sampling_config(section: Any) -> SamplingConfig:
