@@ -177,6 +177,21 @@ def test_local_decoder_sees_a_neighbourhood_and_reads_events_off_the_transition(
         out = model(torch.stack([tokens[:, 0], step.tokens], 1), actions)
     torch.testing.assert_close(step.termination_probability, torch.sigmoid(out.termination_logit[:, 0]))
     torch.testing.assert_close(step.reward_probability, torch.sigmoid(out.reward_logit[:, 0]))
+    # Events come from changed cells only: with nothing changed, the outcome is the action's alone,
+    # whatever the frame; with one changed cell, the other cells do not matter.
+    with torch.no_grad():
+        frames = torch.randint(0, 32, (2, 25))
+        act = torch.tensor([2, 2])
+        still = model.transition_outcome(frames, frames, act)
+        torch.testing.assert_close(still[0], still[1])
+        one = frames.clone()
+        one[:, 7] = (frames[:, 7] + 1) % 32
+        other = one.clone()
+        other[:, 20] = (other[:, 20] + 3) % 32  # unchanged between before and after, but different
+        before_other = frames.clone()
+        before_other[:, 20] = other[:, 20]
+        torch.testing.assert_close(model.transition_outcome(frames, one, act),
+                                   model.transition_outcome(before_other, other, act))
     with pytest.raises(ValueError, match="decoder_context"):
         small_config(decoder_context="everywhere")
 

@@ -81,6 +81,7 @@ class DynamicsModelConfig:
     # with one success in the data, the global model tied it to the whole frame it happened in
     # (the key and the door elsewhere) and missed it in every other layout.
     decoder_context: str = "global"
+    presence: bool = False  # local decoding: add the max-pooled tiles of the whole frame (position-free)
     refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
     change_weight: float = 10.0  # extra loss weight of tokens that change from one frame to the next
     event_weight: float = 5.0  # BCE weight of the rare positive reward / termination steps (oversampled in training too)
@@ -327,10 +328,15 @@ class DynamicsModel(nn.Module):
         self.local = c.decoder_context == "local"
         self.outcome_head = nn.Sequential(nn.Linear(d if self.local else d + c.memory_dim, c.state_hidden // 2),
                                           nn.GELU(), nn.Linear(c.state_hidden // 2, 3))
+        # Local decoding still needs one thing a neighbourhood cannot show: what lies elsewhere (is
+        # the key on the floor or carried? a locked door opens only in the second case). The
+        # tiles present anywhere in the frame, max-pooled without position, say it for any layout.
+        self.presence = nn.Linear(d, d) if self.local and c.presence else None
         if self.local:  # per-cell transition features: token before, token after, action
             self.outcome_before = nn.Embedding(c.vocab_size, d)
             self.outcome_after = nn.Embedding(c.vocab_size, d)
             self.outcome_action = nn.Embedding(c.num_actions + 1, d)
+            self.outcome_unchanged = nn.Parameter(torch.zeros(d))
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -415,6 +421,8 @@ class DynamicsModel(nn.Module):
         condition = self.decoder_action(self._action_index(actions))
         if not self.local:
             condition = condition + self.decoder_memory(memory)
+        elif self.presence is not None:
+            condition = condition + self.presence(self.token_embedding(tokens)).amax(dim=1)
         x = features + given + condition[:, None]
         for block in self.decoder:
             x = block(x)
@@ -427,11 +435,17 @@ class DynamicsModel(nn.Module):
 
     def transition_outcome(self, tokens: torch.Tensor, next_tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """``decoder_context="local"``: [reward non-zero logit, reward value, termination logit] (M, 3)
-        of the transition tokens (M, N) -> next_tokens (M, N) under actions (M,), read cell by cell:
-        the most confident cell's logit, the value at the cell that fires."""
-        cells = (self.outcome_before(tokens) + self.outcome_after(next_tokens)
-                 + self.outcome_action(self._action_index(actions))[:, None])
-        per_cell = self.outcome_head(cells)  # (M, N, 3)
+        of the transition tokens (M, N) -> next_tokens (M, N) under actions (M,), read cell by cell
+        over the cells that changed: the most confident cell's logit, the value at the cell that fires."""
+        action = self.outcome_action(self._action_index(actions))  # (M, d)
+        cells = self.outcome_before(tokens) + self.outcome_after(next_tokens) + action[:, None]
+        # Only cells that changed can carry an event (the agent entering the goal or lava); a frame
+        # where nothing changed has one candidate, the action alone. With a single success in the
+        # data, unchanged cells (an open door elsewhere) otherwise took the credit: measured.
+        nothing = (tokens == next_tokens).all(dim=1)  # (M,)
+        cells = torch.cat([cells, (action + self.outcome_unchanged)[:, None]], dim=1)  # (M, N + 1, d)
+        candidate = torch.cat([tokens != next_tokens, nothing[:, None]], dim=1)  # (M, N + 1)
+        per_cell = self.outcome_head(cells).masked_fill(~candidate[..., None], -1e4)  # (M, N + 1, 3)
         reward_logit, where = per_cell[..., 0].max(dim=1)
         value = per_cell[..., 1].gather(1, where[:, None])[:, 0]
         return torch.stack([reward_logit, value, per_cell[..., 2].max(dim=1).values], dim=-1)

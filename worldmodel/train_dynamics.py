@@ -69,6 +69,8 @@ class DynamicsConfig:
                                  "memory too, whole-frame pooling), local (a neighbourhood of decoder_layers tiles; "
                                  "events read cell by cell off the transition: generalises from a single success), "
                                  "auto (local where the memory is the frame alone, i.e. the full view; else global)")
+    presence: bool = param(True, "local decoding: every cell also sees which tiles the frame holds anywhere "
+                           "(max-pooled, position-free: whether the key is carried or on the floor)")
     refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
     change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
     event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps")
@@ -101,7 +103,7 @@ class DynamicsConfig:
 
 
 MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",
-                "state_hidden", "action_dropout", "refine_fraction", "change_weight", "event_weight")
+                "state_hidden", "action_dropout", "presence", "refine_fraction", "change_weight", "event_weight")
 
 
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
