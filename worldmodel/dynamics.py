@@ -307,8 +307,8 @@ class DynamicsModel(nn.Module):
         )
         valid = torch.arange(self.state_max_classes)[None, :] < torch.tensor(self.state_classes)[:, None]
         self.register_buffer("state_valid", valid, persistent=False)  # (S, K)
-        # Decoder conditioning: memory and action are added to every token's features.
-        self.decoder_memory = nn.Linear(c.memory_dim, d)
+        # Decoder conditioning: memory (global decoding only) and action are added to every token's features.
+        self.decoder_memory: nn.Linear | None = nn.Linear(c.memory_dim, d)
         self.decoder_action = nn.Embedding(c.num_actions + 1, d)
         self.next_token_embedding = nn.Embedding(c.vocab_size + 1, d)
         self.decoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.decoder_layers)])
@@ -345,6 +345,11 @@ class DynamicsModel(nn.Module):
             nn.init.normal_(embedding.weight, std=1.0)
         for linear in (self.decoder_memory, self.summary):
             nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        if self.local:
+            # Local decoding reads no memory. Built and initialised above all the same, so that a
+            # seed draws the same weights whatever decoder_context; dropped so that no parameter
+            # goes without a gradient (DistributedDataParallel requires it).
+            self.decoder_memory = None
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -419,7 +424,7 @@ class DynamicsModel(nn.Module):
         else:
             given = self.next_token_embedding(next_tokens)
         condition = self.decoder_action(self._action_index(actions))
-        if not self.local:
+        if self.decoder_memory is not None:
             condition = condition + self.decoder_memory(memory)
         elif self.presence is not None:
             condition = condition + self.presence(self.token_embedding(tokens)).amax(dim=1)
