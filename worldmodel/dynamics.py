@@ -720,8 +720,11 @@ def load_dynamics(path, tokenizer_identity: str | None = None,
             f"but the tokenizer given is {tokenizer_identity}: retrain the dynamics model for this tokenizer"
         )
     model = DynamicsModel(DynamicsModelConfig.from_dict(checkpoint["model_config"]))
+    weights = checkpoint["state_dict"]
+    if model.decoder_memory is None:  # written while local decoding still kept the unused projection
+        weights = {k: v for k, v in weights.items() if not k.startswith("decoder_memory.")}
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(weights)
     except RuntimeError as error:
         raise DynamicsCheckpointError(f"dynamics model {path} weights do not fit its config: {error}") from None
     return model.to(device).eval(), checkpoint
