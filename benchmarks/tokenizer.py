@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.runs import RunDir  # noqa: E402
-from envs.collect import collect  # noqa: E402
+from envs.collect import collect, random_frames  # noqa: E402
 from envs.dataset import EpisodeDataset  # noqa: E402
 from envs.make import make_env  # noqa: E402
 from scripts.config import Config  # noqa: E402
@@ -66,22 +66,6 @@ def dataset(folder: Path, env_id: str, obs: str, seed: int, episodes: int) -> Ep
                                f"collect.num_episodes={episodes}", "collect.num_envs=4"], use_run_config=False)
     collect(cfg.env, cfg.collect, folder, progress=False)
     return EpisodeDataset.load(folder)
-
-
-def random_frames(env_id: str, seeds: range, max_steps: int) -> np.ndarray:
-    """Frames (N, H, W, 3) of uniform-random episodes (full view), one reset per seed."""
-    env = make_env(env_id, obs="full")
-    rng = np.random.default_rng(seeds[0])
-    frames = []
-    for seed in seeds:
-        frame, _ = env.reset(seed=seed)
-        frames.append(frame)
-        for _ in range(max_steps):
-            frame, _, terminated, truncated, _ = env.step(int(rng.integers(7)))
-            frames.append(frame)
-            if terminated or truncated:
-                break
-    return np.stack(frames)
 
 
 def train_view(work: Path, obs: str, seed: int, train_set: EpisodeDataset, threads: int):

@@ -48,6 +48,24 @@ class CollectConfig:
     path: str = param("", "dataset folder (default: <run folder>/dataset)")
 
 
+def random_frames(env_id: str, seeds: Any, steps: int, obs: str = "full") -> np.ndarray:
+    """Frames (N, H, W, 3) uint8 of uniform-random episodes of at most ``steps`` steps, one reset per
+    seed (actions from a generator seeded by the first seed): quick frames for tests and benchmarks."""
+    seeds = list(seeds)
+    env = make_env(env_id, obs=obs)
+    rng = np.random.default_rng(seeds[0])
+    frames = []
+    for seed in seeds:
+        frame, _ = env.reset(seed=seed)
+        frames.append(frame)
+        for _ in range(steps):
+            frame, _, terminated, truncated, _ = env.step(int(rng.integers(7)))
+            frames.append(frame)
+            if terminated or truncated:
+                break
+    return np.stack(frames)
+
+
 def dataset_identity(env_cfg: Any, collect_cfg: Any) -> dict:
     """What determines a dataset's content (not how fast it was made): resumes must match it."""
     return {

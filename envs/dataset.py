@@ -291,8 +291,6 @@ class EpisodeDataset:
 
     def sample_windows(self, rng: np.random.Generator, batch_size: int, length: int) -> WindowBatch:
         """``batch_size`` windows of ``length`` frames, uniform over all windows of the dataset."""
-        if length < 1:
-            raise ValueError(f"window length must be at least 1, got {length}")
         return self.windows_at(*self.sample_window_starts(rng, batch_size, length), length)
 
     def sample_window_starts(self, rng: np.random.Generator, batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:

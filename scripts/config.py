@@ -34,8 +34,10 @@ class Config:
 
 def validate(cfg) -> None:
     """Checks the types cannot express; each error names its key."""
+    from agents.evaluate import IMAGINED_REWARDS
     from envs.make import OBS_MODES, normalize_env_id
     from envs.policies import parse_policy_mix
+    from worldmodel.dynamics import BLOCK_TYPES, DECODER_CONTEXTS, MEMORY_TYPES
 
     try:
         normalize_env_id(cfg.env.id)
@@ -47,16 +49,10 @@ def validate(cfg) -> None:
         parse_policy_mix(cfg.collect.policy_mix)
     except ValueError as error:
         raise ValueError(f"collect.policy_mix: {error}") from None
-    from worldmodel.dynamics import BLOCK_TYPES, MEMORY_TYPES
-
     if cfg.dynamics.block not in BLOCK_TYPES:
         raise ValueError(f"dynamics.block: unknown block type '{cfg.dynamics.block}', choose one of {BLOCK_TYPES}")
-    from agents.evaluate import IMAGINED_REWARDS
-
     if cfg.evaluate.imagined_reward not in IMAGINED_REWARDS:
         raise ValueError(f"evaluate.imagined_reward: unknown '{cfg.evaluate.imagined_reward}', choose one of {IMAGINED_REWARDS}")
-    from worldmodel.dynamics import DECODER_CONTEXTS
-
     if cfg.dynamics.decoder_context not in ("auto",) + DECODER_CONTEXTS:
         raise ValueError(f"dynamics.decoder_context: unknown '{cfg.dynamics.decoder_context}', "
                          f"choose one of {('auto',) + DECODER_CONTEXTS}")

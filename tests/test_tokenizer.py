@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.make import make_env
+from envs.collect import random_frames
 from worldmodel.tokenizer import (
     Tokenizer,
     TokenizerCheckpointError,
@@ -19,23 +19,6 @@ from worldmodel.tokenizer import (
     reconstruction_stats,
     tokenizer_checkpoint,
 )
-
-
-def random_frames(env_id: str, seeds: list[int], steps: int, obs: str = "full") -> np.ndarray:
-    """Frames (N, H, W, 3) uint8 of uniform-random episodes, one reset per seed."""
-    env = make_env(env_id, obs=obs)
-    rng = np.random.default_rng(seeds[0])
-    frames = []
-    for seed in seeds:
-        frame, _ = env.reset(seed=seed)
-        frames.append(frame)
-        for _ in range(steps):
-            frame, _, terminated, truncated, _ = env.step(int(rng.integers(7)))
-            frames.append(frame)
-            if terminated or truncated:
-                break
-    return np.stack(frames)
-
 
 # ------------------------------------------------------------------------- untrained model
 

@@ -581,9 +581,11 @@ class DynamicsModel(nn.Module):
         state logits (B, S, K) of that frame, or None without ``with_state``). One step of work,
         whatever the history length."""
         features = self.encode(tokens)  # (B, N, d)
-        hidden = self.memory_sequence(features[:, None], actions[:, None]) if self.config.memory == "frame" else \
-            self.memory(self.memory_input(features, actions)[:, None], cache.memory[None].contiguous())[1].transpose(0, 1)
-        new = DynamicsCache(tokens=tokens.reshape(tokens.shape[0], -1), features=features, memory=hidden[:, 0])
+        if self.config.memory == "frame":
+            memory = self.memory_sequence(features[:, None], actions[:, None])[:, 0]
+        else:
+            memory = self.memory(self.memory_input(features, actions)[:, None], cache.memory[None].contiguous())[1][0]
+        new = DynamicsCache(tokens=tokens.reshape(tokens.shape[0], -1), features=features, memory=memory)
         return new, self.state_logits(new.features, new.memory) if with_state else None
 
     def predict_logits(

@@ -31,8 +31,6 @@ from common.seeding import derive_seed, seed_everything
 from envs.dataset import EpisodeDataset, WindowBatch
 from envs.state import StateCodec
 from worldmodel.dynamics import (
-    DECODER_CONTEXTS,
-    MEMORY_TYPES,
     DynamicsBatch,
     DynamicsModel,
     DynamicsModelConfig,
@@ -125,9 +123,7 @@ def resolve_memory(memory: str, token_shape: tuple[int, int], codec: StateCodec)
     whole state but the step count), else ``recurrent``."""
     if memory == "auto":
         return "frame" if tuple(token_shape) == (codec.height, codec.width) else "recurrent"
-    if memory not in MEMORY_TYPES:
-        raise ValueError(f"dynamics.memory must be one of auto, {', '.join(MEMORY_TYPES)}: got '{memory}'")
-    return memory
+    return memory  # any other value is checked by DynamicsModelConfig
 
 
 def resolve_decoder_context(context: str, memory: str) -> str:
@@ -135,9 +131,7 @@ def resolve_decoder_context(context: str, memory: str) -> str:
     local), ``global`` with a recurrent one (the egocentric view needs what the memory holds)."""
     if context == "auto":
         return "local" if memory == "frame" else "global"
-    if context not in DECODER_CONTEXTS:
-        raise ValueError(f"dynamics.decoder_context must be one of auto, {', '.join(DECODER_CONTEXTS)}: got '{context}'")
-    return context
+    return context  # any other value is checked by DynamicsModelConfig
 
 
 def sampling_config(section: Any) -> SamplingConfig:
