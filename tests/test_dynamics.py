@@ -196,6 +196,60 @@ def test_local_decoder_sees_a_neighbourhood_and_reads_events_off_the_transition(
         small_config(decoder_context="everywhere")
 
 
+@pytest.mark.parametrize("rows", [[6, 7, 8, 11, 12, 13, 16, 17, 18], [0, 4, 12, 24], [3]])
+def test_block_on_some_rows_equals_the_whole_block_at_those_rows(rows):
+    """A block asked for some positions gives exactly what the whole block gives there (the
+    convolution over their bounding box, padded where it touches the frame's edge)."""
+    from worldmodel.dynamics import make_block
+
+    torch.manual_seed(6)
+    x = torch.randn(3, 25, 32)
+    index = torch.tensor(rows)
+    for kind in ("conv", "mix", "attention"):
+        block = make_block(kind, 32, 4, 2, (5, 5)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, rows=index), block(x)[:, index], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cells_are_copied_and_the_rest_predicted_as_before():
+    """Positions constant in every training frame are copied, in the teacher-forced pass and in a
+    rollout alike; the other positions' logits are those of the same weights without static cells."""
+    from worldmodel.train_dynamics import constant_cells
+
+    frames = np.random.default_rng(0).integers(0, 32, (10, 5, 5))
+    frames[:, 0, :] = 7
+    frames[:, :, 0] = 7
+    assert constant_cells(frames) == [0, 1, 2, 3, 4, 5, 10, 15, 20]
+    assert constant_cells(np.zeros((4, 5, 5), np.int64)) == []  # nothing would be left to predict
+    static = constant_cells(frames)
+    torch.manual_seed(7)
+    base = small_config(memory="frame", decoder_context="local", decoder_layers=1, presence=True)
+    plain = DynamicsModel(base).eval()
+    copying = DynamicsModel(small_config(memory="frame", decoder_context="local", decoder_layers=1, presence=True,
+                                         static_cells=static)).eval()
+    copying.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        copying.copy_bias.fill_(0.0)  # an untrained model that does not just copy the frame
+        plain.copy_bias.fill_(0.0)
+    tokens = torch.as_tensor(frames[None, :4])
+    actions = torch.randint(0, 7, (1, 4))
+    moving = [i for i in range(25) if i not in static]
+    with torch.no_grad():
+        a, b = plain(tokens, actions), copying(tokens, actions)
+        torch.testing.assert_close(b.token_logits[..., moving, :], a.token_logits[..., moving, :], atol=1e-5, rtol=1e-5)
+        greedy = copying.tokens_from_logits(b.token_logits)
+        assert torch.equal(greedy[..., static], tokens.reshape(1, 4, 25)[..., static])
+        cache, _ = copying.start(tokens[:, :1], actions[:, :0])
+        step = copying.predict(cache, actions[:, 0])
+        assert torch.equal(step.tokens.reshape(1, 25)[:, static], tokens[:, 0].reshape(1, 25)[:, static])
+        assert torch.equal(step.tokens.reshape(1, 25)[:, moving], greedy[:, 0, moving])
+        assert not torch.equal(step.tokens, tokens[:, 0])  # the model did change the frame
+        sampled = copying.predict(cache, actions[:, 0], temperature=1.0, refine_steps=2)
+        assert torch.equal(sampled.tokens.reshape(1, 25)[:, static], tokens[:, 0].reshape(1, 25)[:, static])
+    with pytest.raises(ValueError, match="static_cells"):
+        small_config(static_cells=[25])
+
+
 def test_local_checkpoint_with_the_old_unused_memory_projection_loads(tmp_path):
     """Local models saved while they still carried the unused decoder_memory weights load."""
     from worldmodel.dynamics import dynamics_checkpoint

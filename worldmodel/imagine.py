@@ -137,7 +137,7 @@ class WorldModel:
 
     @torch.no_grad()
     def _state_of(self, cache: DynamicsCache) -> torch.Tensor:
-        return DynamicsModel.state_from_logits(self.dynamics.state_logits(cache.features, cache.memory))
+        return DynamicsModel.state_from_logits(self.dynamics.state_logits(cache.features, self.dynamics.memory_of(cache)))
 
     @property
     def batch_size(self) -> int:
@@ -222,7 +222,8 @@ class WorldModel:
         old = self._cache
         self._cache = DynamicsCache(tokens=old.tokens.index_copy(0, index, cache.tokens),
                                     features=old.features.index_copy(0, index, cache.features),
-                                    memory=old.memory.index_copy(0, index, cache.memory))
+                                    memory=None if old.memory is None else
+                                    old.memory.index_copy(0, index, self.dynamics.memory_of(cache)))
         self.tokens = self.tokens.index_copy(0, index, tokens[:, -1])
         self._state = None
 
