@@ -47,6 +47,9 @@ class DreamerConfig:
     batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames")
     horizon: int = param(15, "imagined steps per rollout")
     context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)")
+    near_reward_starts: float = param(0.0, "share of each batch started from dataset frames whose episode collected a "
+                                      "reward within `horizon` steps (random data holds a handful of successes: "
+                                      "without them, sparse-reward imagination rarely sees one)")
     # --- returns and advantages
     discount: float = param(0.985, "discount per step (MiniGrid's reward already falls with steps; this adds pressure for short paths)")
     lambda_: float = param(0.95, "λ of the λ-returns")

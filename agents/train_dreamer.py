@@ -41,26 +41,42 @@ class StartFrames:
     in their episode and an action after them (an episode's last frame is over, not a start).
 
     tokens (N, h, w) int64 for every dataset frame; actions (N,) int64 (-1 at last frames);
-    index (M,) int64: the frames that may start a rollout.
+    index (M,) int64: the frames that may start a rollout; near_reward (K,) int64: those of them
+    from which the dataset's own episode collected a positive reward within ``reward_window`` steps.
     """
 
     tokens: np.ndarray
     actions: np.ndarray
     index: np.ndarray
     context_length: int
+    near_reward: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def from_dataset(cls, dataset: Any, tokens: np.ndarray, context_length: int) -> "StartFrames":
-        position = np.arange(dataset.num_frames) - np.repeat(dataset.episode_starts, dataset.episode_lengths + 1)
+    def from_dataset(cls, dataset: Any, tokens: np.ndarray, context_length: int, reward_window: int = 0) -> "StartFrames":
+        episode_of = np.repeat(np.arange(len(dataset.episode_starts)), dataset.episode_lengths + 1)
+        position = np.arange(dataset.num_frames) - dataset.episode_starts[episode_of]
         valid = (dataset.actions >= 0) & (position >= context_length - 1)
         index = np.flatnonzero(valid)
         if len(index) == 0:
             raise ValueError(f"the dataset has no frame with {context_length - 1} frames before it and an action after it")
-        return cls(np.asarray(tokens, dtype=np.int64), np.asarray(dataset.actions, dtype=np.int64), index, int(context_length))
+        near = np.zeros(0, dtype=np.int64)
+        if reward_window > 0:
+            # Frames f with a rewarded step g in [f, f + window) of the same episode (the reward of
+            # the action taken at g): the few stretches of random data that lead to the goal.
+            rewarded = np.flatnonzero(np.asarray(dataset.rewards) > 0)
+            lead = rewarded[:, None] - np.arange(reward_window)[None, :]  # (R, window) candidate starts
+            lead = lead[(lead >= 0) & (episode_of[np.clip(lead, 0, None)] == episode_of[rewarded][:, None])]
+            near = np.intersect1d(lead, index)
+        return cls(np.asarray(tokens, dtype=np.int64), np.asarray(dataset.actions, dtype=np.int64), index,
+                   int(context_length), near)
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context tokens (B, T0, h, w) and the actions between them (B, T0 - 1)."""
+    def sample(self, rng: np.random.Generator, batch_size: int, near_reward_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context tokens (B, T0, h, w) and the actions between them (B, T0 - 1); a share
+        ``near_reward_fraction`` of them starts from :attr:`near_reward` frames (where there are any)."""
         last = self.index[rng.integers(0, len(self.index), size=batch_size)]
+        near = int(round(near_reward_fraction * batch_size)) if len(self.near_reward) else 0
+        if near:
+            last[:near] = self.near_reward[rng.integers(0, len(self.near_reward), size=near)]
         frames = last[:, None] - np.arange(self.context_length - 1, -1, -1)[None, :]  # (B, T0)
         return torch.as_tensor(self.tokens[frames]), torch.as_tensor(self.actions[frames[:, :-1]])
 
@@ -182,7 +198,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
     dataset = EpisodeDataset.load(training_folder(cfg))
     tokens = encode_frames(tokenizer, dataset.frames)
-    starts = StartFrames.from_dataset(dataset, tokens, stage.context_length)
+    starts = StartFrames.from_dataset(dataset, tokens, stage.context_length,
+                                      reward_window=stage.horizon if stage.near_reward_starts > 0 else 0)
     grid_shape = tuple(tokens.shape[1:])
     agent = DreamerAgent(stage, tokenizer.vocab_size, grid_shape).to(device)  # type: ignore[arg-type]
     optimizer = optimizer_for(agent, stage)
@@ -237,7 +254,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
         bar = tqdm(total=stage.updates, initial=step, desc="dreamer", unit="update", dynamic_ncols=True)
     while step < stage.updates:
-        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size), generator,
+        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size, stage.near_reward_starts), generator,
                                     progress=step / max(stage.updates - 1, 1))
         step += 1
         if bar is not None:
@@ -263,6 +280,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         "imagined_return_final": float(np.mean([h["imagined_return"] for h in recent])) if recent else 0.0,
         "entropy_final": float(np.mean([h["entropy"] for h in recent])) if recent else 0.0,
         "actor_update": stage.actor_update, "start_frames": int(len(starts.index)),
+        "near_reward_start_frames": int(len(starts.near_reward)),
     }
     save_policy(run / CHECKPOINT_FOLDER / f"step_{step:06d}.pt", policy(step))
     save_policy(final_path, policy(step), signature=wanted, metrics=metrics, history=history,

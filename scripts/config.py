@@ -56,5 +56,7 @@ def validate(cfg) -> None:
     if cfg.dynamics.decoder_context not in ("auto",) + DECODER_CONTEXTS:
         raise ValueError(f"dynamics.decoder_context: unknown '{cfg.dynamics.decoder_context}', "
                          f"choose one of {('auto',) + DECODER_CONTEXTS}")
+    if not 0.0 <= cfg.dreamer.near_reward_starts <= 1.0:
+        raise ValueError(f"dreamer.near_reward_starts: a share of the batch in [0, 1], got {cfg.dreamer.near_reward_starts}")
     if cfg.dynamics.memory not in ("auto",) + MEMORY_TYPES:
         raise ValueError(f"dynamics.memory: unknown memory '{cfg.dynamics.memory}', choose one of {('auto',) + MEMORY_TYPES}")

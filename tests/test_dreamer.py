@@ -153,6 +153,29 @@ def test_start_frames_exclude_last_frames_and_short_contexts():
         assert frames[1] == frames[0] + 1 and action == _FakeDataset.actions[frames[0]]
 
 
+class _RewardedDataset:
+    """Two episodes of 4 steps; the first is rewarded at its last step (frame 3 -> 4)."""
+
+    num_frames = 10
+    episode_starts = np.array([0, 5])
+    episode_lengths = np.array([4, 4])
+    actions = np.array([2, 2, 2, 2, -1, 2, 2, 2, 2, -1])
+    rewards = np.array([0, 0, 0, 0.8, 0, 0, 0, 0, 0, 0])
+
+
+def test_near_reward_starts_come_from_the_stretch_before_a_reward():
+    tokens = np.arange(10)[:, None, None].repeat(2, 1).repeat(2, 2)
+    starts = StartFrames.from_dataset(_RewardedDataset(), tokens, context_length=1, reward_window=2)
+    assert starts.near_reward.tolist() == [2, 3]  # the reward is collected within 2 steps of these
+    assert StartFrames.from_dataset(_RewardedDataset(), tokens, 1, reward_window=10).near_reward.tolist() == [0, 1, 2, 3]
+    context, _ = starts.sample(np.random.default_rng(0), 8, near_reward_fraction=0.5)
+    first = context[:, 0, 0, 0].tolist()
+    assert all(f in (2, 3) for f in first[:4]) and all(f in starts.index.tolist() for f in first)
+    plain = StartFrames.from_dataset(_RewardedDataset(), tokens, context_length=1)
+    assert len(plain.near_reward) == 0
+    assert plain.sample(np.random.default_rng(0), 8, near_reward_fraction=0.5)[0].shape == (8, 1, 2, 2)
+
+
 # ---------------------------------------------------------------- the policy interface
 
 
