@@ -67,12 +67,18 @@ class VagenConfig:
     epochs: int = param(3, "PPO epochs over each rollout")
     minibatch_turns: int = param(64, "turns per PPO minibatch")
     lr: float = param(1e-3, "Adam learning rate")
+    popart: bool = param(False, "when the value normaliser's statistics move, rescale the critic's last layer so its values stay put")
+    lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)")
+    advantage_norm: str = param("global", "advantage whitening: global (over all tokens of a rollout) or per_position (each response slot apart)")
+    detach_critic: bool = param(True, "value head on the actor's features with the gradient stopped (False: the value loss trains the trunk too; that broke the format)")
     clip: float = param(0.2, "PPO ratio clip")
     value_coef: float = param(0.5, "weight of the value loss")
     entropy_coef: float = param(0.001, "weight of the token entropy bonus")
     max_grad_norm: float = param(0.5, "gradient norm clip")
     turn_gamma: float = param(0.99, "turn-level discount")
-    turn_lambda: float = param(0.5, "turn-level GAE lambda")
+    turn_lambda: float = param(
+        0.0, "turn-level GAE lambda (0: a turn's advantage is its TD error, free of the accuracy noise of later turns)"
+    )
     token_gamma: float = param(1.0, "token-level discount inside a turn (bilevel only)")
     token_lambda: float = param(1.0, "token-level GAE lambda inside a turn (bilevel only)")
     state_weight: float = param(0.5, "world-modeling reward of a fully correct state estimate, per turn")
@@ -94,6 +100,7 @@ class VagenConfig:
     heads: int = param(4, "attention heads")
     history_len: int = param(2, "previous actions the agent sees (its turn history)")
     pointer_logits: bool = param(True, "cell tokens also score against their tile's embedding (full view only)")
+    cell_inputs: bool = param(True, "with pointer_logits: a cell token, once written, is read with its tile's pixel embedding")
     eval_episodes: int = param(32, "real-env episodes of the final evaluation")
     eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)")
     eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)")
@@ -234,13 +241,21 @@ class ValueNormalizer:
         self.momentum = momentum
         self.mean, self.std, self.initialised = 0.0, 1.0, False
 
-    def update(self, targets: torch.Tensor) -> None:
+    def update(self, targets: torch.Tensor, head: torch.nn.Linear | None = None) -> None:
+        """Move the running statistics towards those of ``targets``. With ``head`` (the critic's
+        last layer, outputs in normalised units) rescale it so that its denormalised outputs stay
+        what they were (PopArt): otherwise every shift of the statistics shifts every value."""
+        old_mean, old_std = self.mean, self.std
         mean, std = float(targets.mean()), float(targets.std().clamp_min(1e-3)) if targets.numel() > 1 else 1.0
         if not self.initialised:
             self.mean, self.std, self.initialised = mean, std, True
         else:
             self.mean = self.momentum * self.mean + (1 - self.momentum) * mean
             self.std = self.momentum * self.std + (1 - self.momentum) * std
+        if head is not None:
+            with torch.no_grad():
+                head.weight.mul_(old_std / self.std)
+                head.bias.mul_(old_std).add_(old_mean - self.mean).div_(self.std)
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         return (values - self.mean) / self.std
@@ -345,6 +360,10 @@ def check_config(vcfg: Any) -> None:
         raise ValueError(f"vagen.advantage must be 'bilevel' or 'turn', got '{vcfg.advantage}'")
     if vcfg.world not in ("real", "dream"):
         raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
+    if vcfg.lr_schedule not in ("constant", "linear"):
+        raise ValueError(f"vagen.lr_schedule must be 'constant' or 'linear', got '{vcfg.lr_schedule}'")
+    if vcfg.advantage_norm not in ("global", "per_position"):
+        raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
     if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
         raise ValueError("vagen.num_envs, rollout_turns, minibatch_turns and epochs must be positive")
     unknown = set(vcfg.field_weights) - set(FIELDS)
@@ -371,7 +390,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     model_config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads,
-        first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1,
+        first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1, detach_critic=vcfg.detach_critic,
+        cell_inputs=vcfg.cell_inputs,
     )
     net = VagenNet(model_config)
     value_norm = ValueNormalizer()
@@ -428,11 +448,16 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             actions = np.array([p.action for p in parsed], dtype=np.int64)
             step = pool.step(actions)
             for i in range(N):
+                truth, next_truth = state_fields(states[i], codec, vocab), state_fields(step.next_states[i], codec, vocab)
                 wm = world_model_reward(
-                    parsed[i], vcfg.strategy, state_fields(states[i], codec, vocab), state_fields(step.next_states[i], codec, vocab),
+                    parsed[i], vcfg.strategy, truth, next_truth,
                     state_weight=vcfg.state_weight, prediction_weight=vcfg.prediction_weight,
                     field_weights=field_weights, format_penalty=vcfg.format_penalty,
                 )
+                for part, said, true in (("state", parsed[i].state, truth), ("prediction", parsed[i].prediction, next_truth)):
+                    if said is not None:  # per-field accuracy of well-formed responses (which fields lag)
+                        for f in FIELDS:
+                            stats.setdefault(f"{part}_{f}", []).append(float(said[f] == true[f]))
                 buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
                 stats["state_acc"].append(wm.state_accuracy)
                 stats["pred_acc"].append(wm.prediction_accuracy)
@@ -467,16 +492,19 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                 to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values), to_nt(buf_mask), last_value,
                 turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda,
             )
-        advantages = masked_whiten(advantages, to_nt(buf_mask))
+        advantages = masked_whiten(advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position")
         flat = lambda x: x.reshape(N * T, *x.shape[2:])  # noqa: E731
         b_frames = torch.from_numpy(buf_frames.swapaxes(0, 1).reshape(N * T, *frames.shape[1:]))
         b_history = torch.from_numpy(buf_history.swapaxes(0, 1).reshape(N * T, vcfg.history_len))
         b_tokens, b_mask = flat(to_nt(buf_tokens)), flat(to_nt(buf_mask))
-        value_norm.update(returns[to_nt(buf_mask)])
+        value_norm.update(returns[to_nt(buf_mask)], net.value_head[-1] if vcfg.popart else None)
         b_logprobs, b_adv, b_ret = flat(to_nt(buf_logprobs)), flat(advantages), flat(value_norm.normalize(returns))
 
         # --- PPO on token log-probs -----------------------------------------------------------------
         net.train()
+        if vcfg.lr_schedule == "linear":
+            for group in optimizer.param_groups:
+                group["lr"] = vcfg.lr * (1.0 - update / num_updates)
         parts: dict[str, list[float]] = {}
         order_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, update))
         for _ in range(vcfg.epochs):
@@ -514,13 +542,15 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                     "speed/env_steps_per_s": (env_steps - start_update * steps_per_update) / (time.time() - started),
                 }
             )
+            scalars.update({f"fields/{k}": float(np.mean(v)) for k, v in stats.items() if k.startswith(("state_", "prediction_")) and k not in ("state_acc",) and v})
             logger.scalars(env_steps, scalars)
             if cfg.run.progress:
                 print(
                     f"[vagen] update {update + 1}/{num_updates} steps {env_steps}: {return_name} {scalars[f'rollout/{return_name}']:.3f} "
                     f"success {scalars['rollout/success_rate']:.2f} format {scalars['rollout/format_rate']:.2f} "
                     f"state_acc {scalars['rollout/state_accuracy']:.3f} pred_acc {scalars['rollout/prediction_accuracy']:.3f} "
-                    f"({scalars['speed/env_steps_per_s']:.0f} steps/s)",
+                    f"({scalars['speed/env_steps_per_s']:.0f} steps/s)"
+                    + "".join(f" {k[7:]} {v:.2f}" for k, v in scalars.items() if k.startswith("fields/")),
                     flush=True,
                 )
         if vcfg.checkpoint_every > 0 and (update + 1) % vcfg.checkpoint_every == 0 and update + 1 < num_updates:

@@ -345,12 +345,14 @@ def turn_level_advantages(
     return turn_adv.unsqueeze(-1) * mask, turn_ret.unsqueeze(-1) * mask, turn_adv
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over the masked entries; zero off the mask."""
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, per_position: bool = False) -> torch.Tensor:
+    """(values - mean) / std over the masked entries; zero off the mask. values, mask: (..., L);
+    ``per_position`` whitens each response position (last axis) on its own statistics."""
     mask = mask.to(values.dtype)
-    count = mask.sum().clamp_min(1.0)
-    mean = (values * mask).sum() / count
-    var = (((values - mean) * mask) ** 2).sum() / count
+    dims = tuple(range(values.dim() - 1)) if per_position else tuple(range(values.dim()))
+    count = mask.sum(dims, keepdim=True).clamp_min(1.0)
+    mean = (values * mask).sum(dims, keepdim=True) / count
+    var = (((values - mean) * mask) ** 2).sum(dims, keepdim=True) / count
     return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -424,6 +426,8 @@ class VagenModelConfig:
     encoder_layers: int = 0
     mlp_ratio: int = 2
     first_cell_token: int = -1  # id of c0,0 (cells follow in tile order); -1: no pointer logits
+    detach_critic: bool = True  # value head on the actor's features with the gradient stopped
+    cell_inputs: bool = False  # a cell token, once written, is read with its tile's pixel embedding
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
@@ -519,6 +523,7 @@ class Memory:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     tiles: torch.Tensor
+    content: torch.Tensor  # (B, P, d) the tiles' pixel embeddings, without position (cell inputs)
 
 
 class VagenNet(nn.Module):
@@ -556,6 +561,12 @@ class VagenNet(nn.Module):
         # Pointer logits: a cell token's logit also scores the decoder state against that tile's
         # embedding, so "where is the key" can be answered by finding the tile that looks like one.
         self.pointer = nn.Linear(c.d_model, c.d_model, bias=False) if c.first_cell_token >= 0 else None
+        # Cell inputs, the pointer's other direction: when a response names a cell (the agent's
+        # position, the key's), the next positions read that tile's pixel embedding (without its
+        # position) along with the token, so "which way does the agent face" is a read-out of the
+        # tile just named rather than a search over the frame by cross-attention, which RL alone
+        # did not learn in 8k steps even when the direction was the only rewarded field.
+        self.cell_input = nn.Linear(c.d_model, c.d_model) if c.cell_inputs and c.first_cell_token >= 0 else None
         for p in (self.tile_pos, self.history_pos, self.token_pos):
             nn.init.normal_(p, std=0.5)  # large enough that slots and tiles are told apart from the start
         nn.init.zeros_(self.value_head[-1].weight)
@@ -573,21 +584,35 @@ class VagenNet(nn.Module):
                 "was the policy trained on another env or tile size?"
             )
         tiles = frames.float().div(255.0).view(B, gh, ts, gw, ts, 3).permute(0, 1, 3, 2, 4, 5).reshape(B, gh * gw, -1)
-        parts = [self.tile_embed(tiles) + self.tile_pos]
+        content = self.tile_embed(tiles)
+        parts = [content + self.tile_pos]
         if c.history_len > 0:
             parts.append(self.history_embed(history) + self.history_pos)
         memory = torch.cat(parts, dim=1)
         for block in self.encoder:
             memory = block(memory)
         memory = self.memory_norm(memory)
-        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw])
+        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw], content)
 
     def decode(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)."""
-        x = self.token_embed(inputs) + self.token_pos[: inputs.shape[1]]
+        x = self._embed(memory, inputs) + self.token_pos[: inputs.shape[1]]
         for block, kv in zip(self.blocks, memory.kv):
             x = block(x, kv)
         return self._heads(memory, x)
+
+    def _embed(self, memory: "Memory", inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (B, L) token ids -> (B, L, d): the token embedding, plus for cell tokens (with
+        ``cell_inputs``) a projection of the named tile's pixel embedding."""
+        x = self.token_embed(inputs)
+        if self.cell_input is None:
+            return x
+        tiles = memory.content  # (B, P, d)
+        cell = inputs - self.config.first_cell_token
+        is_cell = (cell >= 0) & (cell < tiles.shape[1])
+        index = cell.clamp(0, tiles.shape[1] - 1).unsqueeze(-1).expand(-1, -1, tiles.shape[-1])
+        named = self.cell_input(tiles.gather(1, index))  # (B, L, d)
+        return x + named * is_cell.unsqueeze(-1).to(named.dtype)
 
     def _heads(self, memory: "Memory", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.norm(x)
@@ -596,7 +621,7 @@ class VagenNet(nn.Module):
             first = self.config.first_cell_token
             scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
             logits = torch.cat([logits[..., :first], logits[..., first : first + scores.shape[-1]] + scores, logits[..., first + scores.shape[-1] :]], dim=-1)
-        return logits, self.value_head(h.detach()).squeeze(-1)
+        return logits, self.value_head(h.detach() if self.config.detach_critic else h).squeeze(-1)
 
     def new_cache(self, batch_size: int, length: int) -> list[torch.Tensor]:
         """Empty self-attention key/value caches for :meth:`decode_step`, one (B, L, 2d) per block."""
@@ -606,7 +631,7 @@ class VagenNet(nn.Module):
         """One decoding step: ``token`` (B,) is response input position ``i`` (``<bos>`` at 0) ->
         logits (B, V) and value (B,) for response token i. Positions < i must have been fed, in
         order, through the same ``cache`` (:meth:`new_cache`). Equals :meth:`decode` at position i."""
-        x = self.token_embed(token).unsqueeze(1) + self.token_pos[i]
+        x = self._embed(memory, token.unsqueeze(1)) + self.token_pos[i]
         for block, kv, block_cache in zip(self.blocks, memory.kv, cache):
             x = block.step(x, kv, block_cache, i)
         logits, values = self._heads(memory, x)

@@ -106,6 +106,40 @@ def test_turn_level_advantages_spread_the_turn_advantage_over_the_turn():
     assert ret[0].tolist() == [pytest.approx([1.31] * 3), pytest.approx([1.0, 1.0, 0.0])]
 
 
+def test_per_position_whitening_standardises_each_response_slot():
+    from agents.vagen import masked_whiten
+
+    values = torch.tensor([[[1.0, 10.0, 5.0], [3.0, 30.0, 0.0]], [[5.0, 20.0, 0.0], [7.0, 40.0, 0.0]]])  # (N=2, T=2, L=3)
+    mask = torch.tensor([[[1, 1, 1], [1, 1, 0]], [[1, 1, 0], [1, 1, 0]]], dtype=torch.bool)
+    out = masked_whiten(values, mask, per_position=True)
+    for slot in range(2):  # slots with four valid entries: mean 0, std 1 each
+        column = out[..., slot][mask[..., slot]]
+        assert column.mean().item() == pytest.approx(0.0, abs=1e-6)
+        assert column.pow(2).mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert out[0, 0, 1] == pytest.approx((10.0 - 25.0) / math.sqrt(125.0), rel=1e-4)
+    assert out[..., 2][~mask[..., 2]].abs().sum() == 0
+    whole = masked_whiten(values, mask)  # the global version mixes the slots' scales
+    assert whole[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert not torch.allclose(whole, out)
+
+
+def test_popart_keeps_the_critics_values_when_the_statistics_move():
+    from agents.train_vagen import ValueNormalizer
+
+    torch.manual_seed(0)
+    first, second = torch.randn(200) * 3 + 2, torch.randn(200) * 10 - 5
+    features = torch.randn(6, 4)
+    for popart in (True, False):
+        torch.manual_seed(1)
+        head, norm = torch.nn.Linear(4, 1), ValueNormalizer()
+        norm.update(first, head if popart else None)
+        before = norm.denormalize(head(features))
+        norm.update(second, head if popart else None)
+        after = norm.denormalize(head(features))
+        # With the head rescaled the values stay put; without, every value moves with the statistics.
+        assert torch.allclose(after, before, atol=1e-5) == popart
+
+
 # --- parsing and rewards -----------------------------------------------------------------------
 
 
@@ -231,7 +265,7 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
 # --- the network -----------------------------------------------------------------------------
 
 
-def _random_net(seed: int = 0):
+def _random_net(seed: int = 0, cell_inputs: bool = False):
     from agents.vagen import VagenModelConfig, VagenNet
 
     env = make_env("MiniGrid-DoorKey-5x5-v0")
@@ -241,20 +275,23 @@ def _random_net(seed: int = 0):
     torch.manual_seed(seed)
     config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
-        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0),
+        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs,
     )
     return VagenNet(config).eval(), vocab, torch.from_numpy(frames)
 
 
-def test_cached_decoding_equals_the_teacher_forced_pass():
+@pytest.mark.parametrize("cell_inputs", [False, True])
+def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs):
     """generate decodes token by token with a key/value cache; its log-probs and values must be
     those of the full causal pass over the same tokens (what PPO trains on)."""
     from agents.vagen import generate, token_logprobs
 
-    net, vocab, frames = _random_net()
+    net, vocab, frames = _random_net(cell_inputs=cell_inputs)
     history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
     gen = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(0))
     assert gen.mask.sum(-1).max() > 3  # some rows decode several tokens
+    cells = (gen.tokens >= vocab.cell(0, 0)) & (gen.tokens < vocab.first_action) & gen.mask
+    assert cells[:, :-1].any()  # some cell token is read back as an input
     logprobs, _, values = token_logprobs(net, frames, history, gen.tokens)
     assert torch.allclose(logprobs * gen.mask, gen.logprobs, atol=1e-5)
     assert torch.allclose(values * gen.mask, gen.values, atol=1e-5)
@@ -263,6 +300,20 @@ def test_cached_decoding_equals_the_teacher_forced_pass():
     changed[:, 6:] = vocab.first_action
     again, _, _ = token_logprobs(net, frames, history, changed)
     assert torch.allclose(again[:, :6], logprobs[:, :6], atol=1e-6)
+
+
+def test_cell_inputs_read_the_named_tile():
+    """With cell inputs a cell token c{x},{y} enters the decoder with tile (x, y)'s pixel embedding
+    added (tiles in row-major order, as the pointer logits score them); other tokens enter as before."""
+    net, vocab, frames = _random_net(cell_inputs=True)
+    memory = net.encode(frames[:2], torch.full((2, 2), 7))
+    inputs = torch.tensor([[0, vocab.cell(3, 1), vocab.ids["east"]], [0, vocab.cell(0, 2), vocab.none]])
+    embedded = net._embed(memory, inputs)
+    plain = net.token_embed(inputs)
+    assert torch.equal(embedded[:, 0], plain[:, 0]) and torch.equal(embedded[:, 2], plain[:, 2])
+    expected = plain[:, 1] + net.cell_input(torch.stack([memory.content[0, 1 * 5 + 3], memory.content[1, 2 * 5 + 0]]))
+    assert torch.allclose(embedded[:, 1], expected, atol=1e-6)
+    assert not torch.allclose(embedded[:, 1], plain[:, 1], atol=1e-3)
 
 
 def test_generation_is_deterministic_for_a_seed():
