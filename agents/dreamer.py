@@ -43,11 +43,11 @@ class DreamerConfig:
     channels: int = param(32, "conv channels of the token encoder")
     hidden_dim: int = param(128, "MLP width of actor and critic")
     # --- imagination
-    updates: int = param(400, "actor-critic updates (each one imagined batch)")
+    updates: int = param(1500, "actor-critic updates (each one imagined batch)")
     batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames")
     horizon: int = param(15, "imagined steps per rollout")
     context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)")
-    near_reward_starts: float = param(0.0, "share of each batch started from dataset frames whose episode collected a "
+    near_reward_starts: float = param(0.25, "share of each batch started from dataset frames whose episode collected a "
                                       "reward within `horizon` steps (random data holds a handful of successes: "
                                       "without them, sparse-reward imagination rarely sees one)")
     # --- returns and advantages
@@ -59,8 +59,8 @@ class DreamerConfig:
     return_norm_floor: float = param(1.0, "advantages are divided by max(floor, range): no blow-up of small returns")
     # --- actor
     actor_update: str = param("reinforce", "actor update: reinforce (advantage-weighted log-prob) or pmpo (sign of advantage + KL to prior)")
-    entropy_coef: float = param(1e-2, "entropy bonus weight at the first update")
-    entropy_coef_final: float = param(1e-3, "entropy bonus weight at the last update (linear decay: explore early, commit late)")
+    entropy_coef: float = param(3e-3, "entropy bonus weight at the first update")
+    entropy_coef_final: float = param(3e-4, "entropy bonus weight at the last update (linear decay: explore early, commit late)")
     pmpo_alpha: float = param(0.5, "PMPO: weight of the positive-advantage set (1 - alpha for the negative one)")
     prior_kl_coef: float = param(0.3, "KL(policy || prior) weight: used by pmpo (uniform prior without BC) and by reinforce when bc_prior")
     bc_steps: int = param(0, "behaviour-cloning warm start: supervised steps on the dataset's actions before imagination")
