@@ -280,9 +280,9 @@ def _bounding_box(rows: torch.Tensor, width: int) -> tuple[tuple[int, int, int, 
 
 
 BLOCK_TYPES = ("conv", "mix", "attention")
-STATIC_LOGIT = -30.0  # logit of every token but the current one at a static position (probability ~1e-13)
 MEMORY_TYPES = ("recurrent", "frame")
 DECODER_CONTEXTS = ("global", "local")
+STATIC_LOGIT = -30.0  # logit of every token but the current one at a static position (probability ~1e-13)
 
 
 def make_block(kind: str, dim: int, heads: int, mlp_ratio: int, grid: tuple[int, int]) -> nn.Module:
@@ -521,7 +521,7 @@ class DynamicsModel(nn.Module):
                  + action[:, None])
         cells = torch.cat([cells, (action + self.outcome_unchanged)[:, None]], dim=1)  # (M, k + 1, d)
         candidate = torch.cat([changed.gather(1, order), nothing[:, None]], dim=1)  # (M, k + 1)
-        per_cell = self.outcome_head(cells).masked_fill(~candidate[..., None], -1e4)  # (M, N + 1, 3)
+        per_cell = self.outcome_head(cells).masked_fill(~candidate[..., None], -1e4)  # (M, k + 1, 3)
         reward_logit, where = per_cell[..., 0].max(dim=1)
         value = per_cell[..., 1].gather(1, where[:, None])[:, 0]
         return torch.stack([reward_logit, value, per_cell[..., 2].max(dim=1).values], dim=-1)
@@ -711,15 +711,34 @@ class DynamicsModel(nn.Module):
         sampled; ``refine_steps`` > 1 fixes the most confident tokens first (MaskGIT schedule) and
         re-predicts the rest given them, so that uncertain regions come out mutually consistent.
         """
-        b, n = actions.shape[0], self.config.num_tokens
-        known = torch.full((b, n), self.mask_token, dtype=torch.long, device=actions.device)
-        steps = max(1, int(refine_steps)) if temperature > 0 else 1
-        outcome = None
+        b = actions.shape[0]
         if temperature <= 0 and guidance == 1.0 and self.dynamic_cells is not None:
             # Greedy: the moving positions' most likely tokens, the static ones copied (no full logits).
             logits, outcome = self._decode_moving(cache.tokens, cache.features, self._decoder_memory(cache), actions, None)
             known = cache.tokens.index_copy(1, self.dynamic_cells, self.tokens_from_logits(logits))
-            steps = 0
+        else:
+            known, outcome = self._sample_frame(cache, actions, temperature, refine_steps, guidance, generator)
+            if self.dynamic_cells is not None:  # static positions keep their token, whatever it is
+                known = torch.where(self.static_mask, cache.tokens, known)
+        if self.local:  # read off the imagined transition
+            outcome = self.transition_outcome(cache.tokens, known, actions)
+        assert outcome is not None
+        reward_p = torch.sigmoid(outcome[:, 0])
+        term_p = torch.sigmoid(outcome[:, 2])
+        reward = torch.where(reward_p > 0.5, outcome[:, 1], torch.zeros_like(outcome[:, 1]))
+        h, w = self.config.grid_height, self.config.grid_width
+        return StepPrediction(
+            tokens=known.view(b, h, w), reward=reward.float(), terminated=term_p > 0.5,
+            reward_probability=reward_p, termination_probability=term_p,
+        )
+
+    def _sample_frame(self, cache: DynamicsCache, actions: torch.Tensor, temperature: float, refine_steps: int,
+                      guidance: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s frame from full logits: (tokens (B, N), outcome (B, 3) or None for local decoding)."""
+        b, n = actions.shape[0], self.config.num_tokens
+        known = torch.full((b, n), self.mask_token, dtype=torch.long, device=actions.device)
+        steps = max(1, int(refine_steps)) if temperature > 0 else 1
+        outcome = None
         for step in range(steps):
             logits, step_outcome = self.predict_logits(cache, actions, None if step == 0 else known, guidance)
             if outcome is None:
@@ -743,19 +762,7 @@ class DynamicsModel(nn.Module):
             order = confidence.argsort(dim=-1)  # least confident first
             keep_unknown = torch.zeros_like(unknown).scatter(1, order[:, :remaining], True)
             known = torch.where(keep_unknown, torch.full_like(sampled, self.mask_token), sampled)
-        if self.dynamic_cells is not None:  # static positions keep their token, whatever it is
-            known = torch.where(self.static_mask, cache.tokens, known)
-        if self.local:  # read off the imagined transition
-            outcome = self.transition_outcome(cache.tokens, known, actions)
-        assert outcome is not None
-        reward_p = torch.sigmoid(outcome[:, 0])
-        term_p = torch.sigmoid(outcome[:, 2])
-        reward = torch.where(reward_p > 0.5, outcome[:, 1], torch.zeros_like(outcome[:, 1]))
-        h, w = self.config.grid_height, self.config.grid_width
-        return StepPrediction(
-            tokens=known.view(b, h, w), reward=reward.float(), terminated=term_p > 0.5,
-            reward_probability=reward_p, termination_probability=term_p,
-        )
+        return known, outcome
 
     def tokens_from_logits(self, token_logits: torch.Tensor) -> torch.Tensor:
         """(..., K) logits over the output tokens -> (...) int64 token ids of the most likely."""
