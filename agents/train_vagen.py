@@ -61,6 +61,9 @@ class VagenConfig:
     advantage: str = param("bilevel", "credit assignment: bilevel (turn-level then token-level GAE) or turn (turn-level only)")
     world: str = param("real", "where it trains: real (the MiniGrid env) or dream (the world model; truth = its state head)")
     world_model: str = param("", "dream only: run folder holding tokenizer.pt and dynamics.pt (default: this run)")
+    train_max_steps: int = param(
+        64, "real env only: step limit of training episodes (0: the env's own); evaluation keeps the env's limit. Shorter episodes mean more fresh starts to learn from"
+    )
     total_env_steps: int = param(200_000, "env steps (turns) to train for, over all envs")
     num_envs: int = param(16, "envs stepped together (one batched decode per turn)")
     rollout_turns: int = param(16, "turns per env between updates")
@@ -71,7 +74,14 @@ class VagenConfig:
     lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)")
     advantage_norm: str = param("global", "advantage whitening: global (over all tokens of a rollout) or per_position (each response slot apart)")
     detach_critic: bool = param(True, "value head on the actor's features with the gradient stopped (False: the value loss trains the trunk too; that broke the format)")
+    action_credit: str = param(
+        "turn",
+        "what the action token is credited with: turn (the whole turn reward, task plus world-modeling, as in VAGEN) or "
+        "task (the task reward and format penalty only; the world-modeling reward credits the tokens before the action, "
+        "each turn on its own, through a second value stream)",
+    )
     clip: float = param(0.2, "PPO ratio clip")
+    target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
     value_coef: float = param(0.5, "weight of the value loss")
     entropy_coef: float = param(0.001, "weight of the token entropy bonus")
     max_grad_norm: float = param(0.5, "gradient norm clip")
@@ -101,6 +111,10 @@ class VagenConfig:
     history_len: int = param(2, "previous actions the agent sees (its turn history)")
     pointer_logits: bool = param(True, "cell tokens also score against their tile's embedding (full view only)")
     cell_inputs: bool = param(True, "with pointer_logits: a cell token, once written, is read with its tile's pixel embedding")
+    cell_readout: str = param(
+        "pixels", "with cell_inputs: the token after a cell also gets in its logits a linear read-out of that tile's pixels (pixels) or pixel embedding (embedding) over the attribute tokens (object kinds, door states, directions); none: off"
+    )
+    readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr")
     eval_episodes: int = param(32, "real-env episodes of the final evaluation")
     eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)")
     eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)")
@@ -170,7 +184,10 @@ def make_pool(cfg: Any, run: RunDir, seed: int):
     """The env pool the agent trains in: the real env, or the world model's dream by option."""
     vcfg = cfg.vagen
     if vcfg.world == "real":
-        return RealEnvPool(cfg.env, vcfg.num_envs, seed)
+        env_cfg = cfg.env
+        if vcfg.train_max_steps > 0:  # shorter training episodes: more fresh starts; evaluation keeps the env's limit
+            env_cfg = OmegaConf.merge(cfg.env, {"max_steps": int(vcfg.train_max_steps)})
+        return RealEnvPool(env_cfg, vcfg.num_envs, seed)
     if vcfg.world == "dream":
         return DreamEnvPool(cfg, run, vcfg.num_envs, seed)
     raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
@@ -241,7 +258,7 @@ class ValueNormalizer:
         self.momentum = momentum
         self.mean, self.std, self.initialised = 0.0, 1.0, False
 
-    def update(self, targets: torch.Tensor, head: torch.nn.Linear | None = None) -> None:
+    def update(self, targets: torch.Tensor, head: torch.nn.Linear | None = None, row: int = 0) -> None:
         """Move the running statistics towards those of ``targets``. With ``head`` (the critic's
         last layer, outputs in normalised units) rescale it so that its denormalised outputs stay
         what they were (PopArt): otherwise every shift of the statistics shifts every value."""
@@ -253,9 +270,9 @@ class ValueNormalizer:
             self.mean = self.momentum * self.mean + (1 - self.momentum) * mean
             self.std = self.momentum * self.std + (1 - self.momentum) * std
         if head is not None:
-            with torch.no_grad():
-                head.weight.mul_(old_std / self.std)
-                head.bias.mul_(old_std).add_(old_mean - self.mean).div_(self.std)
+            with torch.no_grad():  # output ``row`` of the head is this normaliser's stream
+                head.weight[row].mul_(old_std / self.std)
+                head.bias[row].mul_(old_std).add_(old_mean - self.mean).div_(self.std)
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         return (values - self.mean) / self.std
@@ -364,6 +381,10 @@ def check_config(vcfg: Any) -> None:
         raise ValueError(f"vagen.lr_schedule must be 'constant' or 'linear', got '{vcfg.lr_schedule}'")
     if vcfg.advantage_norm not in ("global", "per_position"):
         raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
+    if vcfg.action_credit not in ("turn", "task"):
+        raise ValueError(f"vagen.action_credit must be 'turn' or 'task', got '{vcfg.action_credit}'")
+    if vcfg.cell_readout not in ("none", "embedding", "pixels"):
+        raise ValueError(f"vagen.cell_readout must be 'none', 'embedding' or 'pixels', got '{vcfg.cell_readout}'")
     if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
         raise ValueError("vagen.num_envs, rollout_turns, minibatch_turns and epochs must be positive")
     unknown = set(vcfg.field_weights) - set(FIELDS)
@@ -387,19 +408,28 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     pool = make_pool(cfg, run, seed=derive_seed(cfg.run.seed, 2))
     frames, states = pool.reset()
     length = len(template(vcfg.strategy, vcfg.free_think_len))
+    # Two value streams when the action is credited with the task reward only and there is a
+    # world-modeling reward to credit elsewhere (StateEstimation, TransitionModeling, WorldModeling).
+    split = vcfg.action_credit == "task" and full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) > 0
     model_config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads,
         first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1, detach_critic=vcfg.detach_critic,
-        cell_inputs=vcfg.cell_inputs,
+        cell_inputs=vcfg.cell_inputs, cell_readout=vcfg.cell_readout, readout_tokens=vocab.attribute_tokens,
+        value_streams=2 if split else 1,
     )
     net = VagenNet(model_config)
-    value_norm = ValueNormalizer()
-    optimizer = torch.optim.Adam(net.parameters(), lr=vcfg.lr, eps=1e-5)
+    value_norms = [ValueNormalizer() for _ in range(2 if split else 1)]  # task (or turn) reward; world-modeling reward
+    readout = [p for name, p in net.named_parameters() if name.startswith("cell_readout.")]
+    others = [p for name, p in net.named_parameters() if not name.startswith("cell_readout.")]
+    groups = [{"params": others, "lr": vcfg.lr, "base_lr": vcfg.lr}]
+    if readout:
+        groups.append({"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale, "base_lr": vcfg.lr * vcfg.readout_lr_scale})
+    optimizer = torch.optim.Adam(groups, lr=vcfg.lr, eps=1e-5)
     actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
     steps_per_update = vcfg.num_envs * vcfg.rollout_turns
     num_updates = max(1, math.ceil(vcfg.total_env_steps / steps_per_update))
-    offset = full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) if vcfg.center_world_model_reward else 0.0
+    offset = full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) if vcfg.center_world_model_reward and not split else 0.0
     field_weights = dict(vcfg.field_weights)
     logger = Logger(run, cfg, "vagen")
     truth_source = "the world model's state head" if vcfg.world == "dream" else "the real env's symbolic state"
@@ -413,7 +443,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     if resume_path.is_file():
         saved = torch.load(resume_path, map_location="cpu", weights_only=False)
         net.load_state_dict(saved["net"])
-        value_norm.load_state_dict(saved["value_norm"])
+        for norm, state in zip(value_norms, saved["value_norms"]):
+            norm.load_state_dict(state)
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         start_update = int(saved["update"])
@@ -435,8 +466,10 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         buf_history = np.zeros((T, N, vcfg.history_len), np.int64)
         buf_tokens = torch.zeros(T, N, length, dtype=torch.long)
         buf_mask = torch.zeros(T, N, length, dtype=torch.bool)
-        buf_logprobs, buf_values = torch.zeros(T, N, length), torch.zeros(T, N, length)
+        buf_logprobs, buf_values = torch.zeros(T, N, length), torch.zeros(T, N, length, len(value_norms))
         buf_rewards, buf_dones = torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool)
+        buf_wm_rewards = torch.zeros(T, N)  # with split credit: the world-modeling reward, apart
+        buf_formed = torch.ones(T, N, dtype=torch.bool)
         stats: dict[str, list[float]] = {k: [] for k in ("state_acc", "pred_acc", "format", "wm_reward")}
         for t in range(T):
             buf_frames[t], buf_history[t] = frames, history
@@ -458,13 +491,18 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                     if said is not None:  # per-field accuracy of well-formed responses (which fields lag)
                         for f in FIELDS:
                             stats.setdefault(f"{part}_{f}", []).append(float(said[f] == true[f]))
-                buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
+                if split:  # the task reward; the world-modeling reward (or the format penalty) apart
+                    buf_rewards[t, i] = float(step.rewards[i])
+                    buf_wm_rewards[t, i] = wm.reward
+                    buf_formed[t, i] = parsed[i].well_formed
+                else:
+                    buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
                 stats["state_acc"].append(wm.state_accuracy)
                 stats["pred_acc"].append(wm.prediction_accuracy)
                 stats["format"].append(float(parsed[i].well_formed))
                 stats["wm_reward"].append(wm.reward)
             buf_tokens[t], buf_mask[t], buf_logprobs[t] = gen.tokens, gen.mask, gen.logprobs
-            buf_values[t] = value_norm.denormalize(gen.values)
+            buf_values[t] = _denormalize(value_norms, gen.values)
             buf_dones[t] = torch.from_numpy(step.dones)
             # The turn history: shift in the executed action; a new episode starts with none.
             ep_return += step.rewards
@@ -477,45 +515,55 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             frames, states = step.frames, step.states
         # Bootstrap: the value at the last token of a response to the next observation.
         boot = generate(net, torch.from_numpy(frames), torch.from_numpy(history), length, vocab.first_action, generator, vcfg.temperature)
-        boot_values = value_norm.denormalize(boot.values)
+        boot_values = _denormalize(value_norms, boot.values)[..., 0]
         last_value = boot_values.gather(-1, (boot.mask.sum(-1, keepdim=True) - 1)).squeeze(-1)
 
         # --- advantages ---------------------------------------------------------------------------
         to_nt = lambda x: x.transpose(0, 1)  # noqa: E731  (T, N, ...) -> (N, T, ...)
-        if vcfg.advantage == "bilevel":
-            advantages, returns, _ = bilevel_gae(
-                to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values), to_nt(buf_mask), last_value,
-                turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda, token_gamma=vcfg.token_gamma, token_lambda=vcfg.token_lambda,
+        advantages, returns = _advantages(to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values[..., 0]), to_nt(buf_mask), last_value, vcfg)
+        value_mask = to_nt(buf_mask).unsqueeze(-1)
+        if split:
+            wm_adv, wm_ret, think = _world_model_advantages(
+                to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg
             )
+            advantages = advantages + wm_adv
+            returns, value_mask = torch.stack([returns, wm_ret], -1), torch.stack([to_nt(buf_mask), think], -1)
         else:
-            advantages, returns, _ = turn_level_advantages(
-                to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values), to_nt(buf_mask), last_value,
-                turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda,
-            )
+            returns = returns.unsqueeze(-1)
         advantages = masked_whiten(advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position")
         flat = lambda x: x.reshape(N * T, *x.shape[2:])  # noqa: E731
         b_frames = torch.from_numpy(buf_frames.swapaxes(0, 1).reshape(N * T, *frames.shape[1:]))
         b_history = torch.from_numpy(buf_history.swapaxes(0, 1).reshape(N * T, vcfg.history_len))
         b_tokens, b_mask = flat(to_nt(buf_tokens)), flat(to_nt(buf_mask))
-        value_norm.update(returns[to_nt(buf_mask)], net.value_head[-1] if vcfg.popart else None)
-        b_logprobs, b_adv, b_ret = flat(to_nt(buf_logprobs)), flat(advantages), flat(value_norm.normalize(returns))
+        for k, norm in enumerate(value_norms):
+            norm.update(returns[..., k][value_mask[..., k]], net.value_head[-1] if vcfg.popart else None, row=k)
+        returns = torch.stack([norm.normalize(returns[..., k]) for k, norm in enumerate(value_norms)], -1)
+        if not split:
+            returns, value_mask = returns[..., 0], value_mask[..., 0]
+        b_logprobs, b_adv, b_ret, b_vmask = flat(to_nt(buf_logprobs)), flat(advantages), flat(returns), flat(value_mask)
 
         # --- PPO on token log-probs -----------------------------------------------------------------
         net.train()
         if vcfg.lr_schedule == "linear":
             for group in optimizer.param_groups:
-                group["lr"] = vcfg.lr * (1.0 - update / num_updates)
+                group["lr"] = group["base_lr"] * (1.0 - update / num_updates)
         parts: dict[str, list[float]] = {}
         order_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, update))
+        stopped = False
         for _ in range(vcfg.epochs):
+            if stopped:
+                break
             order = torch.randperm(N * T, generator=order_gen)
             for lo in range(0, N * T, vcfg.minibatch_turns):
                 idx = order[lo : lo + vcfg.minibatch_turns]
                 logprobs, entropy, values = token_logprobs(net, b_frames[idx], b_history[idx], b_tokens[idx])
                 losses = ppo_loss(
                     logprobs, b_logprobs[idx], b_adv[idx], values, b_ret[idx], entropy, b_mask[idx],
-                    clip=vcfg.clip, value_coef=vcfg.value_coef, entropy_coef=vcfg.entropy_coef,
+                    clip=vcfg.clip, value_coef=vcfg.value_coef, entropy_coef=vcfg.entropy_coef, value_mask=b_vmask[idx],
                 )
+                if vcfg.target_kl > 0 and losses.parts["approx_kl"] > 1.5 * vcfg.target_kl:
+                    stopped = True  # the policy already moved far enough from the rollout's: no more steps on it
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 # Clipped apart: the critic's gradient must not shrink the policy's.
@@ -524,6 +572,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                 optimizer.step()
                 for k, v in losses.parts.items():
                     parts.setdefault(k, []).append(v)
+        parts["early_stop"] = [float(stopped)]
 
         # --- log and checkpoint ---------------------------------------------------------------------
         env_steps = (update + 1) * steps_per_update
@@ -556,7 +605,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         if vcfg.checkpoint_every > 0 and (update + 1) % vcfg.checkpoint_every == 0 and update + 1 < num_updates:
             atomic_torch_save(
                 resume_path,
-                {"net": net.state_dict(), "value_norm": value_norm.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "update": update + 1},
+                {"net": net.state_dict(), "value_norms": [n.state_dict() for n in value_norms], "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "update": update + 1},
             )
 
     # --- evaluate and save ---------------------------------------------------------------------------
@@ -580,6 +629,50 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     run.update_metrics("vagen", metrics)
     print(f"[vagen] evaluation over {metrics['episodes']} real episodes: {metrics}")
     return metrics
+
+
+def _denormalize(norms: list[ValueNormalizer], values: torch.Tensor) -> torch.Tensor:
+    """The critic's outputs in return units, with a trailing stream axis: (..., L) -> (..., L, 1)
+    for one stream, (..., L, S) -> (..., L, S) for S."""
+    if len(norms) == 1:
+        return norms[0].denormalize(values).unsqueeze(-1)
+    return torch.stack([norm.denormalize(values[..., k]) for k, norm in enumerate(norms)], -1)
+
+
+def _advantages(rewards, dones, values, mask, last_value, vcfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns (N, T, L) of the turn rewards: bi-level GAE or turn-level only."""
+    if vcfg.advantage == "bilevel":
+        advantages, returns, _ = bilevel_gae(
+            rewards, dones, values, mask, last_value,
+            turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda, token_gamma=vcfg.token_gamma, token_lambda=vcfg.token_lambda,
+        )
+    else:
+        advantages, returns, _ = turn_level_advantages(
+            rewards, dones, values, mask, last_value, turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda
+        )
+    return advantages, returns
+
+
+def _world_model_advantages(
+    rewards, values, mask, tokens, well_formed, first_action: int, vcfg
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split credit: the world-modeling reward of a turn (the format penalty for a malformed
+    response) credits that turn's tokens before the action, each turn on its own (a turn's
+    estimate and prediction do not change later turns' accuracy rewards: turn discount 0). In a
+    malformed response the action token is credited too: writing it too early is what broke the
+    format. The same bi-level (or turn-level-only) scheme as the turn rewards, over those tokens.
+    rewards (N, T), values (N, T, L), mask and tokens (N, T, L), well_formed (N, T) -> advantages
+    and returns (N, T, L), zero off the credited tokens, and their mask (N, T, L)."""
+    think = mask & ((tokens < first_action) | ~well_formed.unsqueeze(-1))
+    has_thought = think.any(-1)
+    padded = think.clone()
+    padded[..., 0] |= ~has_thought  # a response that acted at once: a stand-in token, zeroed below
+    no_bootstrap = torch.ones_like(rewards, dtype=torch.bool)
+    zero = torch.zeros(rewards.shape[0], dtype=values.dtype)
+    sub = OmegaConf.create({"advantage": vcfg.advantage, "turn_gamma": 0.0, "turn_lambda": 0.0, "token_gamma": vcfg.token_gamma, "token_lambda": vcfg.token_lambda})
+    advantages, returns = _advantages(rewards, no_bootstrap, values, padded, zero, sub)
+    keep = think.to(values.dtype)
+    return advantages * keep, returns * keep, think
 
 
 def _format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, generator: torch.Generator) -> None:

@@ -73,6 +73,8 @@ class Vocab:
         self.names = names
         self.ids = {n: i for i, n in enumerate(names)}
         self.bos, self.none = self.ids["<bos>"], self.ids["none"]
+        # [first, end) ids of the attribute values a tile shows: carried kinds, door states, directions.
+        self.attribute_tokens = (self.ids[f"carry_{CARRY_NAMES[0]}"], self.ids[DIRECTION_NAMES[-1]] + 1)
         self.action_ids = np.array([self.ids[f"act_{n}"] for n in ACTION_NAMES])
         self.first_action = int(self.action_ids[0])
         cells = [self.ids[f"c{x},{y}"] for y in range(self.height) for x in range(self.width)]
@@ -381,16 +383,21 @@ def ppo_loss(
     clip: float,
     value_coef: float,
     entropy_coef: float,
+    value_mask: torch.Tensor | None = None,
 ) -> Losses:
     """Clipped PPO on token log-probs; every argument is (M, L) and ``mask`` picks the response
-    tokens; means are over valid tokens (each token one decision)."""
+    tokens; means are over valid tokens (each token one decision). With several value streams
+    ``values`` and ``returns`` are (M, L, S) and ``value_mask`` (M, L, S) picks each stream's
+    tokens; the value loss is summed over the streams."""
     mask = mask.to(logprobs.dtype)
     count = mask.sum().clamp_min(1.0)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
     policy_loss = -(torch.minimum(unclipped, clipped) * mask).sum() / count
-    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / count
+    if value_mask is None:
+        value_mask = mask if values.dim() == mask.dim() else mask.unsqueeze(-1).expand_as(values)
+    value_loss = 0.5 * (((values - returns) ** 2) * value_mask.to(values.dtype)).sum() / count
     entropy_mean = (entropy * mask).sum() / count
     total = policy_loss + value_coef * value_loss - entropy_coef * entropy_mean
     with torch.no_grad():
@@ -428,6 +435,9 @@ class VagenModelConfig:
     first_cell_token: int = -1  # id of c0,0 (cells follow in tile order); -1: no pointer logits
     detach_critic: bool = True  # value head on the actor's features with the gradient stopped
     cell_inputs: bool = False  # a cell token, once written, is read with its tile's pixel embedding
+    cell_readout: str = "none"  # embedding or pixels: the token after a cell gets a linear read-out of that tile's in its logits
+    value_streams: int = 1  # critic outputs: 1 (the turn reward), or 2 (task reward; world-modeling reward)
+    readout_tokens: tuple[int, int] = (0, 0)  # [first, end) token ids the read-out scores (attributes: kinds, door states, directions)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
@@ -524,6 +534,7 @@ class Memory:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     tiles: torch.Tensor
     content: torch.Tensor  # (B, P, d) the tiles' pixel embeddings, without position (cell inputs)
+    pixels: torch.Tensor | None = None  # (B, P, tile_size^2 * 3) the tiles' pixels in [0, 1] (cell read-out)
 
 
 class VagenNet(nn.Module):
@@ -557,7 +568,7 @@ class VagenNet(nn.Module):
         # extra pass, and its returns (tens of units with a dense world-modeling reward) cannot
         # pull on the actor's features, which broke the response format within two updates when
         # the value loss trained the shared trunk.
-        self.value_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Tanh(), nn.Linear(c.d_model, 1))
+        self.value_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Tanh(), nn.Linear(c.d_model, c.value_streams))
         # Pointer logits: a cell token's logit also scores the decoder state against that tile's
         # embedding, so "where is the key" can be answered by finding the tile that looks like one.
         self.pointer = nn.Linear(c.d_model, c.d_model, bias=False) if c.first_cell_token >= 0 else None
@@ -567,6 +578,18 @@ class VagenNet(nn.Module):
         # tile just named rather than a search over the frame by cross-attention, which RL alone
         # did not learn in 8k steps even when the direction was the only rewarded field.
         self.cell_input = nn.Linear(c.d_model, c.d_model) if c.cell_inputs and c.first_cell_token >= 0 else None
+        # Cell read-out: a direct linear path from the named tile's pixel embedding to the next
+        # token's logits (zero at the start), past the decoder's layers and norms, so "the agent at
+        # c2,1 faces ..." is a 4-way linear read-out of features that already tell the directions apart.
+        self.cell_readout = None
+        if c.cell_readout not in ("none", "embedding", "pixels"):
+            raise ValueError(f"cell_readout must be none, embedding or pixels, not {c.cell_readout!r}")
+        if c.cell_readout != "none" and self.cell_input is not None:
+            lo, hi = c.readout_tokens
+            if not 0 <= lo < hi <= c.vocab_size:
+                raise ValueError(f"readout_tokens {c.readout_tokens} is not a token range of a {c.vocab_size}-token vocabulary")
+            self.cell_readout = nn.Linear(c.d_model if c.cell_readout == "embedding" else pixels, hi - lo, bias=False)
+            nn.init.zeros_(self.cell_readout.weight)
         for p in (self.tile_pos, self.history_pos, self.token_pos):
             nn.init.normal_(p, std=0.5)  # large enough that slots and tiles are told apart from the start
         nn.init.zeros_(self.value_head[-1].weight)
@@ -592,36 +615,48 @@ class VagenNet(nn.Module):
         for block in self.encoder:
             memory = block(memory)
         memory = self.memory_norm(memory)
-        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw], content)
+        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw], content, tiles)
 
     def decode(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)."""
-        x = self._embed(memory, inputs) + self.token_pos[: inputs.shape[1]]
+        """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)
+        ((B, L, S) with S > 1 value streams)."""
+        x, named = self._embed(memory, inputs)
+        x = x + self.token_pos[: inputs.shape[1]]
         for block, kv in zip(self.blocks, memory.kv):
             x = block(x, kv)
-        return self._heads(memory, x)
+        return self._heads(memory, x, named)
 
-    def _embed(self, memory: "Memory", inputs: torch.Tensor) -> torch.Tensor:
+    def _embed(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs (B, L) token ids -> (B, L, d): the token embedding, plus for cell tokens (with
-        ``cell_inputs``) a projection of the named tile's pixel embedding."""
+        ``cell_inputs``) a projection of the named tile's pixel embedding; and that pixel embedding
+        (B, L, d), zero where the input is not a cell (None without ``cell_inputs``)."""
         x = self.token_embed(inputs)
         if self.cell_input is None:
-            return x
+            return x, None
         tiles = memory.content  # (B, P, d)
         cell = inputs - self.config.first_cell_token
         is_cell = (cell >= 0) & (cell < tiles.shape[1])
         index = cell.clamp(0, tiles.shape[1] - 1).unsqueeze(-1).expand(-1, -1, tiles.shape[-1])
-        named = self.cell_input(tiles.gather(1, index))  # (B, L, d)
-        return x + named * is_cell.unsqueeze(-1).to(named.dtype)
+        keep = is_cell.unsqueeze(-1).to(tiles.dtype)
+        content = tiles.gather(1, index) * keep  # (B, L, d)
+        named = content
+        if self.config.cell_readout == "pixels":
+            pixels = memory.pixels
+            named = pixels.gather(1, cell.clamp(0, tiles.shape[1] - 1).unsqueeze(-1).expand(-1, -1, pixels.shape[-1])) * keep
+        return x + self.cell_input(content) * keep, named
 
-    def _heads(self, memory: "Memory", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads(self, memory: "Memory", x: torch.Tensor, named: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.norm(x)
         logits = self.lm_head(h)
+        if self.cell_readout is not None and named is not None:
+            lo, hi = self.config.readout_tokens
+            logits = torch.cat([logits[..., :lo], logits[..., lo:hi] + self.cell_readout(named), logits[..., hi:]], dim=-1)
         if self.pointer is not None:
             first = self.config.first_cell_token
             scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
             logits = torch.cat([logits[..., :first], logits[..., first : first + scores.shape[-1]] + scores, logits[..., first + scores.shape[-1] :]], dim=-1)
-        return logits, self.value_head(h.detach() if self.config.detach_critic else h).squeeze(-1)
+        values = self.value_head(h.detach() if self.config.detach_critic else h)  # (B, L, streams)
+        return logits, values.squeeze(-1) if self.config.value_streams == 1 else values
 
     def new_cache(self, batch_size: int, length: int) -> list[torch.Tensor]:
         """Empty self-attention key/value caches for :meth:`decode_step`, one (B, L, 2d) per block."""
@@ -631,21 +666,24 @@ class VagenNet(nn.Module):
         """One decoding step: ``token`` (B,) is response input position ``i`` (``<bos>`` at 0) ->
         logits (B, V) and value (B,) for response token i. Positions < i must have been fed, in
         order, through the same ``cache`` (:meth:`new_cache`). Equals :meth:`decode` at position i."""
-        x = self._embed(memory, token.unsqueeze(1)) + self.token_pos[i]
+        x, named = self._embed(memory, token.unsqueeze(1))
+        x = x + self.token_pos[i]
         for block, kv, block_cache in zip(self.blocks, memory.kv, cache):
             x = block.step(x, kv, block_cache, i)
-        logits, values = self._heads(memory, x)
+        logits, values = self._heads(memory, x, named)
         return logits[:, 0], values[:, 0]
 
     def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) -> logits (B, L, V), values (B, L)."""
+        """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) -> logits (B, L, V), values (B, L)
+        ((B, L, S) with S > 1 value streams)."""
         return self.decode(self.encode(frames, history), inputs)
 
 
 @dataclass
 class Generation:
     """Sampled responses. tokens (B, L) (``<bos>`` id 0 past the end), mask (B, L) valid tokens,
-    logprobs (B, L) of the sampled tokens, values (B, L) the critic before each token (0 off the mask)."""
+    logprobs (B, L) of the sampled tokens, values (B, L) the critic before each token (0 off the mask;
+    (B, L, S) with S > 1 value streams)."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -673,14 +711,15 @@ def generate(
     tokens = torch.zeros(B, length, dtype=torch.long)
     mask = torch.zeros(B, length, dtype=torch.bool)
     logprobs = torch.zeros(B, length)
-    values = torch.zeros(B, length)
+    streams = net.config.value_streams
+    values = torch.zeros(B, length) if streams == 1 else torch.zeros(B, length, streams)
     with torch.inference_mode():
         alive = torch.ones(B, dtype=torch.bool)
         memory = net.encode(frames, history)  # once per turn
         cache = net.new_cache(B, length)
         for i in range(length):
             logits, value = net.decode_step(memory, token, i, cache)
-            values[:, i] = value * alive
+            values[:, i] = value * (alive if streams == 1 else alive.unsqueeze(-1))
             if temperature <= 0:
                 token = logits.argmax(-1)
             else:

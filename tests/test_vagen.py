@@ -106,6 +106,49 @@ def test_turn_level_advantages_spread_the_turn_advantage_over_the_turn():
     assert ret[0].tolist() == [pytest.approx([1.31] * 3), pytest.approx([1.0, 1.0, 0.0])]
 
 
+def test_split_credit_gives_the_world_model_reward_to_the_tokens_before_the_action():
+    """action_credit=task: each turn's world-modeling reward credits that turn's thinking tokens
+    (discount 0 across turns: A_i = r_t - V_i with token gamma = lambda = 1), not the action of a
+    well-formed response; a malformed one's action is credited with its format penalty. Turn-level
+    only: every credited token gets r_t - V_last."""
+    from omegaconf import OmegaConf
+
+    from agents.train_vagen import _world_model_advantages
+
+    first_action = 10
+    tokens = torch.tensor([[[1, 2, 3, 10], [11, 0, 0, 0], [4, 12, 0, 0]]])  # (N=1, T=3, L=4)
+    mask = torch.tensor([[[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]], dtype=torch.bool)
+    values = torch.tensor([[[0.1, 0.2, 0.3, 9.0], [5.0, 0.0, 0.0, 0.0], [0.4, 7.0, 0.0, 0.0]]])
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    well_formed = torch.tensor([[True, True, True]])
+    cfg = OmegaConf.create({"advantage": "bilevel", "token_gamma": 1.0, "token_lambda": 1.0})
+    adv, ret, think = _world_model_advantages(rewards, values, mask, tokens, well_formed, first_action, cfg)
+    assert think[0].tolist() == [[True, True, True, False], [False] * 4, [True, False, False, False]]
+    assert adv[0, 0].tolist() == pytest.approx([0.9, 0.8, 0.7, 0.0])
+    assert adv[0, 1].tolist() == [0.0] * 4 and adv[0, 2].tolist() == pytest.approx([0.1, 0.0, 0.0, 0.0])
+    assert ret[0, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    cfg.advantage = "turn"
+    adv, _, _ = _world_model_advantages(rewards, values, mask, tokens, well_formed, first_action, cfg)
+    assert adv[0, 0].tolist() == pytest.approx([0.7, 0.7, 0.7, 0.0])
+    # A malformed response (here the second and third: an action too early) credits its action too.
+    cfg.advantage = "bilevel"
+    rewards = torch.tensor([[1.0, -0.1, -0.1]])
+    adv, _, think = _world_model_advantages(rewards, values, mask, tokens, torch.tensor([[True, False, False]]), first_action, cfg)
+    assert think[0].tolist() == [[True, True, True, False], [True, False, False, False], [True, True, False, False]]
+    assert adv[0, 1, 0].item() == pytest.approx(-5.1) and adv[0, 2, :2].tolist() == pytest.approx([-0.5, -7.1])
+
+
+def test_value_loss_of_two_streams_uses_each_streams_tokens():
+    from agents.vagen import ppo_loss
+
+    zeros = torch.zeros(1, 3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    values, returns = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 2.0], [1.0, 2.0], [1.0, 100.0]]])
+    value_mask = torch.tensor([[[1, 1], [1, 1], [1, 0]]], dtype=torch.bool)  # the last token has no second-stream target
+    losses = ppo_loss(zeros, zeros, zeros, values, returns, zeros, mask, clip=0.2, value_coef=1.0, entropy_coef=0.0, value_mask=value_mask)
+    assert losses.parts["value"] == pytest.approx(0.5 * (3 * 1.0 + 2 * 4.0) / 3)
+
+
 def test_per_position_whitening_standardises_each_response_slot():
     from agents.vagen import masked_whiten
 
@@ -265,7 +308,7 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
 # --- the network -----------------------------------------------------------------------------
 
 
-def _random_net(seed: int = 0, cell_inputs: bool = False):
+def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "none"):
     from agents.vagen import VagenModelConfig, VagenNet
 
     env = make_env("MiniGrid-DoorKey-5x5-v0")
@@ -275,18 +318,22 @@ def _random_net(seed: int = 0, cell_inputs: bool = False):
     torch.manual_seed(seed)
     config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
-        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs,
+        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs, cell_readout=cell_readout,
+        readout_tokens=vocab.attribute_tokens,
     )
-    return VagenNet(config).eval(), vocab, torch.from_numpy(frames)
+    net = VagenNet(config).eval()
+    if net.cell_readout is not None:  # zero at the start: give it weights, so that the test sees it
+        torch.nn.init.normal_(net.cell_readout.weight, std=0.5)
+    return net, vocab, torch.from_numpy(frames)
 
 
-@pytest.mark.parametrize("cell_inputs", [False, True])
-def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs):
+@pytest.mark.parametrize("cell_inputs,cell_readout", [(False, "none"), (True, "none"), (True, "embedding"), (True, "pixels")])
+def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs, cell_readout):
     """generate decodes token by token with a key/value cache; its log-probs and values must be
     those of the full causal pass over the same tokens (what PPO trains on)."""
     from agents.vagen import generate, token_logprobs
 
-    net, vocab, frames = _random_net(cell_inputs=cell_inputs)
+    net, vocab, frames = _random_net(cell_inputs=cell_inputs, cell_readout=cell_readout)
     history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
     gen = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(0))
     assert gen.mask.sum(-1).max() > 3  # some rows decode several tokens
@@ -308,12 +355,37 @@ def test_cell_inputs_read_the_named_tile():
     net, vocab, frames = _random_net(cell_inputs=True)
     memory = net.encode(frames[:2], torch.full((2, 2), 7))
     inputs = torch.tensor([[0, vocab.cell(3, 1), vocab.ids["east"]], [0, vocab.cell(0, 2), vocab.none]])
-    embedded = net._embed(memory, inputs)
+    embedded, named = net._embed(memory, inputs)
     plain = net.token_embed(inputs)
     assert torch.equal(embedded[:, 0], plain[:, 0]) and torch.equal(embedded[:, 2], plain[:, 2])
     expected = plain[:, 1] + net.cell_input(torch.stack([memory.content[0, 1 * 5 + 3], memory.content[1, 2 * 5 + 0]]))
     assert torch.allclose(embedded[:, 1], expected, atol=1e-6)
     assert not torch.allclose(embedded[:, 1], plain[:, 1], atol=1e-3)
+    assert torch.equal(named[:, 0], torch.zeros_like(named[:, 0])) and torch.equal(named[:, 2], torch.zeros_like(named[:, 2]))
+
+
+@pytest.mark.parametrize("source", ["embedding", "pixels"])
+def test_cell_readout_adds_a_read_out_of_the_named_tile_to_the_next_logits(source):
+    """With cell read-out the attribute logits (kinds, door states, directions) after a cell token
+    are those without it plus a linear map of the named tile's pixel embedding or pixels; every
+    other logit, and every logit after a token that is not a cell, is unchanged."""
+    net, vocab, frames = _random_net(cell_inputs=True, cell_readout=source)
+    history = torch.full((2, 2), 7)
+    inputs = torch.tensor([[0, vocab.cell(3, 1), vocab.ids["east"]], [0, vocab.cell(0, 2), vocab.none]])
+    memory = net.encode(frames[:2], history)
+    with_readout, _ = net.decode(memory, inputs)
+    readout, net.cell_readout = net.cell_readout, None
+    without, _ = net.decode(memory, inputs)
+    net.cell_readout = readout
+    assert torch.allclose(with_readout[:, [0, 2]], without[:, [0, 2]], atol=1e-6)
+    tiles = memory.content if source == "embedding" else memory.pixels
+    named = torch.stack([tiles[0, 1 * 5 + 3], tiles[1, 2 * 5 + 0]])
+    lo, hi = vocab.attribute_tokens
+    assert vocab.names[lo:hi] == [*(f"carry_{n}" for n in ("key", "ball", "box")), "door_open", "door_closed", "door_locked", "east", "south", "west", "north"]
+    expected = without[:, 1].clone()
+    expected[:, lo:hi] += readout(named)
+    assert torch.allclose(with_readout[:, 1], expected, atol=1e-5)
+    assert not torch.allclose(with_readout[:, 1, lo:hi], without[:, 1, lo:hi], atol=1e-3)
 
 
 def test_generation_is_deterministic_for_a_seed():
