@@ -73,12 +73,15 @@ class VagenConfig:
     popart: bool = param(False, "when the value normaliser's statistics move, rescale the critic's last layer so its values stay put")
     lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)")
     advantage_norm: str = param("global", "advantage whitening: global (over all tokens of a rollout) or per_position (each response slot apart)")
+    advantage_std_floor: float = param(
+        0.05, "whitening divides by max(std, this): a rollout whose advantages barely differ (all right, no task reward) is not blown up to unit scale"
+    )
     detach_critic: bool = param(True, "value head on the actor's features with the gradient stopped (False: the value loss trains the trunk too; that broke the format)")
     action_credit: str = param(
         "turn",
         "what the action token is credited with: turn (the whole turn reward, task plus world-modeling, as in VAGEN) or "
-        "task (the task reward and format penalty only; the world-modeling reward credits the tokens before the action, "
-        "each turn on its own, through a second value stream)",
+        "task (the task reward only; the world-modeling reward, or the format penalty, credits the tokens before the action, "
+        "each turn on its own, through a second value stream, and the action too where the response is malformed)",
     )
     clip: float = param(0.2, "PPO ratio clip")
     target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
@@ -530,7 +533,9 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             returns, value_mask = torch.stack([returns, wm_ret], -1), torch.stack([to_nt(buf_mask), think], -1)
         else:
             returns = returns.unsqueeze(-1)
-        advantages = masked_whiten(advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position")
+        advantages = masked_whiten(
+            advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor
+        )
         flat = lambda x: x.reshape(N * T, *x.shape[2:])  # noqa: E731
         b_frames = torch.from_numpy(buf_frames.swapaxes(0, 1).reshape(N * T, *frames.shape[1:]))
         b_history = torch.from_numpy(buf_history.swapaxes(0, 1).reshape(N * T, vcfg.history_len))

@@ -347,15 +347,19 @@ def turn_level_advantages(
     return turn_adv.unsqueeze(-1) * mask, turn_ret.unsqueeze(-1) * mask, turn_adv
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, per_position: bool = False) -> torch.Tensor:
-    """(values - mean) / std over the masked entries; zero off the mask. values, mask: (..., L);
-    ``per_position`` whitens each response position (last axis) on its own statistics."""
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, per_position: bool = False, std_floor: float = 0.0
+) -> torch.Tensor:
+    """(values - mean) / max(std, std_floor) over the masked entries; zero off the mask. values,
+    mask: (..., L); ``per_position`` whitens each response position (last axis) on its own
+    statistics. The floor keeps a rollout with nearly equal advantages (every response right, no
+    task reward: what is left is the critic's error) from being blown up to unit scale."""
     mask = mask.to(values.dtype)
     dims = tuple(range(values.dim() - 1)) if per_position else tuple(range(values.dim()))
     count = mask.sum(dims, keepdim=True).clamp_min(1.0)
     mean = (values * mask).sum(dims, keepdim=True) / count
     var = (((values - mean) * mask) ** 2).sum(dims, keepdim=True) / count
-    return (values - mean) * torch.rsqrt(var + eps) * mask
+    return (values - mean) * torch.rsqrt(torch.clamp(var, min=std_floor**2) + eps) * mask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,18 @@ def test_per_position_whitening_standardises_each_response_slot():
     assert not torch.allclose(whole, out)
 
 
+def test_whitening_floor_keeps_nearly_equal_advantages_small():
+    from agents.vagen import masked_whiten
+
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    tiny = torch.tensor([[0.001, -0.001, 0.002, -0.002]])  # the critic's error, nothing to learn
+    assert masked_whiten(tiny, mask).pow(2).mean().item() == pytest.approx(1.0, rel=1e-2)  # blown up to unit scale
+    floored = masked_whiten(tiny, mask, std_floor=0.05)
+    assert floored.tolist() == [pytest.approx([0.02, -0.02, 0.04, -0.04], rel=1e-4)]
+    large = torch.tensor([[1.0, -1.0, 2.0, -2.0]])  # above the floor: ordinary whitening
+    assert torch.allclose(masked_whiten(large, mask, std_floor=0.05), masked_whiten(large, mask))
+
+
 def test_popart_keeps_the_critics_values_when_the_statistics_move():
     from agents.train_vagen import ValueNormalizer
 
@@ -484,14 +496,16 @@ def test_dream_option_trains_on_the_world_models_state_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("credit", ["turn", "task"])
+def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch, credit):
+    """Also the end-to-end run of each action credit (``task``: two value streams, two normalisers)."""
     import agents.train_vagen as train_vagen
     from scripts.train_vagen import main
 
     args = [
         "--preset", "tiny", f"run.root={tmp_path}", "run.name=killed", "vagen.num_envs=2", "vagen.rollout_turns=4",
         "vagen.total_env_steps=24", "vagen.minibatch_turns=8", "vagen.checkpoint_every=1", "vagen.format_warmup_steps=5",
-        "vagen.eval_episodes=1", "env.max_steps=20",
+        "vagen.eval_episodes=1", "env.max_steps=20", f"vagen.action_credit={credit}",
     ]
 
     def killed(*_args, **_kwargs):
@@ -506,6 +520,8 @@ def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     metrics = main(args)
     assert metrics["env_steps"] == 24 and (tmp_path / "killed" / "vagen.pt").is_file() and not resume.exists()
+    saved = torch.load(tmp_path / "killed" / "vagen.pt", weights_only=False)
+    assert saved["model_config"]["value_streams"] == (2 if credit == "task" else 1)
 
 
 def test_a_bad_strategy_fails_naming_the_key(tmp_path, capsys):
