@@ -523,16 +523,19 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
         # --- advantages ---------------------------------------------------------------------------
         to_nt = lambda x: x.transpose(0, 1)  # noqa: E731  (T, N, ...) -> (N, T, ...)
-        advantages, returns = _advantages(to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values[..., 0]), to_nt(buf_mask), last_value, vcfg)
-        value_mask = to_nt(buf_mask).unsqueeze(-1)
+        advantages, returns = _advantages(
+            to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values[..., 0]), to_nt(buf_mask), last_value,
+            vcfg.advantage, vcfg.turn_gamma, vcfg.turn_lambda, vcfg.token_gamma, vcfg.token_lambda,
+        )
+        stream_returns, stream_masks = [returns], [to_nt(buf_mask)]  # one entry per value stream
         if split:
             wm_adv, wm_ret, think = _world_model_advantages(
                 to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg
             )
             advantages = advantages + wm_adv
-            returns, value_mask = torch.stack([returns, wm_ret], -1), torch.stack([to_nt(buf_mask), think], -1)
-        else:
-            returns = returns.unsqueeze(-1)
+            stream_returns.append(wm_ret)
+            stream_masks.append(think)
+        returns, value_mask = torch.stack(stream_returns, -1), torch.stack(stream_masks, -1)  # (N, T, L, streams)
         advantages = masked_whiten(
             advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor
         )
@@ -543,8 +546,6 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         for k, norm in enumerate(value_norms):
             norm.update(returns[..., k][value_mask[..., k]], net.value_head[-1] if vcfg.popart else None, row=k)
         returns = torch.stack([norm.normalize(returns[..., k]) for k, norm in enumerate(value_norms)], -1)
-        if not split:
-            returns, value_mask = returns[..., 0], value_mask[..., 0]
         b_logprobs, b_adv, b_ret, b_vmask = flat(to_nt(buf_logprobs)), flat(advantages), flat(returns), flat(value_mask)
 
         # --- PPO on token log-probs -----------------------------------------------------------------
@@ -562,6 +563,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             for lo in range(0, N * T, vcfg.minibatch_turns):
                 idx = order[lo : lo + vcfg.minibatch_turns]
                 logprobs, entropy, values = token_logprobs(net, b_frames[idx], b_history[idx], b_tokens[idx])
+                values = values.reshape(*logprobs.shape, -1)  # (M, L, streams), one stream included
                 losses = ppo_loss(
                     logprobs, b_logprobs[idx], b_adv[idx], values, b_ret[idx], entropy, b_mask[idx],
                     clip=vcfg.clip, value_coef=vcfg.value_coef, entropy_coef=vcfg.entropy_coef, value_mask=b_vmask[idx],
@@ -637,24 +639,22 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
 
 def _denormalize(norms: list[ValueNormalizer], values: torch.Tensor) -> torch.Tensor:
-    """The critic's outputs in return units, with a trailing stream axis: (..., L) -> (..., L, 1)
-    for one stream, (..., L, S) -> (..., L, S) for S."""
-    if len(norms) == 1:
-        return norms[0].denormalize(values).unsqueeze(-1)
+    """The critic's outputs (B, L) or (B, L, S) in return units, (B, L, S): one stream included."""
+    values = values.reshape(*values.shape[:2], len(norms))
     return torch.stack([norm.denormalize(values[..., k]) for k, norm in enumerate(norms)], -1)
 
 
-def _advantages(rewards, dones, values, mask, last_value, vcfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns (N, T, L) of the turn rewards: bi-level GAE or turn-level only."""
-    if vcfg.advantage == "bilevel":
+def _advantages(
+    rewards, dones, values, mask, last_value, advantage: str, turn_gamma: float, turn_lambda: float, token_gamma: float, token_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns (N, T, L) of turn rewards: bi-level GAE or turn-level only."""
+    if advantage == "bilevel":
         advantages, returns, _ = bilevel_gae(
             rewards, dones, values, mask, last_value,
-            turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda, token_gamma=vcfg.token_gamma, token_lambda=vcfg.token_lambda,
+            turn_gamma=turn_gamma, turn_lambda=turn_lambda, token_gamma=token_gamma, token_lambda=token_lambda,
         )
     else:
-        advantages, returns, _ = turn_level_advantages(
-            rewards, dones, values, mask, last_value, turn_gamma=vcfg.turn_gamma, turn_lambda=vcfg.turn_lambda
-        )
+        advantages, returns, _ = turn_level_advantages(rewards, dones, values, mask, last_value, turn_gamma=turn_gamma, turn_lambda=turn_lambda)
     return advantages, returns
 
 
@@ -674,8 +674,9 @@ def _world_model_advantages(
     padded[..., 0] |= ~has_thought  # a response that acted at once: a stand-in token, zeroed below
     no_bootstrap = torch.ones_like(rewards, dtype=torch.bool)
     zero = torch.zeros(rewards.shape[0], dtype=values.dtype)
-    sub = OmegaConf.create({"advantage": vcfg.advantage, "turn_gamma": 0.0, "turn_lambda": 0.0, "token_gamma": vcfg.token_gamma, "token_lambda": vcfg.token_lambda})
-    advantages, returns = _advantages(rewards, no_bootstrap, values, padded, zero, sub)
+    advantages, returns = _advantages(
+        rewards, no_bootstrap, values, padded, zero, vcfg.advantage, 0.0, 0.0, vcfg.token_gamma, vcfg.token_lambda
+    )
     keep = think.to(values.dtype)
     return advantages * keep, returns * keep, think
 

@@ -444,6 +444,12 @@ class VagenModelConfig:
     readout_tokens: tuple[int, int] = (0, 0)  # [first, end) token ids the read-out scores (attributes: kinds, door states, directions)
 
 
+def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
+    """``logits`` (..., V) with ``extra`` (..., K) added to tokens first .. first + K - 1 (out of place)."""
+    end = first + extra.shape[-1]
+    return torch.cat([logits[..., :first], logits[..., first:end] + extra, logits[..., end:]], dim=-1)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     """q (B, Sq, D), k/v (B, Sk, D) -> (B, Sq, D), multi-head.
 
@@ -637,28 +643,26 @@ class VagenNet(nn.Module):
         x = self.token_embed(inputs)
         if self.cell_input is None:
             return x, None
-        tiles = memory.content  # (B, P, d)
         cell = inputs - self.config.first_cell_token
-        is_cell = (cell >= 0) & (cell < tiles.shape[1])
-        index = cell.clamp(0, tiles.shape[1] - 1).unsqueeze(-1).expand(-1, -1, tiles.shape[-1])
-        keep = is_cell.unsqueeze(-1).to(tiles.dtype)
-        content = tiles.gather(1, index) * keep  # (B, L, d)
-        named = content
-        if self.config.cell_readout == "pixels":
-            pixels = memory.pixels
-            named = pixels.gather(1, cell.clamp(0, tiles.shape[1] - 1).unsqueeze(-1).expand(-1, -1, pixels.shape[-1])) * keep
-        return x + self.cell_input(content) * keep, named
+        is_cell = (cell >= 0) & (cell < memory.content.shape[1])
+        index = cell.clamp(0, memory.content.shape[1] - 1).unsqueeze(-1)
+        keep = is_cell.unsqueeze(-1).to(memory.content.dtype)
+
+        def named(per_tile: torch.Tensor) -> torch.Tensor:  # (B, P, C) -> the named tile's row (B, L, C), 0 off cells
+            return per_tile.gather(1, index.expand(-1, -1, per_tile.shape[-1])) * keep
+
+        content = named(memory.content)  # (B, L, d)
+        readout_input = named(memory.pixels) if self.config.cell_readout == "pixels" else content
+        return x + self.cell_input(content) * keep, readout_input
 
     def _heads(self, memory: "Memory", x: torch.Tensor, named: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.norm(x)
         logits = self.lm_head(h)
         if self.cell_readout is not None and named is not None:
-            lo, hi = self.config.readout_tokens
-            logits = torch.cat([logits[..., :lo], logits[..., lo:hi] + self.cell_readout(named), logits[..., hi:]], dim=-1)
+            logits = _add_to_tokens(logits, self.config.readout_tokens[0], self.cell_readout(named))
         if self.pointer is not None:
-            first = self.config.first_cell_token
             scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
-            logits = torch.cat([logits[..., :first], logits[..., first : first + scores.shape[-1]] + scores, logits[..., first + scores.shape[-1] :]], dim=-1)
+            logits = _add_to_tokens(logits, self.config.first_cell_token, scores)
         values = self.value_head(h.detach() if self.config.detach_critic else h)  # (B, L, streams)
         return logits, values.squeeze(-1) if self.config.value_streams == 1 else values
 
