@@ -39,6 +39,7 @@ from agents.vagen import (
     parse_response,
     ppo_loss,
     random_well_formed,
+    slot_mask,
     state_fields,
     template,
     token_logprobs,
@@ -62,13 +63,13 @@ class VagenConfig:
     world: str = param("real", "where it trains: real (the MiniGrid env) or dream (the world model; truth = its state head)")
     world_model: str = param("", "dream only: run folder holding tokenizer.pt and dynamics.pt (default: this run)")
     train_max_steps: int = param(
-        64, "real env only: step limit of training episodes (0: the env's own); evaluation keeps the env's limit. Shorter episodes mean more fresh starts to learn from"
+        0, "real env only: step limit of training episodes (0: the env's own); evaluation keeps the env's limit. Shorter episodes mean more fresh starts to learn from"
     )
-    total_env_steps: int = param(200_000, "env steps (turns) to train for, over all envs")
-    num_envs: int = param(16, "envs stepped together (one batched decode per turn)")
-    rollout_turns: int = param(16, "turns per env between updates")
-    epochs: int = param(3, "PPO epochs over each rollout")
-    minibatch_turns: int = param(64, "turns per PPO minibatch")
+    total_env_steps: int = param(100_352, "env steps (turns) to train for, over all envs")
+    num_envs: int = param(64, "envs stepped together (one batched decode per turn)")
+    rollout_turns: int = param(32, "turns per env between updates")
+    epochs: int = param(4, "PPO epochs over each rollout")
+    minibatch_turns: int = param(256, "turns per PPO minibatch")
     lr: float = param(1e-3, "Adam learning rate")
     popart: bool = param(False, "when the value normaliser's statistics move, rescale the critic's last layer so its values stay put")
     lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)")
@@ -76,21 +77,27 @@ class VagenConfig:
     advantage_std_floor: float = param(
         0.05, "whitening divides by max(std, this): a rollout whose advantages barely differ (all right, no task reward) is not blown up to unit scale"
     )
-    detach_critic: bool = param(True, "value head on the actor's features with the gradient stopped (False: the value loss trains the trunk too; that broke the format)")
+    detach_critic: bool = param(
+        False, "value head on the actor's features with the gradient stopped (True: the critic cannot shape the features; NoThink then learned DoorKey-5x5 far slower)"
+    )
     action_credit: str = param(
-        "turn",
-        "what the action token is credited with: turn (the whole turn reward, task plus world-modeling, as in VAGEN) or "
+        "task",
+        "what the action token is credited with: turn (the whole turn reward, task plus world-modeling, as in VAGEN: the agent learns to stand still) or "
         "task (the task reward only; the world-modeling reward, or the format penalty, credits the tokens before the action, "
         "each turn on its own, through a second value stream, and the action too where the response is malformed)",
     )
     clip: float = param(0.2, "PPO ratio clip")
     target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
     value_coef: float = param(0.5, "weight of the value loss")
-    entropy_coef: float = param(0.001, "weight of the token entropy bonus")
+    entropy_coef: float = param(0.01, "weight of the token entropy bonus")
+    entropy_over: str = param(
+        "slot", "what the entropy bonus spreads probability over: slot (the tokens each slot accepts, renormalised) or vocab "
+        "(the whole vocabulary: the bonus then also pays for malformed responses; at 0.01 it collapsed NoThink's format)"
+    )
     max_grad_norm: float = param(0.5, "gradient norm clip")
     turn_gamma: float = param(0.99, "turn-level discount")
     turn_lambda: float = param(
-        0.0, "turn-level GAE lambda (0: a turn's advantage is its TD error, free of the accuracy noise of later turns)"
+        0.95, "turn-level GAE lambda of the turn (or task) rewards; with action_credit=task the world-modeling reward uses 0 (each turn on its own)"
     )
     token_gamma: float = param(1.0, "token-level discount inside a turn (bilevel only)")
     token_lambda: float = param(1.0, "token-level GAE lambda inside a turn (bilevel only)")
@@ -386,6 +393,8 @@ def check_config(vcfg: Any) -> None:
         raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
     if vcfg.action_credit not in ("turn", "task"):
         raise ValueError(f"vagen.action_credit must be 'turn' or 'task', got '{vcfg.action_credit}'")
+    if vcfg.entropy_over not in ("slot", "vocab"):
+        raise ValueError(f"vagen.entropy_over must be 'slot' or 'vocab', got '{vcfg.entropy_over}'")
     if vcfg.cell_readout not in ("none", "embedding", "pixels"):
         raise ValueError(f"vagen.cell_readout must be 'none', 'embedding' or 'pixels', got '{vcfg.cell_readout}'")
     if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
@@ -430,6 +439,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         groups.append({"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale, "base_lr": vcfg.lr * vcfg.readout_lr_scale})
     optimizer = torch.optim.Adam(groups, lr=vcfg.lr, eps=1e-5)
     actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
+    entropy_mask = slot_mask(vcfg.strategy, vocab, vcfg.free_think_len) if vcfg.entropy_over == "slot" else None
     steps_per_update = vcfg.num_envs * vcfg.rollout_turns
     num_updates = max(1, math.ceil(vcfg.total_env_steps / steps_per_update))
     offset = full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) if vcfg.center_world_model_reward and not split else 0.0
@@ -527,18 +537,21 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values[..., 0]), to_nt(buf_mask), last_value,
             vcfg.advantage, vcfg.turn_gamma, vcfg.turn_lambda, vcfg.token_gamma, vcfg.token_lambda,
         )
+        whiten = lambda adv, mask: masked_whiten(  # noqa: E731
+            adv, mask, per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor
+        )
         stream_returns, stream_masks = [returns], [to_nt(buf_mask)]  # one entry per value stream
+        advantages = whiten(advantages, to_nt(buf_mask))
         if split:
             wm_adv, wm_ret, think = _world_model_advantages(
                 to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg
             )
-            advantages = advantages + wm_adv
+            # Each stream whitened on its own: the dense world-modeling advantages would otherwise
+            # set the scale and shrink the sparse task reward's signal on the action.
+            advantages = advantages + whiten(wm_adv, think)
             stream_returns.append(wm_ret)
             stream_masks.append(think)
         returns, value_mask = torch.stack(stream_returns, -1), torch.stack(stream_masks, -1)  # (N, T, L, streams)
-        advantages = masked_whiten(
-            advantages, to_nt(buf_mask), per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor
-        )
         flat = lambda x: x.reshape(N * T, *x.shape[2:])  # noqa: E731
         b_frames = torch.from_numpy(buf_frames.swapaxes(0, 1).reshape(N * T, *frames.shape[1:]))
         b_history = torch.from_numpy(buf_history.swapaxes(0, 1).reshape(N * T, vcfg.history_len))
@@ -562,7 +575,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             order = torch.randperm(N * T, generator=order_gen)
             for lo in range(0, N * T, vcfg.minibatch_turns):
                 idx = order[lo : lo + vcfg.minibatch_turns]
-                logprobs, entropy, values = token_logprobs(net, b_frames[idx], b_history[idx], b_tokens[idx])
+                logprobs, entropy, values = token_logprobs(net, b_frames[idx], b_history[idx], b_tokens[idx], entropy_mask)
                 values = values.reshape(*logprobs.shape, -1)  # (M, L, streams), one stream included
                 losses = ppo_loss(
                     logprobs, b_logprobs[idx], b_adv[idx], values, b_ret[idx], entropy, b_mask[idx],

@@ -241,14 +241,22 @@ def full_world_model_reward(strategy: str, state_weight: float, prediction_weigh
     )
 
 
+def slot_mask(strategy: str, vocab: Vocab, free_think_len: int = 12) -> torch.Tensor:
+    """(L, V) bool: the tokens each position of the strategy's template accepts."""
+    slots = template(strategy, free_think_len)
+    mask = torch.zeros(len(slots), len(vocab), dtype=torch.bool)
+    for i, (_, slot) in enumerate(slots):
+        mask[i, sorted(vocab.slot_tokens[slot])] = True
+    return mask
+
+
 def random_well_formed(
     strategy: str, vocab: Vocab, batch_size: int, generator: torch.Generator, free_think_len: int = 12
 ) -> torch.Tensor:
     """(B, L) responses with a uniformly random token in every slot: grammar without content."""
-    slots = template(strategy, free_think_len)
     columns = []
-    for _, slot in slots:
-        allowed = torch.tensor(sorted(vocab.slot_tokens[slot]), dtype=torch.long)
+    for legal in slot_mask(strategy, vocab, free_think_len):
+        allowed = legal.nonzero().squeeze(-1)
         columns.append(allowed[torch.randint(len(allowed), (batch_size,), generator=generator)])
     return torch.stack(columns, dim=1)
 
@@ -742,14 +750,25 @@ def generate(
     return Generation(tokens, mask, logprobs, values)
 
 
-def token_logprobs(net: VagenNet, frames: torch.Tensor, history: torch.Tensor, tokens: torch.Tensor):
+def token_logprobs(
+    net: VagenNet, frames: torch.Tensor, history: torch.Tensor, tokens: torch.Tensor, entropy_mask: torch.Tensor | None = None
+):
     """Teacher-forced pass over response tokens (B, L): log-probs (B, L), entropies (B, L) and
-    values (B, L, the value before each token) at every position (mask them outside)."""
+    values (B, L, the value before each token) at every position (mask them outside).
+
+    With ``entropy_mask`` (L, V) bool (:func:`slot_mask`), a position's entropy is that of its
+    distribution renormalised over the tokens its slot accepts: an entropy bonus then spreads
+    probability over well-formed choices, where over the whole vocabulary it also rewards
+    moving mass onto tokens that break the format."""
     inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
     logits, values = net(frames, history, inputs)
     log_p = torch.log_softmax(logits, dim=-1)
     logprobs = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    if entropy_mask is not None:
+        log_q = torch.log_softmax(logits.masked_fill(~entropy_mask, float("-inf")), dim=-1)
+        entropy = -(log_q.exp() * log_q.masked_fill(~entropy_mask, 0.0)).sum(-1)
+    else:
+        entropy = -(log_p.exp() * log_p).sum(-1)
     return logprobs, entropy, values
 
 

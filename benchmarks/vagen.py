@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--envs", nargs="+", default=["MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_RUNS), choices=list(STRATEGY_RUNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=32768, help="real env steps per run (the same for every strategy); 32768: the table in docs/vagen.md, ~37 min on 2 cores")
+    parser.add_argument("--steps", type=int, default=100352, help="real env steps per run (the same for every strategy); 100352 = 49 updates of the default 64 x 32 turns")
     parser.add_argument("--eval-episodes", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
     parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")

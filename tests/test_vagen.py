@@ -361,6 +361,27 @@ def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs, cell_readou
     assert torch.allclose(again[:, :6], logprobs[:, :6], atol=1e-6)
 
 
+def test_slot_entropy_is_the_entropy_over_the_tokens_a_slot_accepts():
+    """With the slot mask, a position's entropy is that of its distribution renormalised over its
+    slot's tokens, so it is log(slot size) at most; over the whole vocabulary it is larger."""
+    from agents.vagen import slot_mask, token_logprobs
+
+    net, vocab, frames = _random_net()
+    mask = slot_mask("WorldModeling", vocab)
+    assert mask.shape == (13, len(vocab)) and mask[-1].sum() == 7 and mask[0].sum() == 25  # actions; 5x5 cells
+    history = torch.full((len(frames), 2), 7)
+    tokens = torch.randint(len(vocab), (len(frames), 13), generator=torch.Generator().manual_seed(0))
+    _, entropy, _ = token_logprobs(net, frames, history, tokens, mask)
+    inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    logits, _ = net(frames, history, inputs)
+    q = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    expected = -(q * q.clamp_min(1e-30).log()).sum(-1)
+    assert torch.allclose(entropy, expected, atol=1e-5)
+    assert (entropy <= mask.sum(-1).float().log() + 1e-5).all()
+    _, vocab_entropy, _ = token_logprobs(net, frames, history, tokens)
+    assert (vocab_entropy > entropy).all()  # the whole vocabulary also counts the format-breaking tokens
+
+
 def test_cell_inputs_read_the_named_tile():
     """With cell inputs a cell token c{x},{y} enters the decoder with tile (x, y)'s pixel embedding
     added (tiles in row-major order, as the pointer logits score them); other tokens enter as before."""
