@@ -89,6 +89,14 @@ class VagenConfig:
     clip: float = param(0.2, "PPO ratio clip")
     target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
     value_coef: float = param(0.5, "weight of the value loss")
+    value_std_floor: float = param(
+        0.1, "floor under the critic's return normaliser's std, in reward units: task returns that are almost all zero "
+        "(or world-modeling rewards that are almost all right) would otherwise put a rare return hundreds of stds away"
+    )
+    value_huber_delta: float = param(
+        1.0, "Huber loss on the critic's normalised values, linear beyond this error (0: squared error). A rare success, "
+        "many normalised stds away when task returns are almost all zero, otherwise spikes the value loss, and through the shared trunk breaks the format"
+    )
     entropy_coef: float = param(0.01, "weight of the token entropy bonus")
     entropy_over: str = param(
         "slot", "what the entropy bonus spreads probability over: slot (the tokens each slot accepts, renormalised) or vocab "
@@ -264,8 +272,8 @@ class ValueNormalizer:
     per-turn rewards the returns reach -0.2 / (1 - gamma), which a zero-initialised value head
     would need thousands of updates to reach."""
 
-    def __init__(self, momentum: float = 0.9):
-        self.momentum = momentum
+    def __init__(self, momentum: float = 0.9, std_floor: float = 1e-3):
+        self.momentum, self.std_floor = momentum, std_floor
         self.mean, self.std, self.initialised = 0.0, 1.0, False
 
     def update(self, targets: torch.Tensor, head: torch.nn.Linear | None = None, row: int = 0) -> None:
@@ -273,7 +281,9 @@ class ValueNormalizer:
         last layer, outputs in normalised units) rescale it so that its denormalised outputs stay
         what they were (PopArt): otherwise every shift of the statistics shifts every value."""
         old_mean, old_std = self.mean, self.std
-        mean, std = float(targets.mean()), float(targets.std().clamp_min(1e-3)) if targets.numel() > 1 else 1.0
+        # The floor: where nearly every return is the same (no success yet, every response right),
+        # the std would shrink towards zero and a rare return would land hundreds of stds away.
+        mean, std = float(targets.mean()), float(targets.std().clamp_min(self.std_floor)) if targets.numel() > 1 else 1.0
         if not self.initialised:
             self.mean, self.std, self.initialised = mean, std, True
         else:
@@ -431,7 +441,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         value_streams=2 if split else 1,
     )
     net = VagenNet(model_config)
-    value_norms = [ValueNormalizer() for _ in range(2 if split else 1)]  # task (or turn) reward; world-modeling reward
+    value_norms = [ValueNormalizer(std_floor=vcfg.value_std_floor) for _ in range(2 if split else 1)]  # task (or turn) reward; world-modeling reward
     readout = [p for name, p in net.named_parameters() if name.startswith("cell_readout.")]
     others = [p for name, p in net.named_parameters() if not name.startswith("cell_readout.")]
     groups = [{"params": others, "lr": vcfg.lr, "base_lr": vcfg.lr}]
@@ -580,6 +590,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                 losses = ppo_loss(
                     logprobs, b_logprobs[idx], b_adv[idx], values, b_ret[idx], entropy, b_mask[idx],
                     clip=vcfg.clip, value_coef=vcfg.value_coef, entropy_coef=vcfg.entropy_coef, value_mask=b_vmask[idx],
+                    huber_delta=vcfg.value_huber_delta,
                 )
                 if vcfg.target_kl > 0 and losses.parts["approx_kl"] > 1.5 * vcfg.target_kl:
                     stopped = True  # the policy already moved far enough from the rollout's: no more steps on it

@@ -396,11 +396,14 @@ def ppo_loss(
     value_coef: float,
     entropy_coef: float,
     value_mask: torch.Tensor | None = None,
+    huber_delta: float = 0.0,
 ) -> Losses:
     """Clipped PPO on token log-probs; every argument is (M, L) and ``mask`` picks the response
     tokens; means are over valid tokens (each token one decision). With several value streams
     ``values`` and ``returns`` are (M, L, S) and ``value_mask`` (M, L, S) picks each stream's
-    tokens; the value loss is summed over the streams."""
+    tokens; the value loss is summed over the streams. ``huber_delta`` > 0: the value loss is the
+    Huber loss (squared within delta, linear beyond), so one surprising return moves the critic,
+    and a trunk it shares with the policy, no more than an error of delta would; 0: squared error."""
     mask = mask.to(logprobs.dtype)
     count = mask.sum().clamp_min(1.0)
     ratio = torch.exp(logprobs - old_logprobs)
@@ -409,7 +412,11 @@ def ppo_loss(
     policy_loss = -(torch.minimum(unclipped, clipped) * mask).sum() / count
     if value_mask is None:
         value_mask = mask if values.dim() == mask.dim() else mask.unsqueeze(-1).expand_as(values)
-    value_loss = 0.5 * (((values - returns) ** 2) * value_mask.to(values.dtype)).sum() / count
+    if huber_delta > 0:
+        errors = torch.nn.functional.huber_loss(values, returns, reduction="none", delta=huber_delta)
+    else:
+        errors = 0.5 * (values - returns) ** 2
+    value_loss = (errors * value_mask.to(values.dtype)).sum() / count
     entropy_mean = (entropy * mask).sum() / count
     total = policy_loss + value_coef * value_loss - entropy_coef * entropy_mean
     with torch.no_grad():

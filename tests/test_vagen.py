@@ -149,6 +149,24 @@ def test_value_loss_of_two_streams_uses_each_streams_tokens():
     assert losses.parts["value"] == pytest.approx(0.5 * (3 * 1.0 + 2 * 4.0) / 3)
 
 
+def test_huber_value_loss_is_squared_within_delta_and_linear_beyond():
+    """A surprising return (error 10) pulls the critic with the gradient of an error of delta,
+    where the squared error would pull 10 times harder; small errors are scored as before."""
+    from agents.vagen import ppo_loss
+
+    zeros = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    returns = torch.tensor([[0.5, 10.0]])
+    kwargs = dict(clip=0.2, value_coef=1.0, entropy_coef=0.0)
+    values = torch.zeros(1, 2, requires_grad=True)
+    huber = ppo_loss(zeros, zeros, zeros, values, returns, zeros, mask, huber_delta=1.0, **kwargs)
+    huber.total.backward()
+    assert huber.parts["value"] == pytest.approx((0.5 * 0.25 + (10.0 - 0.5)) / 2)
+    assert torch.allclose(values.grad, torch.tensor([[-0.25, -0.5]]))  # (-0.5, -1) / 2 tokens
+    squared = ppo_loss(zeros, zeros, zeros, torch.zeros(1, 2), returns, zeros, mask, **kwargs)
+    assert squared.parts["value"] == pytest.approx((0.5 * 0.25 + 0.5 * 100.0) / 2)
+
+
 def test_per_position_whitening_standardises_each_response_slot():
     from agents.vagen import masked_whiten
 
@@ -193,6 +211,22 @@ def test_popart_keeps_the_critics_values_when_the_statistics_move():
         after = norm.denormalize(head(features))
         # With the head rescaled the values stay put; without, every value moves with the statistics.
         assert torch.allclose(after, before, atol=1e-5) == popart
+
+
+def test_value_normaliser_std_has_a_floor():
+    """Returns that are all the same (no success yet) leave the std at the floor, so a rare
+    success lands floor-scaled stds away, not a thousand."""
+    from agents.train_vagen import ValueNormalizer
+
+    norm = ValueNormalizer(std_floor=0.1)
+    for _ in range(50):
+        norm.update(torch.zeros(64))
+    assert norm.std == pytest.approx(0.1)
+    assert float(norm.normalize(torch.tensor(0.9))) == pytest.approx(9.0)
+    loose = ValueNormalizer()
+    for _ in range(50):
+        loose.update(torch.zeros(64))
+    assert float(loose.normalize(torch.tensor(0.9))) > 500
 
 
 # --- parsing and rewards -----------------------------------------------------------------------
