@@ -450,6 +450,10 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     optimizer = torch.optim.Adam(groups, lr=vcfg.lr, eps=1e-5)
     actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
     entropy_mask = slot_mask(vcfg.strategy, vocab, vcfg.free_think_len) if vcfg.entropy_over == "slot" else None
+
+    def whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_whiten(advantages, mask, per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor)
+
     steps_per_update = vcfg.num_envs * vcfg.rollout_turns
     num_updates = max(1, math.ceil(vcfg.total_env_steps / steps_per_update))
     offset = full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) if vcfg.center_world_model_reward and not split else 0.0
@@ -546,9 +550,6 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         advantages, returns = _advantages(
             to_nt(buf_rewards), to_nt(buf_dones), to_nt(buf_values[..., 0]), to_nt(buf_mask), last_value,
             vcfg.advantage, vcfg.turn_gamma, vcfg.turn_lambda, vcfg.token_gamma, vcfg.token_lambda,
-        )
-        whiten = lambda adv, mask: masked_whiten(  # noqa: E731
-            adv, mask, per_position=vcfg.advantage_norm == "per_position", std_floor=vcfg.advantage_std_floor
         )
         stream_returns, stream_masks = [returns], [to_nt(buf_mask)]  # one entry per value stream
         advantages = whiten(advantages, to_nt(buf_mask))
