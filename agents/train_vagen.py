@@ -39,6 +39,7 @@ from agents.vagen import (
     parse_response,
     ppo_loss,
     random_well_formed,
+    readout_positions,
     slot_mask,
     state_fields,
     template,
@@ -84,7 +85,9 @@ class VagenConfig:
         "task",
         "what the action token is credited with: turn (the whole turn reward, task plus world-modeling, as in VAGEN: the agent learns to stand still) or "
         "task (the task reward only; the world-modeling reward, or the format penalty, credits the tokens before the action, "
-        "each turn on its own, through a second value stream, and the action too where the response is malformed)",
+        "each turn on its own, through a second value stream, and the action too where the response is malformed) or "
+        "task_and_own_turn (as task, and the action is also credited with its own turn's world-modeling reward, not later turns': "
+        "it is paid for carrying out the prediction just written, not for steering towards states that are easy to predict)",
     )
     clip: float = param(0.2, "PPO ratio clip")
     target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
@@ -401,8 +404,8 @@ def check_config(vcfg: Any) -> None:
         raise ValueError(f"vagen.lr_schedule must be 'constant' or 'linear', got '{vcfg.lr_schedule}'")
     if vcfg.advantage_norm not in ("global", "per_position"):
         raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
-    if vcfg.action_credit not in ("turn", "task"):
-        raise ValueError(f"vagen.action_credit must be 'turn' or 'task', got '{vcfg.action_credit}'")
+    if vcfg.action_credit not in ("turn", "task", "task_and_own_turn"):
+        raise ValueError(f"vagen.action_credit must be 'turn', 'task' or 'task_and_own_turn', got '{vcfg.action_credit}'")
     if vcfg.entropy_over not in ("slot", "vocab"):
         raise ValueError(f"vagen.entropy_over must be 'slot' or 'vocab', got '{vcfg.entropy_over}'")
     if vcfg.cell_readout not in ("none", "embedding", "pixels"):
@@ -432,12 +435,13 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     length = len(template(vcfg.strategy, vcfg.free_think_len))
     # Two value streams when the action is credited with the task reward only and there is a
     # world-modeling reward to credit elsewhere (StateEstimation, TransitionModeling, WorldModeling).
-    split = vcfg.action_credit == "task" and full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) > 0
+    split = vcfg.action_credit != "turn" and full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) > 0
     model_config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads,
         first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1, detach_critic=vcfg.detach_critic,
         cell_inputs=vcfg.cell_inputs, cell_readout=vcfg.cell_readout, readout_tokens=vocab.attribute_tokens,
+        readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
         value_streams=2 if split else 1,
     )
     net = VagenNet(model_config)
@@ -555,7 +559,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         advantages = whiten(advantages, to_nt(buf_mask))
         if split:
             wm_adv, wm_ret, think = _world_model_advantages(
-                to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg
+                to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg,
+                credit_action=vcfg.action_credit == "task_and_own_turn",
             )
             # Each stream whitened on its own: the dense world-modeling advantages would otherwise
             # set the scale and shrink the sparse task reward's signal on the action.
@@ -684,16 +689,17 @@ def _advantages(
 
 
 def _world_model_advantages(
-    rewards, values, mask, tokens, well_formed, first_action: int, vcfg
+    rewards, values, mask, tokens, well_formed, first_action: int, vcfg, credit_action: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split credit: the world-modeling reward of a turn (the format penalty for a malformed
     response) credits that turn's tokens before the action, each turn on its own (a turn's
     estimate and prediction do not change later turns' accuracy rewards: turn discount 0). In a
     malformed response the action token is credited too: writing it too early is what broke the
-    format. The same bi-level (or turn-level-only) scheme as the turn rewards, over those tokens.
+    format; with ``credit_action`` it always is (the action then learns to carry out the prediction
+    written before it). The same bi-level (or turn-level-only) scheme as the turn rewards, over those tokens.
     rewards (N, T), values (N, T, L), mask and tokens (N, T, L), well_formed (N, T) -> advantages
     and returns (N, T, L), zero off the credited tokens, and their mask (N, T, L)."""
-    think = mask & ((tokens < first_action) | ~well_formed.unsqueeze(-1))
+    think = mask & ((tokens < first_action) | ~well_formed.unsqueeze(-1) | credit_action)
     has_thought = think.any(-1)
     padded = think.clone()
     padded[..., 0] |= ~has_thought  # a response that acted at once: a stand-in token, zeroed below

@@ -16,9 +16,9 @@ Models and pure functions only (the training loop is :mod:`agents.train_vagen`):
 
 A response is a fixed template of typed slots. With the WorldModeling strategy::
 
-    agent_pos agent_dir carrying key_pos door goal_pos | agent_pos' agent_dir' ... goal_pos' | action
+    agent_pos agent_dir carrying key_pos door_pos door goal_pos | agent_pos' agent_dir' ... goal_pos' | action
 
-The first six slots are the state estimate (fields of the state before the step), the next six
+The first seven slots are the state estimate (fields of the state before the step), the next seven
 the prediction (after the action that follows), the last one the action. Decoding samples every
 token from the full vocabulary (no grammar masking), so a response can break the template: a
 wrong token type in a slot, or an action token too early (an action token always ends the turn).
@@ -40,7 +40,7 @@ from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
 from envs.state import DOOR, DOOR_CLOSED, DOOR_LOCKED, DOOR_OPEN, EMPTY, GOAL, KEY, StateCodec
 
 STRATEGIES = ("NoThink", "FreeThink", "StateEstimation", "TransitionModeling", "WorldModeling")
-FIELDS = ("agent_pos", "agent_dir", "carrying", "key_pos", "door", "goal_pos")
+FIELDS = ("agent_pos", "agent_dir", "carrying", "key_pos", "door_pos", "door", "goal_pos")
 ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 NOOP_ACTION = 6  # "done": no effect in navigation tasks; what a malformed response does
 DIRECTION_NAMES = ("east", "south", "west", "north")
@@ -107,7 +107,7 @@ class Vocab:
 
 FIELD_SLOT = {
     "agent_pos": "cell", "agent_dir": "dir", "carrying": "carry",
-    "key_pos": "cell_or_none", "door": "door", "goal_pos": "cell_or_none",
+    "key_pos": "cell_or_none", "door_pos": "cell_or_none", "door": "door", "goal_pos": "cell_or_none",
 }
 
 
@@ -185,6 +185,7 @@ def state_fields(state_array: np.ndarray, codec: StateCodec, vocab: Vocab) -> di
         "agent_dir": vocab.ids[DIRECTION_NAMES[state.agent_dir]] if 0 <= state.agent_dir < 4 else -1,
         "carrying": carrying,
         "key_pos": cell(keys[0][0], keys[0][1]) if keys else vocab.none,
+        "door_pos": cell(doors[0][0], doors[0][1]) if doors else vocab.none,
         "door": (vocab.ids[f"door_{door_state}"] if door_state else -1) if doors else vocab.none,
         "goal_pos": cell(goals[0][0], goals[0][1]) if goals else vocab.none,
     }
@@ -248,6 +249,13 @@ def slot_mask(strategy: str, vocab: Vocab, free_think_len: int = 12) -> torch.Te
     for i, (_, slot) in enumerate(slots):
         mask[i, sorted(vocab.slot_tokens[slot])] = True
     return mask
+
+
+def readout_positions(strategy: str, vocab: Vocab, free_think_len: int = 12) -> tuple[int, ...]:
+    """The positions of the strategy's template whose slot accepts an attribute token (object
+    kind, door state, direction): where the cell read-out belongs."""
+    lo, hi = vocab.attribute_tokens
+    return tuple(i for i, legal in enumerate(slot_mask(strategy, vocab, free_think_len)) if bool(legal[lo:hi].any()))
 
 
 def random_well_formed(
@@ -457,6 +465,9 @@ class VagenModelConfig:
     cell_readout: str = "none"  # embedding or pixels: the token after a cell gets a linear read-out of that tile's in its logits
     value_streams: int = 1  # critic outputs: 1 (the turn reward), or 2 (task reward; world-modeling reward)
     readout_tokens: tuple[int, int] = (0, 0)  # [first, end) token ids the read-out scores (attributes: kinds, door states, directions)
+    # Response positions whose logits get the read-out: the slots that accept attribute tokens
+    # (:func:`readout_positions`). Empty: every position, as in checkpoints from before this field.
+    readout_positions: tuple[int, ...] = ()
 
 
 def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
@@ -615,6 +626,16 @@ class VagenNet(nn.Module):
                 raise ValueError(f"readout_tokens {c.readout_tokens} is not a token range of a {c.vocab_size}-token vocabulary")
             self.cell_readout = nn.Linear(c.d_model if c.cell_readout == "embedding" else pixels, hi - lo, bias=False)
             nn.init.zeros_(self.cell_readout.weight)
+        # Where the read-out may act. Applied at every position, it also pushed attribute tokens into
+        # the slots after the goal's cell (the next agent position, the action), which cannot take
+        # them: as its weights grew the action slot came to hold 'door_locked' in every response (the
+        # format of DoorKey-5x5 WorldModeling seed 0 collapsed, 0.98 -> 0.00, between 30k and 50k steps).
+        gate = torch.zeros(c.max_response_len) if c.readout_positions else torch.ones(c.max_response_len)
+        for i in c.readout_positions:
+            if not 0 <= i < c.max_response_len:
+                raise ValueError(f"readout position {i} is outside a {c.max_response_len}-token response")
+            gate[i] = 1.0
+        self.register_buffer("readout_gate", gate.view(-1, 1), persistent=False)
         for p in (self.tile_pos, self.history_pos, self.token_pos):
             nn.init.normal_(p, std=0.5)  # large enough that slots and tiles are told apart from the start
         nn.init.zeros_(self.value_head[-1].weight)
@@ -649,7 +670,7 @@ class VagenNet(nn.Module):
         x = x + self.token_pos[: inputs.shape[1]]
         for block, kv in zip(self.blocks, memory.kv):
             x = block(x, kv)
-        return self._heads(memory, x, named)
+        return self._heads(memory, x, named, self.readout_gate[: inputs.shape[1]])
 
     def _embed(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs (B, L) token ids -> (B, L, d): the token embedding, plus for cell tokens (with
@@ -670,11 +691,14 @@ class VagenNet(nn.Module):
         readout_input = named(memory.pixels) if self.config.cell_readout == "pixels" else content
         return x + self.cell_input(content) * keep, readout_input
 
-    def _heads(self, memory: "Memory", x: torch.Tensor, named: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, memory: "Memory", x: torch.Tensor, named: torch.Tensor | None = None, gate: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values from decoder features x (B, L, d); ``gate`` (L, 1): where the read-out acts."""
         h = self.norm(x)
         logits = self.lm_head(h)
         if self.cell_readout is not None and named is not None:
-            logits = _add_to_tokens(logits, self.config.readout_tokens[0], self.cell_readout(named))
+            logits = _add_to_tokens(logits, self.config.readout_tokens[0], self.cell_readout(named) * gate)
         if self.pointer is not None:
             scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
             logits = _add_to_tokens(logits, self.config.first_cell_token, scores)
@@ -693,7 +717,7 @@ class VagenNet(nn.Module):
         x = x + self.token_pos[i]
         for block, kv, block_cache in zip(self.blocks, memory.kv, cache):
             x = block.step(x, kv, block_cache, i)
-        logits, values = self._heads(memory, x, named)
+        logits, values = self._heads(memory, x, named, self.readout_gate[i : i + 1])
         return logits[:, 0], values[:, 0]
 
     def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -855,7 +879,14 @@ class VagenAgent(Policy):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu") -> "VagenAgent":
-        net = VagenNet(VagenModelConfig(**checkpoint["model_config"]))
+        config = VagenModelConfig(**checkpoint["model_config"])
+        slots = len(template(checkpoint["strategy"], int(checkpoint["free_think_len"])))
+        if config.max_response_len != slots:
+            raise ValueError(
+                f"this {checkpoint['strategy']} policy writes {config.max_response_len}-token responses but the template "
+                f"has {slots} slots (fields {', '.join(FIELDS)}): it was saved by a version with other state fields; retrain it"
+            )
+        net = VagenNet(config)
         net.load_state_dict(checkpoint["state_dict"])
         width, height = checkpoint["grid"]
         return cls(

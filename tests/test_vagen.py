@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -24,7 +25,7 @@ from agents.vagen import (
 from envs.make import make_env
 from envs.state import StateCodec
 
-WEIGHTS = {"agent_pos": 2.0, "agent_dir": 1.0, "carrying": 1.0, "key_pos": 1.0, "door": 1.0, "goal_pos": 2.0}
+WEIGHTS = {"agent_pos": 2.0, "agent_dir": 1.0, "carrying": 1.0, "key_pos": 1.0, "door_pos": 1.0, "door": 1.0, "goal_pos": 2.0}
 
 
 # --- advantages --------------------------------------------------------------------------------
@@ -136,6 +137,13 @@ def test_split_credit_gives_the_world_model_reward_to_the_tokens_before_the_acti
     adv, _, think = _world_model_advantages(rewards, values, mask, tokens, torch.tensor([[True, False, False]]), first_action, cfg)
     assert think[0].tolist() == [[True, True, True, False], [True, False, False, False], [True, True, False, False]]
     assert adv[0, 1, 0].item() == pytest.approx(-5.1) and adv[0, 2, :2].tolist() == pytest.approx([-0.5, -7.1])
+    # action_credit=task_and_own_turn: every action is credited with its own turn's reward (r_t - V at
+    # the action), still with discount 0 across turns (the second turn's reward does not reach the first).
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    adv, _, think = _world_model_advantages(rewards, values, mask, tokens, well_formed, first_action, cfg, credit_action=True)
+    assert think[0].tolist() == mask[0].tolist()
+    assert adv[0, 0].tolist() == pytest.approx([0.9, 0.8, 0.7, -8.0])
+    assert adv[0, 1, 0].item() == pytest.approx(-5.0) and adv[0, 2, :2].tolist() == pytest.approx([0.1, -6.5])
 
 
 def test_value_loss_of_two_streams_uses_each_streams_tokens():
@@ -251,6 +259,7 @@ def response(vocab, state, prediction, action):
 def test_state_fields_read_the_doorkey_state(doorkey):
     vocab, before, after = doorkey
     assert vocab.names[before["door"]] == "door_locked"
+    assert vocab.names[before["door_pos"]].startswith("c") and before["door_pos"] not in (before["key_pos"], before["goal_pos"])
     assert vocab.names[before["carrying"]] == "none"
     assert vocab.names[before["key_pos"]].startswith("c") and vocab.names[before["goal_pos"]] == "c3,3"
     changed = [f for f in FIELDS if before[f] != after[f]]
@@ -265,7 +274,7 @@ def test_parse_well_formed_world_modeling_response(doorkey):
 
 
 @pytest.mark.parametrize(
-    "strategy, length", [("NoThink", 1), ("StateEstimation", 7), ("TransitionModeling", 7), ("WorldModeling", 13), ("FreeThink", 13)]
+    "strategy, length", [("NoThink", 1), ("StateEstimation", 8), ("TransitionModeling", 8), ("WorldModeling", 15), ("FreeThink", 13)]
 )
 def test_templates_have_the_documented_length(strategy, length):
     assert len(template(strategy, free_think_len=12)) == length
@@ -280,7 +289,7 @@ def test_parse_malformed_responses(doorkey):
     no_action = good[:-1] + [before["agent_dir"]]
     bos_inside = list(good)
     bos_inside[4] = vocab.bos
-    for tokens, needle in [(early_action, "early"), (wrong_type, "slot 1"), (no_action, "slot 12"), (bos_inside, "slot 4"), ([], "no action")]:
+    for tokens, needle in [(early_action, "early"), (wrong_type, "slot 1"), (no_action, "slot 14"), (bos_inside, "slot 4"), ([], "no action")]:
         parsed = parse_response(tokens, "WorldModeling", vocab)
         assert not parsed.well_formed, tokens
         assert parsed.action == NOOP_ACTION and parsed.state is None and parsed.prediction is None
@@ -311,17 +320,17 @@ def test_a_wrong_field_loses_its_weight(doorkey):
     vocab, before, after = doorkey
     wrong_pos = dict(before, agent_pos=vocab.cell(2, 2) if before["agent_pos"] != vocab.cell(2, 2) else vocab.cell(1, 1))
     result = reward_of(vocab, response(vocab, wrong_pos, after, 1), before, after)
-    assert result.reward == pytest.approx(0.8 - 0.3 * 2.0 / 8.0)
+    assert result.reward == pytest.approx(0.8 - 0.3 * 2.0 / 9.0)
     # Predicting "no change" gets the direction wrong: the prediction loses that field's weight.
     result = reward_of(vocab, response(vocab, before, before, 1), before, after)
-    assert result.reward == pytest.approx(0.8 - 0.5 * 1.0 / 8.0)
-    assert result.prediction_accuracy == pytest.approx(7.0 / 8.0)
+    assert result.reward == pytest.approx(0.8 - 0.5 * 1.0 / 9.0)
+    assert result.prediction_accuracy == pytest.approx(8.0 / 9.0)
 
 
 def test_malformed_response_gets_only_the_format_penalty(doorkey):
     vocab, before, after = doorkey
     tokens = response(vocab, before, after, 1)
-    tokens[7] = vocab.ids["door_open"]  # prediction's agent_dir slot holds a door state
+    tokens[8] = vocab.ids["door_open"]  # prediction's agent_dir slot holds a door state
     result = reward_of(vocab, tokens, before, after)
     assert result.reward == pytest.approx(-0.2)
     assert result.state_accuracy == 0.0 and result.prediction_accuracy == 0.0
@@ -354,8 +363,8 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
 # --- the network -----------------------------------------------------------------------------
 
 
-def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "none"):
-    from agents.vagen import VagenModelConfig, VagenNet
+def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "none", gated: bool = False):
+    from agents.vagen import VagenModelConfig, VagenNet, readout_positions
 
     env = make_env("MiniGrid-DoorKey-5x5-v0")
     base = env.unwrapped
@@ -364,8 +373,8 @@ def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "n
     torch.manual_seed(seed)
     config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
-        max_response_len=13, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs, cell_readout=cell_readout,
-        readout_tokens=vocab.attribute_tokens,
+        max_response_len=15, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs, cell_readout=cell_readout,
+        readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions("WorldModeling", vocab) if gated else (),
     )
     net = VagenNet(config).eval()
     if net.cell_readout is not None:  # zero at the start: give it weights, so that the test sees it
@@ -373,15 +382,17 @@ def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "n
     return net, vocab, torch.from_numpy(frames)
 
 
-@pytest.mark.parametrize("cell_inputs,cell_readout", [(False, "none"), (True, "none"), (True, "embedding"), (True, "pixels")])
-def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs, cell_readout):
+@pytest.mark.parametrize(
+    "cell_inputs,cell_readout,gated", [(False, "none", False), (True, "none", False), (True, "embedding", False), (True, "pixels", False), (True, "pixels", True)]
+)
+def test_cached_decoding_equals_the_teacher_forced_pass(cell_inputs, cell_readout, gated):
     """generate decodes token by token with a key/value cache; its log-probs and values must be
     those of the full causal pass over the same tokens (what PPO trains on)."""
     from agents.vagen import generate, token_logprobs
 
-    net, vocab, frames = _random_net(cell_inputs=cell_inputs, cell_readout=cell_readout)
+    net, vocab, frames = _random_net(cell_inputs=cell_inputs, cell_readout=cell_readout, gated=gated)
     history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
-    gen = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(0))
+    gen = generate(net, frames, history, 15, vocab.first_action, torch.Generator().manual_seed(0))
     assert gen.mask.sum(-1).max() > 3  # some rows decode several tokens
     cells = (gen.tokens >= vocab.cell(0, 0)) & (gen.tokens < vocab.first_action) & gen.mask
     assert cells[:, :-1].any()  # some cell token is read back as an input
@@ -402,9 +413,9 @@ def test_slot_entropy_is_the_entropy_over_the_tokens_a_slot_accepts():
 
     net, vocab, frames = _random_net()
     mask = slot_mask("WorldModeling", vocab)
-    assert mask.shape == (13, len(vocab)) and mask[-1].sum() == 7 and mask[0].sum() == 25  # actions; 5x5 cells
+    assert mask.shape == (15, len(vocab)) and mask[-1].sum() == 7 and mask[0].sum() == 25  # actions; 5x5 cells
     history = torch.full((len(frames), 2), 7)
-    tokens = torch.randint(len(vocab), (len(frames), 13), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(len(vocab), (len(frames), 15), generator=torch.Generator().manual_seed(0))
     _, entropy, _ = token_logprobs(net, frames, history, tokens, mask)
     inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
     logits, _ = net(frames, history, inputs)
@@ -455,13 +466,41 @@ def test_cell_readout_adds_a_read_out_of_the_named_tile_to_the_next_logits(sourc
     assert not torch.allclose(with_readout[:, 1, lo:hi], without[:, 1, lo:hi], atol=1e-3)
 
 
+def test_cell_readout_acts_only_at_slots_that_take_attributes():
+    """The read-out belongs where a slot accepts an attribute (a direction after the agent's cell,
+    the door state after the door's cell), not in the slots after the goal's cell (the next agent
+    position, the action), where its logits could only break the format."""
+    from agents.vagen import VagenNet, readout_positions
+
+    net, vocab, frames = _random_net(cell_inputs=True, cell_readout="pixels")
+    positions = readout_positions("WorldModeling", vocab)
+    slots = [slot for _, slot in template("WorldModeling")]
+    assert [slots[i] for i in positions] == ["dir", "carry", "door"] * 2
+    assert slots[positions[2] - 1] == "cell_or_none" and FIELDS[positions[2] - 1] == "door_pos"  # the door state reads the door's tile
+    assert readout_positions("NoThink", vocab) == () and len(readout_positions("FreeThink", vocab)) == 12
+    gated = VagenNet(dataclasses.replace(net.config, readout_positions=positions)).eval()
+    gated.load_state_dict(net.state_dict())
+    history = torch.full((len(frames), 2), 7)
+    tokens = torch.full((len(frames), 15), vocab.cell(1, 1))  # every input after <bos> names a tile
+    inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    everywhere, _ = net(frames, history, inputs)
+    only_there, _ = gated(frames, history, inputs)
+    readout, net.cell_readout = net.cell_readout, None
+    without, _ = net(frames, history, inputs)
+    net.cell_readout = readout
+    for i in range(15):
+        expected = everywhere if i in positions or i == 0 else without  # position 0 reads <bos>: no tile
+        assert torch.allclose(only_there[:, i], expected[:, i], atol=1e-5), i
+    assert not torch.allclose(everywhere[:, 14], without[:, 14], atol=1e-3)  # ungated, it reached the action slot
+
+
 def test_generation_is_deterministic_for_a_seed():
     from agents.vagen import generate
 
     net, vocab, frames = _random_net()
     history = torch.full((len(frames), 2), 7)
-    first = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(3))
-    second = generate(net, frames, history, 13, vocab.first_action, torch.Generator().manual_seed(3))
+    first = generate(net, frames, history, 15, vocab.first_action, torch.Generator().manual_seed(3))
+    second = generate(net, frames, history, 15, vocab.first_action, torch.Generator().manual_seed(3))
     assert torch.equal(first.tokens, second.tokens) and torch.equal(first.logprobs, second.logprobs)
 
 
@@ -586,3 +625,16 @@ def test_a_bad_strategy_fails_naming_the_key(tmp_path, capsys):
         main([f"run.root={tmp_path}", "run.name=bad", "vagen.strategy=Thinking"])
     assert exit_info.value.code == 2
     assert "vagen.strategy" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_with_another_template_is_refused_by_name():
+    """A policy saved with other state fields (another response length) cannot be parsed with
+    today's template: loading it says so instead of acting on misread responses."""
+    from agents.vagen import VagenAgent
+
+    net, vocab, _ = _random_net()
+    checkpoint = VagenAgent(net, "WorldModeling", vocab, 12, 1.0).checkpoint()
+    assert VagenAgent.from_checkpoint(checkpoint).strategy == "WorldModeling"
+    checkpoint["model_config"]["max_response_len"] = 13  # what a six-field WorldModeling policy wrote
+    with pytest.raises(ValueError, match="13-token responses but the template has 15 slots"):
+        VagenAgent.from_checkpoint(checkpoint)
