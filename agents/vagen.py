@@ -466,8 +466,8 @@ class VagenModelConfig:
     value_streams: int = 1  # critic outputs: 1 (the turn reward), or 2 (task reward; world-modeling reward)
     readout_tokens: tuple[int, int] = (0, 0)  # [first, end) token ids the read-out scores (attributes: kinds, door states, directions)
     # Response positions whose logits get the read-out: the slots that accept attribute tokens
-    # (:func:`readout_positions`). Empty: every position, as in checkpoints from before this field.
-    readout_positions: tuple[int, ...] = ()
+    # (:func:`readout_positions`). None: every position, as in checkpoints from before this field.
+    readout_positions: tuple[int, ...] | None = None
 
 
 def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
@@ -630,8 +630,8 @@ class VagenNet(nn.Module):
         # the slots after the goal's cell (the next agent position, the action), which cannot take
         # them: as its weights grew the action slot came to hold 'door_locked' in every response (the
         # format of DoorKey-5x5 WorldModeling seed 0 collapsed, 0.98 -> 0.00, between 30k and 50k steps).
-        gate = torch.zeros(c.max_response_len) if c.readout_positions else torch.ones(c.max_response_len)
-        for i in c.readout_positions:
+        gate = torch.ones(c.max_response_len) if c.readout_positions is None else torch.zeros(c.max_response_len)
+        for i in c.readout_positions or ():
             if not 0 <= i < c.max_response_len:
                 raise ValueError(f"readout position {i} is outside a {c.max_response_len}-token response")
             gate[i] = 1.0

@@ -374,7 +374,7 @@ def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "n
     config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
         max_response_len=15, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs, cell_readout=cell_readout,
-        readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions("WorldModeling", vocab) if gated else (),
+        readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions("WorldModeling", vocab) if gated else None,
     )
     net = VagenNet(config).eval()
     if net.cell_readout is not None:  # zero at the start: give it weights, so that the test sees it
@@ -492,6 +492,9 @@ def test_cell_readout_acts_only_at_slots_that_take_attributes():
         expected = everywhere if i in positions or i == 0 else without  # position 0 reads <bos>: no tile
         assert torch.allclose(only_there[:, i], expected[:, i], atol=1e-5), i
     assert not torch.allclose(everywhere[:, 14], without[:, 14], atol=1e-3)  # ungated, it reached the action slot
+    nowhere = VagenNet(dataclasses.replace(net.config, readout_positions=())).eval()  # a template without attribute slots
+    nowhere.load_state_dict(net.state_dict())
+    assert torch.allclose(nowhere(frames, history, inputs)[0], without, atol=1e-5)
 
 
 def test_generation_is_deterministic_for_a_seed():
