@@ -433,8 +433,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     pool = make_pool(cfg, run, seed=derive_seed(cfg.run.seed, 2))
     frames, states = pool.reset()
     length = len(template(vcfg.strategy, vcfg.free_think_len))
-    # Two value streams when the action is credited with the task reward only and there is a
-    # world-modeling reward to credit elsewhere (StateEstimation, TransitionModeling, WorldModeling).
+    # Two value streams when the action's credit is split from the world-modeling reward (task,
+    # task_and_own_turn) and there is one (StateEstimation, TransitionModeling, WorldModeling).
     split = vcfg.action_credit != "turn" and full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) > 0
     model_config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
