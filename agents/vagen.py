@@ -16,7 +16,7 @@ Models and pure functions only (the training loop is :mod:`agents.train_vagen`):
 
 A response is a fixed template of typed slots. With the WorldModeling strategy::
 
-    agent_pos agent_dir carrying key_pos door_pos door goal_pos | agent_pos' agent_dir' ... goal_pos' | action
+    agent_pos agent_dir key_pos carrying door_pos door goal_pos | agent_pos' agent_dir' ... goal_pos' | action
 
 The first seven slots are the state estimate (fields of the state before the step), the next seven
 the prediction (after the action that follows), the last one the action. Decoding samples every
@@ -40,7 +40,11 @@ from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
 from envs.state import DOOR, DOOR_CLOSED, DOOR_LOCKED, DOOR_OPEN, EMPTY, GOAL, KEY, StateCodec
 
 STRATEGIES = ("NoThink", "FreeThink", "StateEstimation", "TransitionModeling", "WorldModeling")
-FIELDS = ("agent_pos", "agent_dir", "carrying", "key_pos", "door_pos", "door", "goal_pos")
+# The order matters to an autoregressive response: a field written after another can read it. The
+# key's position comes before what the agent carries (a carried key is on no tile, and the frame
+# does not draw it: "carrying a key" is "the key's position is none"), and the door's position before
+# its state (the state is a read-out of the door's tile).
+FIELDS = ("agent_pos", "agent_dir", "key_pos", "carrying", "door_pos", "door", "goal_pos")
 ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 NOOP_ACTION = 6  # "done": no effect in navigation tasks; what a malformed response does
 DIRECTION_NAMES = ("east", "south", "west", "north")
@@ -873,6 +877,7 @@ class VagenAgent(Policy):
             "strategy": self.strategy,
             "grid": [self.vocab.width, self.vocab.height],
             "free_think_len": self.free_think_len,
+            "fields": list(FIELDS),
             "temperature": self.temperature,
             "config": self.config,
         }
@@ -885,6 +890,13 @@ class VagenAgent(Policy):
             raise ValueError(
                 f"this {checkpoint['strategy']} policy writes {config.max_response_len}-token responses but the template "
                 f"has {slots} slots (fields {', '.join(FIELDS)}): it was saved by a version with other state fields; retrain it"
+            )
+        saved_fields = checkpoint.get("fields")
+        if checkpoint["strategy"] in ("StateEstimation", "TransitionModeling", "WorldModeling") and saved_fields != list(FIELDS):
+            said = ", ".join(saved_fields) if saved_fields else "not recorded: saved before the key's position moved ahead of carrying"
+            raise ValueError(
+                f"this {checkpoint['strategy']} policy writes its fields in another order ({said}) than today's template "
+                f"({', '.join(FIELDS)}): its responses would be misread; retrain it"
             )
         net = VagenNet(config)
         net.load_state_dict(checkpoint["state_dict"])

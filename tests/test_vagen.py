@@ -641,3 +641,17 @@ def test_a_checkpoint_with_another_template_is_refused_by_name():
     checkpoint["model_config"]["max_response_len"] = 13  # what a six-field WorldModeling policy wrote
     with pytest.raises(ValueError, match="13-token responses but the template has 15 slots"):
         VagenAgent.from_checkpoint(checkpoint)
+    # Same length, another order: a policy saved before the key's position moved ahead of carrying.
+    checkpoint = VagenAgent(net, "WorldModeling", vocab, 12, 1.0).checkpoint()
+    del checkpoint["fields"]
+    with pytest.raises(ValueError, match="another order .not recorded"):
+        VagenAgent.from_checkpoint(checkpoint)
+    checkpoint["fields"] = ["agent_pos", "agent_dir", "carrying", "key_pos", "door_pos", "door", "goal_pos"]
+    with pytest.raises(ValueError, match="another order .agent_pos, agent_dir, carrying, key_pos"):
+        VagenAgent.from_checkpoint(checkpoint)
+    # A policy that writes no fields does not depend on their order.
+    from agents.vagen import VagenNet
+
+    nothink = VagenAgent(VagenNet(dataclasses.replace(net.config, max_response_len=1)), "NoThink", vocab, 12, 1.0).checkpoint()
+    del nothink["fields"]
+    assert VagenAgent.from_checkpoint(nothink).strategy == "NoThink"
