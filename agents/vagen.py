@@ -885,14 +885,15 @@ class VagenAgent(Policy):
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu") -> "VagenAgent":
         config = VagenModelConfig(**checkpoint["model_config"])
-        slots = len(template(checkpoint["strategy"], int(checkpoint["free_think_len"])))
+        parts = [part for part, _ in template(checkpoint["strategy"], int(checkpoint["free_think_len"]))]
+        slots = len(parts)
         if config.max_response_len != slots:
             raise ValueError(
                 f"this {checkpoint['strategy']} policy writes {config.max_response_len}-token responses but the template "
                 f"has {slots} slots (fields {', '.join(FIELDS)}): it was saved by a version with other state fields; retrain it"
             )
         saved_fields = checkpoint.get("fields")
-        if checkpoint["strategy"] in ("StateEstimation", "TransitionModeling", "WorldModeling") and saved_fields != list(FIELDS):
+        if ("state" in parts or "prediction" in parts) and saved_fields != list(FIELDS):  # its responses name the fields
             said = ", ".join(saved_fields) if saved_fields else "not recorded: saved before the key's position moved ahead of carrying"
             raise ValueError(
                 f"this {checkpoint['strategy']} policy writes its fields in another order ({said}) than today's template "
