@@ -128,6 +128,10 @@ class VagenConfig:
     temperature: float = param(1.0, "sampling temperature while collecting rollouts")
     d_model: int = param(32, "transformer width")
     layers: int = param(2, "transformer blocks")
+    action_query: bool = param(
+        True, "the action's logits also read a learned query token passed through the decoder over the frame alone (NoThink's view), "
+        "so acting need not wait for the written estimate to become informative (strategies that write before acting)"
+    )
     heads: int = param(4, "attention heads")
     history_len: int = param(2, "previous actions the agent sees (its turn history)")
     pointer_logits: bool = param(True, "cell tokens also score against their tile's embedding (full view only)")
@@ -442,7 +446,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1, detach_critic=vcfg.detach_critic,
         cell_inputs=vcfg.cell_inputs, cell_readout=vcfg.cell_readout, readout_tokens=vocab.attribute_tokens,
         readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
-        value_streams=2 if split else 1,
+        value_streams=2 if split else 1, action_query=vcfg.action_query,
     )
     net = VagenNet(model_config)
     value_norms = [ValueNormalizer(std_floor=vcfg.value_std_floor) for _ in range(2 if split else 1)]  # task (or turn) reward; world-modeling reward

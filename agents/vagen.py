@@ -472,6 +472,9 @@ class VagenModelConfig:
     # Response positions whose logits get the read-out: the slots that accept attribute tokens
     # (:func:`readout_positions`). None: every position, as in checkpoints from before this field.
     readout_positions: tuple[int, ...] | None = None
+    # The action's logits also read a query token run through the decoder over the prefix alone
+    # (what NoThink's action sees). False in checkpoints from before this field.
+    action_query: bool = False
 
 
 def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
@@ -506,7 +509,8 @@ def _causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     """True where query i (the last ``sq`` of ``sk`` positions) may not see key j (j > i)."""
     key = (sq, sk, str(device))
     if key not in _MASKS:
-        _MASKS[key] = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+        with torch.inference_mode(False):  # a mask first made while decoding must also serve autograd passes
+            _MASKS[key] = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
     return _MASKS[key]
 
 
@@ -575,6 +579,7 @@ class Memory:
     tiles: torch.Tensor
     content: torch.Tensor  # (B, P, d) the tiles' pixel embeddings, without position (cell inputs)
     pixels: torch.Tensor | None = None  # (B, P, tile_size^2 * 3) the tiles' pixels in [0, 1] (cell read-out)
+    query: torch.Tensor | None = None  # (B, d) the action query's features (action_query)
 
 
 class VagenNet(nn.Module):
@@ -640,6 +645,18 @@ class VagenNet(nn.Module):
                 raise ValueError(f"readout position {i} is outside a {c.max_response_len}-token response")
             gate[i] = 1.0
         self.register_buffer("readout_gate", gate.view(-1, 1), persistent=False)
+        # The action query: a learned token that goes through the decoder's blocks with the prefix
+        # and nothing else, as NoThink's <bos> does, and a linear map (zero at the start) from its
+        # features to the action logits at the response's last slot. Without it the action, last of
+        # 15 tokens, read a frame seen through a response that is noise until the estimate is learned
+        # (~40k steps on DoorKey-5x5): WorldModeling's task learning waited for it, and it finished
+        # 100k steps with 200-step evaluation episodes where NoThink took 164 (docs/vagen.md, seventh round).
+        self.action_query = self.action_readout = None
+        if c.action_query and c.max_response_len > 1:
+            self.action_query = nn.Parameter(torch.randn(c.d_model) * 0.5)
+            self.action_readout = nn.Linear(c.d_model, NUM_ACTIONS)
+            nn.init.zeros_(self.action_readout.weight)
+            nn.init.zeros_(self.action_readout.bias)
         for p in (self.tile_pos, self.history_pos, self.token_pos):
             nn.init.normal_(p, std=0.5)  # large enough that slots and tiles are told apart from the start
         nn.init.zeros_(self.value_head[-1].weight)
@@ -665,7 +682,14 @@ class VagenNet(nn.Module):
         for block in self.encoder:
             memory = block(memory)
         memory = self.memory_norm(memory)
-        return Memory([block.memory_kv(memory) for block in self.blocks], memory[:, : gh * gw], content, tiles)
+        kv = [block.memory_kv(memory) for block in self.blocks]
+        query = None
+        if self.action_query is not None:
+            query = self.action_query.view(1, 1, -1).expand(B, 1, -1)
+            for block, block_kv in zip(self.blocks, kv):
+                query = block(query, block_kv)
+            query = self.norm(query[:, 0])
+        return Memory(kv, memory[:, : gh * gw], content, tiles, query)
 
     def decode(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)
@@ -674,7 +698,14 @@ class VagenNet(nn.Module):
         x = x + self.token_pos[: inputs.shape[1]]
         for block, kv in zip(self.blocks, memory.kv):
             x = block(x, kv)
-        return self._heads(memory, x, named, self.readout_gate[: inputs.shape[1]])
+        logits, values = self._heads(memory, x, named, self.readout_gate[: inputs.shape[1]])
+        if self.action_query is not None and inputs.shape[1] == self.config.max_response_len:
+            logits = torch.cat([logits[:, :-1], self._add_action_query(memory, logits[:, -1]).unsqueeze(1)], dim=1)
+        return logits, values
+
+    def _add_action_query(self, memory: "Memory", logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) of the response's last slot, plus the action query's read-out on the action tokens."""
+        return _add_to_tokens(logits, logits.shape[-1] - NUM_ACTIONS, self.action_readout(memory.query))
 
     def _embed(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs (B, L) token ids -> (B, L, d): the token embedding, plus for cell tokens (with
@@ -722,7 +753,10 @@ class VagenNet(nn.Module):
         for block, kv, block_cache in zip(self.blocks, memory.kv, cache):
             x = block.step(x, kv, block_cache, i)
         logits, values = self._heads(memory, x, named, self.readout_gate[i : i + 1])
-        return logits[:, 0], values[:, 0]
+        logits = logits[:, 0]
+        if self.action_query is not None and i == self.config.max_response_len - 1:
+            logits = self._add_action_query(memory, logits)
+        return logits, values[:, 0]
 
     def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B, H, W, 3) uint8, history (B, K), inputs (B, L) -> logits (B, L, V), values (B, L)

@@ -497,6 +497,41 @@ def test_cell_readout_acts_only_at_slots_that_take_attributes():
     assert torch.allclose(nowhere(frames, history, inputs)[0], without, atol=1e-5)
 
 
+def test_action_query_adds_a_frame_only_read_out_to_the_last_slot():
+    """With the action query, the last slot's action logits gain a read-out of a token that saw the
+    prefix alone; no other logit moves, token-by-token decoding still equals the teacher-forced
+    pass, and a one-token response (NoThink) gets no query at all."""
+    from agents.vagen import VagenNet, generate, random_well_formed, token_logprobs
+
+    net, vocab, frames = _random_net(cell_inputs=True, cell_readout="pixels", gated=True)
+    with_query = VagenNet(dataclasses.replace(net.config, action_query=True)).eval()
+    with_query.load_state_dict(net.state_dict(), strict=False)  # the same weights, plus the query's
+    torch.nn.init.normal_(with_query.action_readout.weight, std=0.5)  # zero at the start: give it weights
+    history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
+    tokens = random_well_formed("WorldModeling", vocab, len(frames), torch.Generator().manual_seed(2))
+    inputs = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    before, after = net(frames, history, inputs)[0], with_query(frames, history, inputs)[0]
+    assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-6)  # the thinking slots are untouched
+    assert torch.allclose(before[:, -1, : vocab.first_action], after[:, -1, : vocab.first_action], atol=1e-6)
+    moved = (after[:, -1, vocab.first_action :] - before[:, -1, vocab.first_action :]).abs()
+    assert moved.gt(1e-4).all()  # every action logit gets the read-out
+    # A query that saw another frame gives another read-out: it reads the frame.
+    memory = with_query.encode(frames, history)
+    assert not torch.allclose(memory.query[0], memory.query[1])
+    # Decoding token by token reaches the last slot with the query added, as the full pass does.
+    cache = with_query.new_cache(len(frames), tokens.shape[1])
+    for i in range(tokens.shape[1]):
+        step_logits, _ = with_query.decode_step(memory, inputs[:, i], i, cache)
+        assert torch.allclose(step_logits, after[:, i], atol=1e-5)
+    gen = generate(with_query, frames, history, tokens.shape[1], vocab.first_action, torch.Generator().manual_seed(0))
+    logprobs, _, _ = token_logprobs(with_query, frames, history, gen.tokens)
+    assert torch.allclose(logprobs * gen.mask, gen.logprobs, atol=1e-5)
+    logprobs.sum().backward()  # a causal mask first built while decoding also serves autograd
+    assert with_query.action_query.grad is not None
+    no_think = VagenNet(dataclasses.replace(net.config, max_response_len=1, readout_positions=(), action_query=True))
+    assert no_think.action_query is None and no_think.action_readout is None
+
+
 def test_generation_is_deterministic_for_a_seed():
     from agents.vagen import generate
 
