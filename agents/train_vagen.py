@@ -40,6 +40,7 @@ from agents.vagen import (
     ppo_loss,
     random_well_formed,
     readout_positions,
+    readout_tokens_at,
     slot_mask,
     state_fields,
     template,
@@ -446,6 +447,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         first_cell_token=vocab.cell(0, 0) if vcfg.pointer_logits else -1, detach_critic=vcfg.detach_critic,
         cell_inputs=vcfg.cell_inputs, cell_readout=vcfg.cell_readout, readout_tokens=vocab.attribute_tokens,
         readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
+        readout_tokens_at=readout_tokens_at(vcfg.strategy, vocab, vcfg.free_think_len),
         value_streams=2 if split else 1, action_query=vcfg.action_query,
     )
     net = VagenNet(model_config)

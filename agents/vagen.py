@@ -262,6 +262,14 @@ def readout_positions(strategy: str, vocab: Vocab, free_think_len: int = 12) -> 
     return tuple(i for i, legal in enumerate(slot_mask(strategy, vocab, free_think_len)) if bool(legal[lo:hi].any()))
 
 
+def readout_tokens_at(strategy: str, vocab: Vocab, free_think_len: int = 12) -> tuple[tuple[int, ...], ...]:
+    """Per read-out position (:func:`readout_positions`), the attribute tokens its slot accepts:
+    the read-out scores only those (a direction slot, directions; a door slot, door states)."""
+    lo, hi = vocab.attribute_tokens
+    mask = slot_mask(strategy, vocab, free_think_len)
+    return tuple(tuple(int(t) for t in range(lo, hi) if mask[i, t]) for i in readout_positions(strategy, vocab, free_think_len))
+
+
 def random_well_formed(
     strategy: str, vocab: Vocab, batch_size: int, generator: torch.Generator, free_think_len: int = 12
 ) -> torch.Tensor:
@@ -472,6 +480,9 @@ class VagenModelConfig:
     # Response positions whose logits get the read-out: the slots that accept attribute tokens
     # (:func:`readout_positions`). None: every position, as in checkpoints from before this field.
     readout_positions: tuple[int, ...] | None = None
+    # Per read-out position, the attribute token ids its slot accepts (:func:`readout_tokens_at`);
+    # None: every attribute token, as in checkpoints from before this field.
+    readout_tokens_at: tuple[tuple[int, ...], ...] | None = None
     # The action's logits also read a query token run through the decoder over the prefix alone
     # (what NoThink's action sees). False in checkpoints from before this field.
     action_query: bool = False
@@ -639,12 +650,26 @@ class VagenNet(nn.Module):
         # the slots after the goal's cell (the next agent position, the action), which cannot take
         # them: as its weights grew the action slot came to hold 'door_locked' in every response (the
         # format of DoorKey-5x5 WorldModeling seed 0 collapsed, 0.98 -> 0.00, between 30k and 50k steps).
-        gate = torch.ones(c.max_response_len) if c.readout_positions is None else torch.zeros(c.max_response_len)
-        for i in c.readout_positions or ():
+        # And which tokens: in a direction slot, scoring the door states and object kinds too let
+        # 'door_locked' into the slot as the weights grew (DoorKey-5x5 WorldModeling seed 0 of the
+        # 55b0464 benchmark: format 0.99 -> 0.73 in its last update, the direction slot holding
+        # door_locked or carry_key). Now each slot's read-out scores only the tokens it accepts.
+        lo, hi = c.readout_tokens
+        width = max(hi - lo, 1)
+        gate = torch.ones(c.max_response_len, width) if c.readout_positions is None else torch.zeros(c.max_response_len, width)
+        if c.readout_tokens_at is not None and len(c.readout_tokens_at) != len(c.readout_positions or ()):
+            raise ValueError(f"readout_tokens_at has {len(c.readout_tokens_at)} entries for {len(c.readout_positions or ())} read-out positions")
+        for j, i in enumerate(c.readout_positions or ()):
             if not 0 <= i < c.max_response_len:
                 raise ValueError(f"readout position {i} is outside a {c.max_response_len}-token response")
-            gate[i] = 1.0
-        self.register_buffer("readout_gate", gate.view(-1, 1), persistent=False)
+            if c.readout_tokens_at is None:
+                gate[i] = 1.0
+            else:
+                for t in c.readout_tokens_at[j]:
+                    if not lo <= t < hi:
+                        raise ValueError(f"readout token {t} at position {i} is outside the read-out's tokens [{lo}, {hi})")
+                    gate[i, t - lo] = 1.0
+        self.register_buffer("readout_gate", gate, persistent=False)
         # The action query: a learned token that goes through the decoder's blocks with the prefix
         # and nothing else, as NoThink's <bos> does, and a linear map (zero at the start) from its
         # features to the action logits at the response's last slot. Without it the action, last of
@@ -729,7 +754,8 @@ class VagenNet(nn.Module):
     def _heads(
         self, memory: "Memory", x: torch.Tensor, named: torch.Tensor | None = None, gate: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values from decoder features x (B, L, d); ``gate`` (L, 1): where the read-out acts."""
+        """Logits and values from decoder features x (B, L, d); ``gate`` (L, K): where the read-out
+        acts, and on which of its K tokens."""
         h = self.norm(x)
         logits = self.lm_head(h)
         if self.cell_readout is not None and named is not None:

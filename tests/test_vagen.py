@@ -364,7 +364,7 @@ def test_state_fields_of_states_along_an_episode_are_consistent():
 
 
 def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "none", gated: bool = False):
-    from agents.vagen import VagenModelConfig, VagenNet, readout_positions
+    from agents.vagen import VagenModelConfig, VagenNet, readout_positions, readout_tokens_at
 
     env = make_env("MiniGrid-DoorKey-5x5-v0")
     base = env.unwrapped
@@ -375,6 +375,7 @@ def _random_net(seed: int = 0, cell_inputs: bool = False, cell_readout: str = "n
         vocab_size=len(vocab), grid_width=base.width, grid_height=base.height, tile_size=frames.shape[1] // base.height,
         max_response_len=15, layers=2, first_cell_token=vocab.cell(0, 0), cell_inputs=cell_inputs, cell_readout=cell_readout,
         readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions("WorldModeling", vocab) if gated else None,
+        readout_tokens_at=readout_tokens_at("WorldModeling", vocab) if gated else None,
     )
     net = VagenNet(config).eval()
     if net.cell_readout is not None:  # zero at the start: give it weights, so that the test sees it
@@ -470,7 +471,7 @@ def test_cell_readout_acts_only_at_slots_that_take_attributes():
     """The read-out belongs where a slot accepts an attribute (a direction after the agent's cell,
     the door state after the door's cell), not in the slots after the goal's cell (the next agent
     position, the action), where its logits could only break the format."""
-    from agents.vagen import VagenNet, readout_positions
+    from agents.vagen import VagenNet, readout_positions, readout_tokens_at, slot_mask
 
     net, vocab, frames = _random_net(cell_inputs=True, cell_readout="pixels")
     positions = readout_positions("WorldModeling", vocab)
@@ -495,6 +496,21 @@ def test_cell_readout_acts_only_at_slots_that_take_attributes():
     nowhere = VagenNet(dataclasses.replace(net.config, readout_positions=())).eval()  # a template without attribute slots
     nowhere.load_state_dict(net.state_dict())
     assert torch.allclose(nowhere(frames, history, inputs)[0], without, atol=1e-5)
+    # Within a slot, only the tokens it accepts: a direction slot's read-out scores directions, not
+    # door states (which took over the direction slot in one benchmark run).
+    accepts = readout_tokens_at("WorldModeling", vocab)
+    assert len(accepts) == len(positions) and all(accepts)
+    per_slot = VagenNet(dataclasses.replace(net.config, readout_positions=positions, readout_tokens_at=accepts)).eval()
+    per_slot.load_state_dict(net.state_dict())
+    restricted, _ = per_slot(frames, history, inputs)
+    legal = slot_mask("WorldModeling", vocab)
+    for i in positions:
+        takes = legal[i].clone()
+        assert torch.allclose(restricted[:, i, takes], everywhere[:, i, takes], atol=1e-5), i
+        assert torch.allclose(restricted[:, i, ~takes], without[:, i, ~takes], atol=1e-5), i
+    assert not torch.allclose(everywhere[:, positions[0], vocab.ids["door_locked"]], without[:, positions[0], vocab.ids["door_locked"]], atol=1e-3)
+    with pytest.raises(ValueError, match="readout_tokens_at"):
+        VagenNet(dataclasses.replace(net.config, readout_positions=positions, readout_tokens_at=accepts[:2]))
 
 
 def test_action_query_adds_a_frame_only_read_out_to_the_last_slot():
@@ -528,7 +544,7 @@ def test_action_query_adds_a_frame_only_read_out_to_the_last_slot():
     assert torch.allclose(logprobs * gen.mask, gen.logprobs, atol=1e-5)
     logprobs.sum().backward()  # a causal mask first built while decoding also serves autograd
     assert with_query.action_query.grad is not None
-    no_think = VagenNet(dataclasses.replace(net.config, max_response_len=1, readout_positions=(), action_query=True))
+    no_think = VagenNet(dataclasses.replace(net.config, max_response_len=1, readout_positions=(), readout_tokens_at=(), action_query=True))
     assert no_think.action_query is None and no_think.action_readout is None
 
 
