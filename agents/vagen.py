@@ -653,7 +653,8 @@ class VagenNet(nn.Module):
         # And which tokens: in a direction slot, scoring the door states and object kinds too let
         # 'door_locked' into the slot as the weights grew (DoorKey-5x5 WorldModeling seed 0 of the
         # 55b0464 benchmark: format 0.99 -> 0.73 in its last update, the direction slot holding
-        # door_locked or carry_key). Now each slot's read-out scores only the tokens it accepts.
+        # door_locked or carry_key). With readout_tokens_at (vagen.readout_per_slot, off by default:
+        # docs/vagen.md, seventh round) each slot's read-out scores only the tokens it accepts.
         lo, hi = c.readout_tokens
         width = max(hi - lo, 1)
         gate = torch.ones(c.max_response_len, width) if c.readout_positions is None else torch.zeros(c.max_response_len, width)
