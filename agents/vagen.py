@@ -656,20 +656,17 @@ class VagenNet(nn.Module):
         # door_locked or carry_key). With readout_tokens_at (vagen.readout_per_slot, off by default:
         # docs/vagen.md, seventh round) each slot's read-out scores only the tokens it accepts.
         lo, hi = c.readout_tokens
-        width = max(hi - lo, 1)
-        gate = torch.ones(c.max_response_len, width) if c.readout_positions is None else torch.zeros(c.max_response_len, width)
-        if c.readout_tokens_at is not None and len(c.readout_tokens_at) != len(c.readout_positions or ()):
-            raise ValueError(f"readout_tokens_at has {len(c.readout_tokens_at)} entries for {len(c.readout_positions or ())} read-out positions")
-        for j, i in enumerate(c.readout_positions or ()):
+        positions = range(c.max_response_len) if c.readout_positions is None else c.readout_positions
+        accepts = c.readout_tokens_at if c.readout_tokens_at is not None else [range(lo, hi)] * len(positions)
+        if len(accepts) != len(positions):
+            raise ValueError(f"readout_tokens_at has {len(accepts)} entries for {len(positions)} read-out positions")
+        gate = torch.zeros(c.max_response_len, max(hi - lo, 1))
+        for i, tokens in zip(positions, accepts):
             if not 0 <= i < c.max_response_len:
                 raise ValueError(f"readout position {i} is outside a {c.max_response_len}-token response")
-            if c.readout_tokens_at is None:
-                gate[i] = 1.0
-            else:
-                for t in c.readout_tokens_at[j]:
-                    if not lo <= t < hi:
-                        raise ValueError(f"readout token {t} at position {i} is outside the read-out's tokens [{lo}, {hi})")
-                    gate[i, t - lo] = 1.0
+            if any(not lo <= t < hi for t in tokens):
+                raise ValueError(f"readout tokens {list(tokens)} at position {i} are not all in the read-out's tokens [{lo}, {hi})")
+            gate[i, [t - lo for t in tokens]] = 1.0
         self.register_buffer("readout_gate", gate, persistent=False)
         # The action query: a learned token that goes through the decoder's blocks with the prefix
         # and nothing else, as NoThink's <bos> does, and a linear map (zero at the start) from its
