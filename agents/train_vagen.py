@@ -90,6 +90,12 @@ class VagenConfig:
         "task_and_own_turn (as task, and the action is also credited with its own turn's world-modeling reward, not later turns': "
         "it is paid for carrying out the prediction just written, not for steering towards states that are easy to predict)",
     )
+    world_model_credit: str = param(
+        "turn",
+        "with action_credit task or task_and_own_turn: how the world-modeling reward credits the tokens before the action: "
+        "turn (each gets the turn's whole reward, as in VAGEN) or field (each field's token gets its own field's share: "
+        "right or wrong, without the other 13 fields' noise; the truth is exact, so no judge stands in the way)",
+    )
     clip: float = param(0.2, "PPO ratio clip")
     target_kl: float = param(0.02, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off)")
     value_coef: float = param(0.5, "weight of the value loss")
@@ -133,6 +139,10 @@ class VagenConfig:
         False, "the action's logits also read a learned query token passed through the decoder over the frame alone (NoThink's view), "
         "so acting need not wait for the written estimate to become informative (strategies that write before acting). "
         "On DoorKey-5x5 it raised WorldModeling's score over 5 runs (mean 0.35 against 0.24) but one run's format broke: off until that is fixed"
+    )
+    action_query_own_blocks: bool = param(
+        False, "with action_query: the query goes through decoder blocks of its own, so that learning to write the "
+        "estimate and prediction does not move the action's path except through the shared frame encoder"
     )
     heads: int = param(4, "attention heads")
     history_len: int = param(2, "previous actions the agent sees (its turn history)")
@@ -417,6 +427,8 @@ def check_config(vcfg: Any) -> None:
         raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
     if vcfg.action_credit not in ("turn", "task", "task_and_own_turn"):
         raise ValueError(f"vagen.action_credit must be 'turn', 'task' or 'task_and_own_turn', got '{vcfg.action_credit}'")
+    if vcfg.world_model_credit not in ("turn", "field"):
+        raise ValueError(f"vagen.world_model_credit must be 'turn' or 'field', got '{vcfg.world_model_credit}'")
     if vcfg.entropy_over not in ("slot", "vocab"):
         raise ValueError(f"vagen.entropy_over must be 'slot' or 'vocab', got '{vcfg.entropy_over}'")
     if vcfg.cell_readout not in ("none", "embedding", "pixels"):
@@ -454,7 +466,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         cell_inputs=vcfg.cell_inputs, cell_readout=vcfg.cell_readout, readout_tokens=vocab.attribute_tokens,
         readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
         readout_tokens_at=readout_tokens_at(vcfg.strategy, vocab, vcfg.free_think_len) if vcfg.readout_per_slot else None,
-        value_streams=2 if split else 1, action_query=vcfg.action_query,
+        value_streams=2 if split else 1, action_query=vcfg.action_query, action_query_own_blocks=vcfg.action_query_own_blocks,
     )
     net = VagenNet(model_config)
     value_norms = [ValueNormalizer(std_floor=vcfg.value_std_floor) for _ in range(2 if split else 1)]  # task (or turn) reward; world-modeling reward
@@ -512,6 +524,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         buf_logprobs, buf_values = torch.zeros(T, N, length), torch.zeros(T, N, length, len(value_norms))
         buf_rewards, buf_dones = torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool)
         buf_wm_rewards = torch.zeros(T, N)  # with split credit: the world-modeling reward, apart
+        buf_slot_rewards = torch.zeros(T, N, length)  # and each slot's share of it (world_model_credit=field)
         buf_formed = torch.ones(T, N, dtype=torch.bool)
         stats: dict[str, list[float]] = {k: [] for k in ("state_acc", "pred_acc", "format", "wm_reward")}
         for t in range(T):
@@ -538,6 +551,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                     buf_rewards[t, i] = float(step.rewards[i])
                     buf_wm_rewards[t, i] = wm.reward
                     buf_formed[t, i] = parsed[i].well_formed
+                    if wm.slot_rewards is not None:
+                        buf_slot_rewards[t, i] = torch.tensor(wm.slot_rewards)
                 else:
                     buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
                 stats["state_acc"].append(wm.state_accuracy)
@@ -573,6 +588,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             wm_adv, wm_ret, think = _world_model_advantages(
                 to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg,
                 credit_action=vcfg.action_credit == "task_and_own_turn",
+                slot_rewards=to_nt(buf_slot_rewards) if vcfg.world_model_credit == "field" else None,
             )
             # Each stream whitened on its own: the dense world-modeling advantages would otherwise
             # set the scale and shrink the sparse task reward's signal on the action.
@@ -701,7 +717,7 @@ def _advantages(
 
 
 def _world_model_advantages(
-    rewards, values, mask, tokens, well_formed, first_action: int, vcfg, credit_action: bool = False
+    rewards, values, mask, tokens, well_formed, first_action: int, vcfg, credit_action: bool = False, slot_rewards=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split credit: the world-modeling reward of a turn (the format penalty for a malformed
     response) credits that turn's tokens before the action, each turn on its own (a turn's
@@ -709,9 +725,17 @@ def _world_model_advantages(
     malformed response the action token is credited too: writing it too early is what broke the
     format; with ``credit_action`` it always is (the action then learns to carry out the prediction
     written before it). The same bi-level (or turn-level-only) scheme as the turn rewards, over those tokens.
+    With ``slot_rewards`` (N, T, L: each slot's share of a well-formed turn's reward) every credited
+    token of a well-formed response has its own slot's reward as its return instead (the action, when
+    credited, the whole turn's), and every token of a malformed one the penalty.
     rewards (N, T), values (N, T, L), mask and tokens (N, T, L), well_formed (N, T) -> advantages
     and returns (N, T, L), zero off the credited tokens, and their mask (N, T, L)."""
     think = mask & ((tokens < first_action) | ~well_formed.unsqueeze(-1) | credit_action)
+    if slot_rewards is not None:
+        is_action = tokens >= first_action
+        returns = torch.where(well_formed.unsqueeze(-1) & ~is_action, slot_rewards, rewards.unsqueeze(-1).to(values.dtype))
+        keep = think.to(values.dtype)
+        return (returns - values) * keep, returns * keep, think
     has_thought = think.any(-1)
     padded = think.clone()
     padded[..., 0] |= ~has_thought  # a response that acted at once: a stand-in token, zeroed below

@@ -212,6 +212,7 @@ class WorldModelReward:
     reward: float
     state_accuracy: float
     prediction_accuracy: float
+    slot_rewards: tuple[float, ...] | None = None  # well-formed only: each slot's share of ``reward``, in template order
 
 
 def world_model_reward(
@@ -236,7 +237,21 @@ def world_model_reward(
     state_acc = field_accuracy(parsed.state, true_state, field_weights) if has_state else nan
     pred_acc = field_accuracy(parsed.prediction, true_next_state, field_weights) if has_prediction else nan
     reward = (state_weight * state_acc if has_state else 0.0) + (prediction_weight * pred_acc if has_prediction else 0.0)
-    return WorldModelReward(float(reward), state_acc, pred_acc)
+    # Each field's own share of the reward, slot by slot in the order the template writes them;
+    # free and action slots earn none (FreeThink's free slots included: it has no fields).
+    total = sum(float(field_weights.get(f, 0.0)) for f in FIELDS)
+    parts = {"state": (parsed.state, true_state, state_weight), "prediction": (parsed.prediction, true_next_state, prediction_weight)}
+    written = {"state": 0, "prediction": 0}
+    slot_rewards = []
+    for part, _ in template(strategy):
+        said, truth, weight = parts.get(part, (None, None, 0.0))
+        if said is None:
+            slot_rewards.append(0.0)
+            continue
+        field = FIELDS[written[part]]
+        written[part] += 1
+        slot_rewards.append(weight * float(field_weights.get(field, 0.0)) / total if said[field] == truth[field] else 0.0)
+    return WorldModelReward(float(reward), state_acc, pred_acc, tuple(slot_rewards))
 
 
 def full_world_model_reward(strategy: str, state_weight: float, prediction_weight: float) -> float:
@@ -486,6 +501,9 @@ class VagenModelConfig:
     # The action's logits also read a query token run through the decoder over the prefix alone
     # (what NoThink's action sees). False in checkpoints from before this field.
     action_query: bool = False
+    # The query goes through decoder blocks of its own (same shape), not the response's: the
+    # thinking tokens' gradients then reach the action's path only through the shared encoder.
+    action_query_own_blocks: bool = False
 
 
 def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
@@ -677,6 +695,9 @@ class VagenNet(nn.Module):
         self.action_query = self.action_readout = None
         if c.action_query and c.max_response_len > 1:
             self.action_query = nn.Parameter(torch.randn(c.d_model) * 0.5)
+            if c.action_query_own_blocks:
+                self.query_blocks = nn.ModuleList([_DecoderBlock(c.d_model, c.heads, c.mlp_ratio) for _ in range(c.layers)])
+                self.query_norm = nn.LayerNorm(c.d_model)
             self.action_readout = nn.Linear(c.d_model, NUM_ACTIONS)
             nn.init.zeros_(self.action_readout.weight)
             nn.init.zeros_(self.action_readout.bias)
@@ -709,9 +730,10 @@ class VagenNet(nn.Module):
         query = None
         if self.action_query is not None:
             query = self.action_query.view(1, 1, -1).expand(B, 1, -1)
-            for block, block_kv in zip(self.blocks, kv):
-                query = block(query, block_kv)
-            query = self.norm(query[:, 0])
+            own = self.config.action_query_own_blocks
+            for block, block_kv in zip(self.query_blocks if own else self.blocks, kv):
+                query = block(query, block.memory_kv(memory) if own else block_kv)
+            query = (self.query_norm if own else self.norm)(query[:, 0])
         return Memory(kv, memory[:, : gh * gw], content, tiles, query)
 
     def decode(self, memory: "Memory", inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

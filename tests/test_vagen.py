@@ -144,6 +144,16 @@ def test_split_credit_gives_the_world_model_reward_to_the_tokens_before_the_acti
     assert think[0].tolist() == mask[0].tolist()
     assert adv[0, 0].tolist() == pytest.approx([0.9, 0.8, 0.7, -8.0])
     assert adv[0, 1, 0].item() == pytest.approx(-5.0) and adv[0, 2, :2].tolist() == pytest.approx([0.1, -6.5])
+    # world_model_credit=field: a well-formed response's thinking token has its own slot's reward as
+    # its return (A_i = r_i - V_i); a malformed one's credited tokens the penalty, as before.
+    slot_rewards = torch.tensor([[[0.5, 0.0, 0.25, 0.0], [0.0] * 4, [0.5, 0.0, 0.0, 0.0]]])
+    adv, ret, think = _world_model_advantages(rewards, values, mask, tokens, well_formed, first_action, cfg, slot_rewards=slot_rewards)
+    assert think[0, 0].tolist() == [True, True, True, False]
+    assert ret[0, 0].tolist() == pytest.approx([0.5, 0.0, 0.25, 0.0]) and adv[0, 0].tolist() == pytest.approx([0.4, -0.2, -0.05, 0.0])
+    assert adv[0, 2].tolist() == pytest.approx([0.1, 0.0, 0.0, 0.0])
+    malformed = torch.tensor([[True, False, False]])
+    adv, ret, _ = _world_model_advantages(torch.tensor([[1.0, -0.1, -0.1]]), values, mask, tokens, malformed, first_action, cfg, slot_rewards=slot_rewards)
+    assert adv[0, 1, 0].item() == pytest.approx(-5.1) and adv[0, 2, :2].tolist() == pytest.approx([-0.5, -7.1])
 
 
 def test_value_loss_of_two_streams_uses_each_streams_tokens():
@@ -325,6 +335,25 @@ def test_a_wrong_field_loses_its_weight(doorkey):
     result = reward_of(vocab, response(vocab, before, before, 1), before, after)
     assert result.reward == pytest.approx(0.8 - 0.5 * 1.0 / 9.0)
     assert result.prediction_accuracy == pytest.approx(8.0 / 9.0)
+
+
+def test_each_slot_earns_its_own_fields_share(doorkey):
+    """The slot rewards (world_model_credit=field) split the turn's reward by field: they add up to
+    it, a wrong field's slot earns 0 and no other slot loses anything; the action earns none."""
+    vocab, before, after = doorkey
+    perfect = reward_of(vocab, response(vocab, before, after, 1), before, after)
+    shares = [0.3 * WEIGHTS[f] / 9.0 for f in FIELDS] + [0.5 * WEIGHTS[f] / 9.0 for f in FIELDS] + [0.0]
+    assert list(perfect.slot_rewards) == pytest.approx(shares)
+    assert sum(perfect.slot_rewards) == pytest.approx(perfect.reward)
+    wrong_door = dict(after, door=vocab.ids["door_open"] if after["door"] != vocab.ids["door_open"] else vocab.ids["door_locked"])
+    result = reward_of(vocab, response(vocab, before, wrong_door, 1), before, after)
+    door_slot = len(FIELDS) + FIELDS.index("door")
+    assert result.slot_rewards[door_slot] == 0.0
+    assert [r for i, r in enumerate(result.slot_rewards) if i != door_slot] == pytest.approx([r for i, r in enumerate(shares) if i != door_slot])
+    assert sum(result.slot_rewards) == pytest.approx(result.reward)
+    tokens = response(vocab, before, after, 1)
+    tokens[8] = vocab.ids["door_open"]
+    assert reward_of(vocab, tokens, before, after).slot_rewards is None  # malformed: the penalty alone
 
 
 def test_malformed_response_gets_only_the_format_penalty(doorkey):
@@ -546,6 +575,29 @@ def test_action_query_adds_a_frame_only_read_out_to_the_last_slot():
     assert with_query.action_query.grad is not None
     no_think = VagenNet(dataclasses.replace(net.config, max_response_len=1, readout_positions=(), readout_tokens_at=(), action_query=True))
     assert no_think.action_query is None and no_think.action_readout is None
+
+
+def test_an_action_query_with_blocks_of_its_own_is_moved_by_the_action_alone():
+    """action_query_own_blocks: the thinking tokens' log-probs give the query's blocks no gradient
+    (their gradient reaches the action's path only through the shared encoder); the action's do;
+    cached decoding still equals the teacher-forced pass."""
+    from agents.vagen import VagenNet, generate, random_well_formed, token_logprobs
+
+    net, vocab, frames = _random_net(cell_inputs=True, cell_readout="pixels", gated=True)
+    own = VagenNet(dataclasses.replace(net.config, action_query=True, action_query_own_blocks=True)).eval()
+    torch.nn.init.normal_(own.action_readout.weight, std=0.5)
+    history = torch.randint(8, (len(frames), 2), generator=torch.Generator().manual_seed(1))
+    tokens = random_well_formed("WorldModeling", vocab, len(frames), torch.Generator().manual_seed(2))
+    logprobs, _, _ = token_logprobs(own, frames, history, tokens)
+    logprobs[:, :-1].sum().backward(retain_graph=True)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in own.query_blocks.parameters())
+    assert own.tile_embed[0].weight.grad.abs().max() > 0  # the shared encoder learns from the thinking tokens
+    logprobs[:, -1].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in own.query_blocks.parameters() if p.dim() > 1)
+    gen = generate(own, frames, history, tokens.shape[1], vocab.first_action, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        again, _, _ = token_logprobs(own, frames, history, gen.tokens)
+    assert torch.allclose(again * gen.mask, gen.logprobs, atol=1e-5)
 
 
 def test_generation_is_deterministic_for_a_seed():
