@@ -212,7 +212,7 @@ class WorldModelReward:
     reward: float
     state_accuracy: float
     prediction_accuracy: float
-    slot_rewards: tuple[float, ...] | None = None  # well-formed only: each slot's share of ``reward``, in template order
+    slot_rewards: tuple[float, ...] | None = None  # well-formed, with fields: each slot's share of ``reward``, in template order
 
 
 def world_model_reward(
@@ -237,20 +237,19 @@ def world_model_reward(
     state_acc = field_accuracy(parsed.state, true_state, field_weights) if has_state else nan
     pred_acc = field_accuracy(parsed.prediction, true_next_state, field_weights) if has_prediction else nan
     reward = (state_weight * state_acc if has_state else 0.0) + (prediction_weight * pred_acc if has_prediction else 0.0)
-    # Each field's own share of the reward, slot by slot in the order the template writes them;
-    # free and action slots earn none (FreeThink's free slots included: it has no fields).
+    # Each field's own share of the reward, in the order the template writes the slots: the state's
+    # fields, then the prediction's, then the action (which earns none).
     total = sum(float(field_weights.get(f, 0.0)) for f in FIELDS)
-    parts = {"state": (parsed.state, true_state, state_weight), "prediction": (parsed.prediction, true_next_state, prediction_weight)}
-    written = {"state": 0, "prediction": 0}
-    slot_rewards = []
-    for part, _ in template(strategy):
-        said, truth, weight = parts.get(part, (None, None, 0.0))
-        if said is None:
-            slot_rewards.append(0.0)
-            continue
-        field = FIELDS[written[part]]
-        written[part] += 1
-        slot_rewards.append(weight * float(field_weights.get(field, 0.0)) / total if said[field] == truth[field] else 0.0)
+
+    def shares(said: dict[str, int], truth: dict[str, int], weight: float) -> list[float]:
+        return [weight * float(field_weights.get(f, 0.0)) / total if said[f] == truth[f] else 0.0 for f in FIELDS]
+
+    slot_rewards = (shares(parsed.state, true_state, state_weight) if has_state else []) + (
+        shares(parsed.prediction, true_next_state, prediction_weight) if has_prediction else []
+    )
+    if not slot_rewards:  # NoThink, FreeThink: no fields to share out
+        return WorldModelReward(float(reward), state_acc, pred_acc)
+    slot_rewards.append(0.0)
     return WorldModelReward(float(reward), state_acc, pred_acc, tuple(slot_rewards))
 
 
