@@ -463,6 +463,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     # Two value streams when the action's credit is split from the world-modeling reward (task,
     # task_and_own_turn) and there is one (StateEstimation, TransitionModeling, WorldModeling).
     split = vcfg.action_credit != "turn" and full_world_model_reward(vcfg.strategy, vcfg.state_weight, vcfg.prediction_weight) > 0
+    field_credit = split and vcfg.world_model_credit == "field"  # each thinking token credited with its own field's share
     model_config = VagenModelConfig(
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads,
@@ -555,7 +556,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                     buf_rewards[t, i] = float(step.rewards[i])
                     buf_wm_rewards[t, i] = wm.reward
                     buf_formed[t, i] = parsed[i].well_formed
-                    if wm.slot_rewards is not None:
+                    if field_credit and wm.slot_rewards is not None:
                         buf_slot_rewards[t, i] = torch.tensor(wm.slot_rewards)
                 else:
                     buf_rewards[t, i] = float(step.rewards[i]) + wm.reward - offset
@@ -592,7 +593,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
             wm_adv, wm_ret, think = _world_model_advantages(
                 to_nt(buf_wm_rewards), to_nt(buf_values[..., 1]), to_nt(buf_mask), to_nt(buf_tokens), to_nt(buf_formed), vocab.first_action, vcfg,
                 credit_action=vcfg.action_credit == "task_and_own_turn",
-                slot_rewards=to_nt(buf_slot_rewards) if vcfg.world_model_credit == "field" else None,
+                slot_rewards=to_nt(buf_slot_rewards) if field_credit else None,
             )
             # Each stream whitened on its own: the dense world-modeling advantages would otherwise
             # set the scale and shrink the sparse task reward's signal on the action.
