@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from common.atomic import atomic_torch_save
+from common.checkpoints import load_checked
 
 NUM_ACTIONS = 7  # MiniGrid: left, right, forward, pickup, drop, toggle, done
 CHECKPOINT_FORMAT = 1
@@ -148,20 +149,8 @@ def save_policy(path: str | os.PathLike, policy: Policy, **extra: Any) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` a policy checkpoint on the CPU, with clear errors for missing or foreign files."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"policy checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Checkpoints we wrote ourselves may hold objects the safe loader refuses (e.g. numpy scalars).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "kind" not in checkpoint:
-        raise ValueError(f"{path} is not a policy checkpoint (no 'kind' field); was it written by save_policy?")
-    return checkpoint
+    """A policy checkpoint on the CPU, its weights hash checked, with errors that name the file."""
+    return load_checked(path, "policy", "was it written by agents.policy.save_policy?", require="kind")
 
 
 def load_policy(path: str | os.PathLike, device: str = "cpu") -> Policy:
@@ -257,6 +246,6 @@ class ScriptedPolicy(Policy):
 def make_policy(spec: str, env_id: str = "", device: str = "cpu") -> Policy:
     """A policy from a spec: a scripted name (``random``, ``oracle``, ``epsilon_oracle@0.1``,
     ``sticky_random@0.8``) or the path of a saved policy checkpoint (anything ending in ``.pt``)."""
-    if spec.endswith(".pt") or os.sep in spec:
+    if spec.endswith(".pt") or os.sep in spec or Path(spec).is_file():
         return load_policy(spec, device=device)
     return ScriptedPolicy(spec, env_id=env_id)

@@ -20,6 +20,7 @@ from agents.dreamer import (
 from agents.policy import PolicyInput, ScriptedPolicy, load_policy, make_policy, save_policy
 from agents.toy import FORWARD, ToyCorridorModel
 from agents.train_dreamer import StartFrames, imagination_update, optimizer_for
+from common.atomic import ArtifactError, atomic_torch_save
 
 torch.set_num_threads(1)
 
@@ -197,12 +198,15 @@ def test_dreamer_policy_checkpoint_round_trip(tmp_path):
 
 
 def test_load_policy_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ArtifactError, match="not found"):
         load_policy(tmp_path / "missing.pt")
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="no 'kind'"):
+    with pytest.raises(ArtifactError, match="no 'kind'"):
         load_policy(tmp_path / "foreign.pt")
-    torch.save({"kind": "no_such_agent"}, tmp_path / "unknown.pt")
+    torch.save({"kind": "scripted"}, tmp_path / "unhashed.pt")
+    with pytest.raises(ArtifactError, match="no weights hash"):
+        load_policy(tmp_path / "unhashed.pt")
+    atomic_torch_save(tmp_path / "unknown.pt", {"kind": "no_such_agent"})
     with pytest.raises(ValueError, match="unknown policy kind 'no_such_agent'"):
         load_policy(tmp_path / "unknown.pt")
 

@@ -250,19 +250,6 @@ def test_static_cells_are_copied_and_the_rest_predicted_as_before():
         small_config(static_cells=[25])
 
 
-def test_local_checkpoint_with_the_old_unused_memory_projection_loads(tmp_path):
-    """Local models saved while they still carried the unused decoder_memory weights load."""
-    from worldmodel.dynamics import dynamics_checkpoint
-
-    model = DynamicsModel(small_config(memory="frame", decoder_context="local"))
-    checkpoint = dynamics_checkpoint(model, "tok")
-    checkpoint["state_dict"]["decoder_memory.weight"] = torch.zeros(32, 48)
-    checkpoint["state_dict"]["decoder_memory.bias"] = torch.zeros(32)
-    torch.save(checkpoint, tmp_path / "dynamics.pt")
-    loaded, _ = load_dynamics(tmp_path / "dynamics.pt", tokenizer_identity="tok")
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-
-
 def test_world_model_rollout_is_what_the_forward_pass_predicts():
     """A greedy imagined rollout, re-read teacher-forced, predicts itself at every step."""
     torch.manual_seed(2)

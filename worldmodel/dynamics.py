@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.atomic import ArtifactError
 from common.checkpoints import read_checkpoint
 from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
 
@@ -790,7 +791,7 @@ def count_parameters(model: nn.Module) -> int:
 CHECKPOINT_FORMAT = "gridworld-dynamics/1"
 
 
-class DynamicsCheckpointError(ValueError):
+class DynamicsCheckpointError(ArtifactError, ValueError):
     """A dynamics checkpoint that is missing, unreadable, or made for another tokenizer."""
 
 
@@ -821,11 +822,8 @@ def load_dynamics(path, tokenizer_identity: str | None = None,
             f"but the tokenizer given is {tokenizer_identity}: retrain the dynamics model for this tokenizer"
         )
     model = DynamicsModel(DynamicsModelConfig.from_dict(checkpoint["model_config"]))
-    weights = checkpoint["state_dict"]
-    if model.decoder_memory is None:  # written while local decoding still kept the unused projection
-        weights = {k: v for k, v in weights.items() if not k.startswith("decoder_memory.")}
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise DynamicsCheckpointError(f"dynamics model {path} weights do not fit its config: {error}") from None
     return model.to(device).eval(), checkpoint

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.atomic import ArtifactError
 from common.checkpoints import read_checkpoint
 
 CHECKPOINT_FORMAT = "gridworld-sandbox/tokenizer/1"
@@ -44,7 +45,7 @@ QUANTIZERS = ("fsq", "vq")
 DECODER_OUTPUTS = ("categorical", "regression")
 
 
-class TokenizerCheckpointError(ValueError):
+class TokenizerCheckpointError(ArtifactError, ValueError):
     """A tokenizer checkpoint that is missing, unreadable, or made for other frames or vocabulary."""
 
 
@@ -530,6 +531,15 @@ def difference_panel(real: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_frames(tokenizer: Any, frames: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """frames (N, H, W, 3) uint8 -> tokens (N, h, w) int64 (NumPy), in chunks of ``batch_size``
+    frames (bounded memory): the one way every stage tokenises a dataset or a batch of frames."""
+    parts = [torch.as_tensor(tokenizer.encode(frames[i:i + batch_size])).cpu().numpy()
+             for i in range(0, len(frames), batch_size)]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def tokenizer_checkpoint(tokenizer: Tokenizer, **extra: Any) -> dict[str, Any]:
