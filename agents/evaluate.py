@@ -26,6 +26,7 @@ from agents.policy import Policy, PolicyInput, make_policy, read_checkpoint
 from common.config import param
 from common.runs import RunDir, write_gif, write_png
 from common.seeding import derive_seed, seed_everything
+from worldmodel.tokenizer import encode_frames
 
 REPORT_NAME = "report.md"
 IMAGINED_REWARDS = ("step_aware", "model")
@@ -106,10 +107,6 @@ class Rollouts:
     returns_step_aware: np.ndarray | None = None
 
 
-def _encode(tokenizer: Any, frames: np.ndarray) -> np.ndarray:
-    return tokenizer.encode(frames).cpu().numpy().astype(np.int64)
-
-
 def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any, policy_seed: int,
              record_first: bool = False, max_record: int = 60) -> Rollouts:
     """Play ``policy`` in len(seeds) real envs in lockstep, env i reset with ``seeds[i]``."""
@@ -128,7 +125,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
     policy.reset(count, seed=policy_seed)
     while alive.any():
         inp = PolicyInput(
-            tokens=_encode(tokenizer, frames_np) if "tokens" in policy.inputs else None,
+            tokens=encode_frames(tokenizer, frames_np) if "tokens" in policy.inputs else None,
             frames=frames_np if "frames" in policy.inputs else None,
             states=states_np if "states" in policy.inputs else None,
         )
@@ -160,7 +157,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
     """
     env_max_steps = int(env_max_steps or max_steps)
     tokenizer = world_model.tokenizer
-    tokens = _encode(tokenizer, first_frames)
+    tokens = encode_frames(tokenizer, first_frames)
     count = len(tokens)
     tokens = torch.as_tensor(world_model.reset(torch.as_tensor(tokens)[:, None], torch.zeros(count, 0, dtype=torch.long)))
     tokens = tokens.cpu().numpy().astype(np.int64)
@@ -261,7 +258,7 @@ def _check_tokens(policy: Policy, tokenizer: Any) -> None:
 
 def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.evaluate.policies`` in the real env and in the run's world model; write the report."""
-    from agents.train_dreamer import load_world_model
+    from worldmodel.imagine import load_world_model
     from envs.make import make_env_from_config
 
     stage = cfg.evaluate
@@ -269,7 +266,7 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
     if cfg.run.threads > 0:
         torch.set_num_threads(int(cfg.run.threads))
     started = time.perf_counter()
-    world_model = world_model if world_model is not None else load_world_model(run, device=str(cfg.run.device))
+    world_model = world_model if world_model is not None else load_world_model(run_dir=run.path, device=str(cfg.run.device))
     tokenizer = world_model.tokenizer
     policies = resolve_policies(str(stage.policies), run.path, str(cfg.env.id), int(stage.max_checkpoints))
     names = [p.name for p in policies]

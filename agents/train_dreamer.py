@@ -20,10 +20,11 @@ import torch
 from omegaconf import OmegaConf
 
 from agents.dreamer import DreamerAgent, DreamerConfig, DreamerPolicy, ImaginationModel, Losses, imagine
-from agents.policy import read_checkpoint, save_policy
+from agents.policy import save_policy
 from common.atomic import atomic_torch_save
 from common.runs import Logger, RunDir
 from common.seeding import seed_everything
+from common.stage import check_finite, load_resume
 
 FINAL_NAME = "dreamer.pt"
 RESUME_NAME = "dreamer.resume.pt"
@@ -126,54 +127,21 @@ def behaviour_cloning_update(agent: DreamerAgent, optimizer: torch.optim.Optimiz
     return losses
 
 
-def encode_frames(tokenizer: Any, frames: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, h, w) int64 tokens, in chunks (bounded memory)."""
-    return np.concatenate([
-        tokenizer.encode(frames[i:i + batch_size]).cpu().numpy() for i in range(0, len(frames), batch_size)
-    ]).astype(np.int64)
-
-
-def load_world_model(run: RunDir, device: str = "cpu") -> Any:
-    """The run's world model (``tokenizer.pt`` + ``dynamics.pt``), frozen, for imagination.
-
-    Its ``identity`` (a hash of the dynamics checkpoint) goes into the agent's signature, so an
-    agent trained in another model is never mistaken for a finished stage.
-    """
-    import hashlib
-
-    from worldmodel.imagine import load_world_model as load
-
-    for name, stage in (("tokenizer.pt", "scripts/train_tokenizer.py"), ("dynamics.pt", "scripts/train_dynamics.py")):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"world model checkpoint not found: {run / name} (run {stage} first)")
-    world_model = load(run_dir=run.path, device=device)
-    world_model.identity = hashlib.sha1((run / "dynamics.pt").read_bytes()).hexdigest()[:16]
-    return world_model
-
-
-def signature(cfg: Any, tokenizer_identity: str, dynamics_identity: str) -> dict[str, Any]:
-    """What a final or resume checkpoint must match to be reused."""
-    stage = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
-    return {"stage": stage, "seed": int(cfg.run.seed), "tokenizer": tokenizer_identity, "dynamics": dynamics_identity}
-
-
-def _differences(saved: dict, wanted: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-            if saved.get(k) != wanted.get(k)]
-
-
 def stage_config(cfg: Any) -> DreamerConfig:
     values = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
     return DreamerConfig(**values)  # type: ignore[arg-type]
 
 
 def train(cfg: Any, run: RunDir) -> dict[str, Any]:
-    """Train (or resume, or skip when complete) the agent of ``cfg.dreamer`` in the run's world model.
+    """Train (or resume) the agent of ``cfg.dreamer`` in the run's world model.
 
     Needs ``<run>/tokenizer.pt``, ``<run>/dynamics.pt`` and the dataset; writes ``<run>/dreamer.pt``
-    and returns the stage's metrics.
+    and returns the stage's metrics. Whether the stage needs to run at all is
+    :func:`common.stage.run_stage`'s call.
     """
     from envs.dataset import EpisodeDataset, training_folder
+    from worldmodel.imagine import load_world_model
+    from worldmodel.tokenizer import encode_frames
 
     stage = stage_config(cfg)
     final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
@@ -183,18 +151,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     seed_everything(cfg.run.seed)
     if cfg.run.threads > 0:
         torch.set_num_threads(int(cfg.run.threads))
-    world_model = load_world_model(run, device=device)
+    world_model = load_world_model(run_dir=run.path, device=device)
     tokenizer = world_model.tokenizer
-    dynamics_identity = str(getattr(world_model, "identity", ""))
-    wanted = signature(cfg, tokenizer.identity, dynamics_identity)
-    if final_path.is_file():
-        saved = read_checkpoint(final_path)
-        differences = _differences(saved.get("signature", {}), wanted)
-        if differences:
-            raise ValueError(f"{final_path} exists but was trained with another config or model: {'; '.join(differences)}. "
-                             "Use another run.name or delete the checkpoint.")
-        print(f"dreamer: {final_path} is complete and matches the config, skipping")
-        return saved.get("metrics", {})
 
     dataset = EpisodeDataset.load(training_folder(cfg))
     tokens = encode_frames(tokenizer, dataset.frames)
@@ -206,11 +164,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.run.seed)
     generator = torch.Generator().manual_seed(int(cfg.run.seed))
     step, bc_step, elapsed, history = 0, 0, 0.0, []
-    if resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        differences = _differences(state["signature"], wanted)
-        if differences:
-            raise ValueError(f"{resume_path} belongs to another config or model: {'; '.join(differences)}")
+    state = load_resume(resume_path, run, "dreamer")
+    if state is not None:
         if state["has_prior"]:
             agent.freeze_prior()
         agent.load_state_dict(state["agent"])
@@ -229,7 +184,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
     def save_resume() -> None:
         atomic_torch_save(resume_path, {
-            "signature": wanted, "agent": agent.state_dict(), "has_prior": agent.prior is not None,
+            "stage_identity": run.stage_identity, "agent": agent.state_dict(), "has_prior": agent.prior is not None,
             "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
             "torch_rng": generator.get_state(), "step": step, "bc_step": bc_step,
             "elapsed": time.perf_counter() - started, "history": history,
@@ -241,6 +196,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     while bc_step < stage.bc_steps:
         losses = behaviour_cloning_update(agent, optimizer, starts.behaviour_batch(rng, stage.bc_batch_size))
         bc_step += 1
+        check_finite(losses.total, "dreamer behaviour cloning", bc_step, "lower dreamer.actor_lr")
         if bc_step % stage.log_every == 0 or bc_step == stage.bc_steps:
             logger.scalars(bc_step, losses.parts)
     if stage.bc_prior and agent.prior is None:
@@ -257,6 +213,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size, stage.near_reward_starts), generator,
                                     progress=step / max(stage.updates - 1, 1))
         step += 1
+        check_finite(losses.total, "dreamer", step, "lower dreamer.actor_lr and dreamer.critic_lr")
         if bar is not None:
             bar.update(1)
         if step % stage.log_every == 0 or step == 1:
@@ -283,7 +240,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         "near_reward_start_frames": int(len(starts.near_reward)),
     }
     save_policy(run / CHECKPOINT_FOLDER / f"step_{step:06d}.pt", policy(step))
-    save_policy(final_path, policy(step), signature=wanted, metrics=metrics, history=history,
+    save_policy(final_path, policy(step), metrics=metrics, history=history,
                 agent={k: v.cpu() for k, v in agent.state_dict().items()})
     if resume_path.is_file():
         resume_path.unlink()

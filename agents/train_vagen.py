@@ -52,6 +52,7 @@ from common.atomic import atomic_torch_save
 from common.config import param
 from common.runs import Logger, RunDir
 from common.seeding import derive_seed, seed_everything
+from common.stage import check_finite, load_resume
 from envs.make import make_env_from_config
 from envs.state import StateCodec
 
@@ -500,8 +501,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         f"truth for state/prediction rewards: {truth_source}"
     )
     start_update = 0
-    if resume_path.is_file():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+    saved = load_resume(resume_path, run, "vagen")
+    if saved is not None:
         net.load_state_dict(saved["net"])
         for norm, state in zip(value_norms, saved["value_norms"]):
             norm.load_state_dict(state)
@@ -634,6 +635,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
                 if vcfg.target_kl > 0 and losses.parts["approx_kl"] > 1.5 * vcfg.target_kl:
                     stopped = True  # the policy already moved far enough from the rollout's: no more steps on it
                     break
+                check_finite(losses.total, "vagen", update + 1, "lower vagen.lr")
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 # Clipped apart: the critic's gradient must not shrink the policy's.
@@ -675,7 +677,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         if vcfg.checkpoint_every > 0 and (update + 1) % vcfg.checkpoint_every == 0 and update + 1 < num_updates:
             atomic_torch_save(
                 resume_path,
-                {"net": net.state_dict(), "value_norms": [n.state_dict() for n in value_norms], "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "update": update + 1},
+                {"net": net.state_dict(), "value_norms": [n.state_dict() for n in value_norms], "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "update": update + 1,
+                 "stage_identity": run.stage_identity},
             )
 
     # --- evaluate and save ---------------------------------------------------------------------------

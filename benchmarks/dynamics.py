@@ -39,7 +39,8 @@ from envs.dataset import EpisodeDataset, collect_folder
 from envs.make import make_env
 from scripts.config import Config
 from worldmodel.imagine import SamplingConfig, WorldModel, load_world_model
-from worldmodel.train_dynamics import evaluate_one_step, open_loop, tokenize_frames, train
+from worldmodel.tokenizer import encode_frames
+from worldmodel.train_dynamics import evaluate_one_step, open_loop, train
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -112,7 +113,7 @@ def pipeline(name: str, obs: str, args: argparse.Namespace, extra: list[str] = (
     from worldmodel.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(run_path / "tokenizer.pt")
-    dataset.with_frame_array("tokens", tokenize_frames(tokenizer, dataset.arrays["frames"]))
+    dataset.with_frame_array("tokens", encode_frames(tokenizer, dataset.arrays["frames"]))
     log(f"[{obs}] training dynamics: {cfg.dynamics.steps} steps, load {load_average()}")
     metrics = train(cfg, run_dir, dataset=dataset, tokenizer=tokenizer, log=log)
     world_model = load_world_model(run_path)

@@ -46,18 +46,53 @@ def run_path(cfg: DictConfig) -> Path:
 
 
 class RunDir:
-    """A run folder ``<run.root>/<run.name>/``; creating one records config, command and versions."""
+    """A run folder ``<run.root>/<run.name>/``; opening one for a stage logs the command line.
+
+    ``config.yaml`` and ``versions.json`` describe what the folder holds: a stage records the config
+    sections it read once its artifact is complete (:meth:`record_config`), so a stage that failed
+    (a bad value, a diverged loss) leaves no trace in them and the same command without the bad
+    value runs. Writers take the folder's lock (:meth:`lock`); readers need none.
+    """
 
     def __init__(self, cfg: DictConfig, stage: str, argv: Iterable[str] | None = None):
+        from common.atomic import ArtifactError
+
         self.path = run_path(cfg)
-        self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(self.path / "versions.json", package_versions())
+        self.stage_identity = ""  # set by common.stage.run_stage for the stage running now
+        self._lock = None
         argv = sys.argv if argv is None else list(argv)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
-        with open(self.path / "commands.log", "a", encoding="utf-8") as log:
-            log.write(f"{stamp} [{stage}] {shlex.join(argv)}\n")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.path / "commands.log", "a", encoding="utf-8") as log:
+                log.write(f"{stamp} [{stage}] {shlex.join(argv)}\n")
+        except OSError as error:
+            raise ArtifactError(f"cannot write the run folder {self.path}: {error.strerror or error} "
+                                "(check run.root and free space)") from None
+
+    def lock(self) -> "RunDir":
+        """Take the run folder's writer lock (a second writer fails at once, naming this process)."""
+        from common.stage import RunLock
+
+        self._lock = RunLock(self.path).acquire()
+        return self
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def record_config(self, cfg: DictConfig, sections: Iterable[str]) -> None:
+        """Write ``config.yaml`` with ``sections`` taken from ``cfg`` (the rest as saved), and
+        ``versions.json``: the config that made the artifacts the folder holds."""
+        path = self.path / "config.yaml"
+        saved = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+        for section in ("run", *sections):
+            if section in cfg:
+                saved[section] = cfg[section]
+        atomic_write_text(path, OmegaConf.to_yaml(saved, resolve=True))
+        atomic_write_json(self.path / "versions.json", package_versions())
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

@@ -19,11 +19,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from common.atomic import atomic_write_json
+from common.atomic import ArtifactError, atomic_write_json
 from common.config import param
 from common.runs import package_versions
 from common.seeding import derive_seed
-from envs.dataset import CARD_NAME, Episode, read_shard_lengths, shard_name, write_shard
+from common.stage import file_sha256
+from envs.dataset import CARD_NAME, Episode, dataset_content, read_card, read_shard_lengths, shard_name, write_shard
 from envs.make import make_env, normalize_env_id
 from envs.policies import PolicySpec, parse_policy_mix
 from envs.state import StateCodec
@@ -85,15 +86,19 @@ def _check_identity(folder: Path, identity: dict) -> None:
     path = folder / IDENTITY_NAME
     if not path.is_file():
         if any(folder.glob("shard_*.npz")):
-            raise ValueError(f"{folder} holds shards but no {IDENTITY_NAME}: not a dataset this code wrote")
+            raise ArtifactError(f"{folder} holds shards but no {IDENTITY_NAME}: not a dataset this code wrote "
+                                "(use another collect.path or delete the folder)")
         atomic_write_json(path, identity)
         return
-    existing = json.loads(path.read_text())
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{path} cannot be read ({error}): delete the dataset folder {folder} to recollect") from None
     differences = {k: (existing.get(k), v) for k, v in identity.items() if existing.get(k) != v}
     if differences:
         detail = ", ".join(f"{k}: {old!r} on disk vs {new!r} asked" for k, (old, new) in differences.items())
-        raise ValueError(
-            f"dataset {folder} was collected with another config ({detail}); "
+        raise ArtifactError(
+            f"dataset {folder} holds a partial collection of another config ({detail}); "
             "use another run name or collect.path, or delete the folder"
         )
 
@@ -134,8 +139,9 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
     identity = dataset_identity(env_cfg, collect_cfg)
     _check_identity(folder, identity)
     card_path = folder / CARD_NAME
-    if card_path.is_file():
-        return json.loads(card_path.read_text())
+    if card_path.is_file():  # a finished collection: trusted only once its shards are checked
+        dataset_content(folder, env_cfg)
+        return read_card(folder)
     if collect_cfg.num_steps <= 0 and collect_cfg.num_episodes <= 0:
         raise ValueError("collect: set num_episodes > 0 or num_steps > 0")
     if collect_cfg.episodes_per_shard <= 0 or collect_cfg.num_envs <= 0:
@@ -151,11 +157,15 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
     lengths: list[int] = []
     shard = 0
     while (folder / shard_name(shard)).is_file():
-        lengths.extend(int(n) for n in read_shard_lengths(folder / shard_name(shard)))
+        try:
+            lengths.extend(int(n) for n in read_shard_lengths(folder / shard_name(shard)))
+        except Exception as error:  # a shard damaged after it was written
+            raise ArtifactError(f"dataset shard {folder / shard_name(shard)} cannot be read ({type(error).__name__}): "
+                                "delete it and rerun scripts/collect.py to recollect it") from None
         shard += 1
     done_episodes = len(lengths)
     if done_episodes % per_shard:
-        raise ValueError(f"{folder}: shard {shard - 1} is partial but the dataset has no card; delete it to resume")
+        raise ArtifactError(f"{folder}: shard {shard - 1} is partial but the dataset has no card; delete it to resume")
     if step_budget > 0 and sum(lengths) >= step_budget:
         target_episodes = int(np.searchsorted(np.cumsum(lengths), step_budget) + 1)
 
@@ -192,8 +202,7 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
             venv.close()
     if bar is not None:
         bar.close()
-    card = _write_card(folder, env_cfg, collect_cfg, specs, identity, codec)
-    return card
+    return _write_card(folder, env_cfg, collect_cfg, specs, identity, codec, num_actions)
 
 
 def _run(venv, specs, codec, num_actions, seed, per_shard, folder, lengths, next_index,
@@ -270,7 +279,7 @@ def _run(venv, specs, codec, num_actions, seed, per_shard, folder, lengths, next
     return next_index, lengths
 
 
-def _write_card(folder: Path, env_cfg, collect_cfg, specs, identity, codec) -> dict:
+def _write_card(folder: Path, env_cfg, collect_cfg, specs, identity, codec, num_actions: int) -> dict:
     shards = sorted(folder.glob("shard_*.npz"))
     returns, lengths, policies, successes = [], [], [], []
     frame_shape = None
@@ -307,7 +316,7 @@ def _write_card(folder: Path, env_cfg, collect_cfg, specs, identity, codec) -> d
         "frame_shape": frame_shape,
         "grid_size": [codec.width, codec.height],
         "state_size": codec.size,
-        "num_actions": 7,
+        "num_actions": int(num_actions),
         "policy_mix": [{"name": s.name, "parameter": s.parameter, "weight": s.weight, "label": s.label}
                        for s in specs],
         "seeds": {"first": int(collect_cfg.seed), "last": int(collect_cfg.seed) + len(returns) - 1},
@@ -315,6 +324,7 @@ def _write_card(folder: Path, env_cfg, collect_cfg, specs, identity, codec) -> d
         "steps": int(lengths_a.sum()),
         "frames": int(lengths_a.sum() + len(returns)),
         "shards": [p.name for p in shards],
+        "shard_sha256": {p.name: file_sha256(p) for p in shards},
         "returns": stats(np.ones(len(returns), dtype=bool)),
         "returns_by_policy": {s.label: stats(policies_a == i) for i, s in enumerate(specs)},
         "identity": identity,

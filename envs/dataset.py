@@ -18,14 +18,17 @@ without making it a dependency of the core install.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_savez
-from common.config import param
+from common.atomic import ArtifactError, atomic_savez
+from common.config import ConfigError, param
+from common.stage import file_sha256
 
 CARD_NAME = "card.json"
 SHARD_GLOB = "shard_*.npz"
@@ -49,6 +52,59 @@ def collect_folder(cfg) -> Path:
 def training_folder(cfg) -> Path:
     """Where training stages read: ``data.path``, else the collect stage's folder."""
     return Path(cfg.data.path) if cfg.data.path else collect_folder(cfg)
+
+
+def read_card(folder: str | Path) -> dict:
+    """The card of a complete dataset folder, with errors that name the file and what to do."""
+    path = Path(folder) / CARD_NAME
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"dataset folder not found: {folder} (run scripts/collect.py first, or set data.path)")
+    if not path.is_file():
+        raise ArtifactError(f"dataset {folder} has no {CARD_NAME}: the collection did not finish "
+                            "(rerun scripts/collect.py to resume it)")
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"dataset card {path} cannot be read ({error}): delete it and rerun "
+                            "scripts/collect.py (complete shards are kept)") from None
+    if not isinstance(card, dict) or not isinstance(card.get("shards"), list):
+        raise ArtifactError(f"dataset card {path} is not a card this sandbox wrote: delete it and rerun scripts/collect.py")
+    return card
+
+
+def dataset_content(folder: str | Path, env: Any = None) -> str:
+    """The content identity of a complete dataset: a hash of its shards' bytes, checked against the
+    hashes its card recorded. With ``env`` (the config's env section), the dataset must have been
+    collected in that env and view (:class:`common.config.ConfigError` naming the keys if not)."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if env is not None:
+        check_env(card, env, folder)
+    digest = hashlib.sha256()
+    recorded = card.get("shard_sha256") or {}
+    for name in card["shards"]:
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"dataset {folder} lacks {name}, which its card lists: delete the folder's card "
+                                "and rerun scripts/collect.py to recollect the missing shards")
+        value = file_sha256(path)
+        if name in recorded and recorded[name] != value:
+            raise ArtifactError(f"dataset shard {path} is corrupt (its bytes differ from those its card recorded): "
+                                "delete it and the card, then rerun scripts/collect.py to recollect it")
+        digest.update(f"{name}:{value};".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_env(card: dict, env: Any, folder: Path) -> None:
+    """The dataset's env, view and tile size must be the config's."""
+    from envs.make import normalize_env_id
+
+    wanted = {"env_id": normalize_env_id(env.id), "obs": str(env.obs), "tile_size": int(env.tile_size)}
+    keys = {"env_id": "env.id", "obs": "env.obs", "tile_size": "env.tile_size"}
+    wrong = [f"{keys[k]}: dataset {card.get(k)!r}, config {v!r}" for k, v in wanted.items() if card.get(k) != v]
+    if wrong:
+        raise ConfigError(f"dataset {folder} was collected in another env ({'; '.join(wrong)}): set the env to the "
+                          "dataset's (e.g. --env), or point data.path at a dataset of this env")
 
 
 def shard_name(index: int) -> str:
@@ -153,22 +209,25 @@ class EpisodeDataset:
     def load(cls, path: str | Path, require_card: bool = True) -> "EpisodeDataset":
         """Load every shard of the dataset folder ``path`` (complete datasets only by default)."""
         folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {folder} (run scripts/collect.py first)")
-        card_path = folder / CARD_NAME
-        card = json.loads(card_path.read_text()) if card_path.is_file() else None
-        if require_card and card is None:
-            raise FileNotFoundError(
-                f"dataset {folder} has no {CARD_NAME}: the collection did not finish (re-run it to resume)"
-            )
-        shards = sorted(folder.glob(SHARD_GLOB))
+        if require_card:
+            card = read_card(folder)
+            shards = [folder / name for name in card["shards"]]
+        else:
+            if not folder.is_dir():
+                raise ArtifactError(f"dataset folder not found: {folder} (run scripts/collect.py first)")
+            card, shards = None, sorted(folder.glob(SHARD_GLOB))
         if not shards:
-            raise ValueError(f"dataset {folder} is empty: no {SHARD_GLOB} files")
+            raise ArtifactError(f"dataset {folder} is empty: no {SHARD_GLOB} files (rerun scripts/collect.py)")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in FRAME_KEYS + EPISODE_KEYS}
         for shard in shards:
-            with np.load(shard) as data:
-                for key in parts:
-                    parts[key].append(data[key])
+            try:
+                with np.load(shard) as data:
+                    for key in parts:
+                        parts[key].append(data[key])
+            except Exception as error:  # BadZipFile, bad CRC, a pickled or truncated member, a missing file
+                raise ArtifactError(f"dataset shard {shard} cannot be read ({type(error).__name__}: {error}): "
+                                    "delete it and the folder's card.json, then rerun scripts/collect.py "
+                                    "to recollect it") from None
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         arrays["actions"] = arrays["actions"].astype(np.int64)
         if len(arrays["episode_lengths"]) == 0:

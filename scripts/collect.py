@@ -15,15 +15,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import cli_config
 from common.runs import RunDir
 from common.seeding import seed_everything
-from envs.collect import collect, format_card
-from envs.dataset import collect_folder
-from scripts.config import Config, validate
+from common.stage import Stage, run_stage
+from envs.collect import collect, dataset_identity, format_card
+from envs.dataset import collect_folder, dataset_content, read_card
+from scripts.stages import main_for
 
 
-def run(cfg, run_dir: RunDir) -> dict:
+def body(cfg, run_dir: RunDir) -> dict:
     """Collect (or finish) the run's dataset and return its card."""
     seed_everything(cfg.run.seed)
     card = collect(cfg.env, cfg.collect, collect_folder(cfg), progress=cfg.run.progress)
@@ -33,12 +33,28 @@ def run(cfg, run_dir: RunDir) -> dict:
     return card
 
 
+STAGE = Stage(
+    name="collect",
+    outputs=lambda cfg: [collect_folder(cfg)],
+    identity=lambda cfg: {"config": dataset_identity(cfg.env, cfg.collect), "inputs": {}},
+    body=body,
+    sections=("env", "collect"),
+    content=lambda cfg: dataset_content(collect_folder(cfg)),
+    resumable=True,  # collection resumes at its first missing shard
+)
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    """The stage contract: collect unless the dataset is complete and of this config."""
+    return run_stage(STAGE, cfg, run_dir)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli_config(Config, argv, validate=validate)
-    card = run(cfg, RunDir(cfg, "collect", argv))
-    print(format_card(card))
-    print(f"dataset written to {collect_folder(cfg)}")
-    return card
+    def show(cfg, _metrics) -> None:
+        print(format_card(read_card(collect_folder(cfg))))
+        print(f"dataset written to {collect_folder(cfg)}")
+
+    return main_for(STAGE, argv, after=show)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,25 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.evaluate import REPORT_NAME, evaluate
-from common.config import cli_config
-from common.runs import RunDir
-from scripts.config import Config, validate
+from common.runs import RunDir, run_path
+from common.stage import Stage, config_fields, run_stage
+from scripts.stages import dynamics_id, main_for, policy_ids, tokenizer_id
+
+STAGE = Stage(
+    name="evaluate",
+    outputs=lambda cfg: [run_path(cfg) / REPORT_NAME],
+    identity=lambda cfg: {
+        "config": config_fields(cfg, ["env", "evaluate"]) | {"run.seed": int(cfg.run.seed)},
+        "inputs": {"tokenizer": tokenizer_id(cfg), "dynamics": dynamics_id(cfg), **policy_ids(cfg)},
+    },
+    body=lambda cfg, run_dir: evaluate(cfg, run_dir),
+    sections=("env", "evaluate"),
+)
 
 
 def run(cfg, run_dir: RunDir) -> dict:
-    """Evaluate the configured policies; return the ``evaluate`` metrics."""
-    return evaluate(cfg, run_dir)
+    """The stage contract: evaluate unless the report is complete and of this config and these policies."""
+    return run_stage(STAGE, cfg, run_dir)
 
 
 def headline(metrics: dict) -> str:
@@ -34,12 +45,11 @@ def headline(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli_config(Config, argv, validate=validate)
-    run_dir = RunDir(cfg, "evaluate", argv)
-    metrics = run(cfg, run_dir)
-    print(f"evaluate: {headline(metrics)}")
-    print(f"report: {run_dir / REPORT_NAME}")
-    return metrics
+    def show(cfg, metrics) -> None:
+        print(f"evaluate: {headline(metrics)}")
+        print(f"report: {run_path(cfg) / REPORT_NAME}")
+
+    return main_for(STAGE, argv, after=show)
 
 
 if __name__ == "__main__":

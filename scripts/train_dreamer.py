@@ -16,20 +16,32 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.train_dreamer import train
-from common.config import cli_config
-from common.runs import RunDir
-from scripts.config import Config, validate
+from agents.train_dreamer import CHECKPOINT_FOLDER, FINAL_NAME, train
+from common.runs import RunDir, run_path
+from common.stage import Stage, config_fields, run_stage
+from scripts.stages import dataset_id, dreamer_id, dynamics_id, main_for, tokenizer_id
+
+STAGE = Stage(
+    name="dreamer",
+    outputs=lambda cfg: [run_path(cfg) / FINAL_NAME, run_path(cfg) / CHECKPOINT_FOLDER],
+    identity=lambda cfg: {
+        "config": config_fields(cfg, ["dreamer"], exclude=("dreamer.log_every",))
+        | {"env.id": str(cfg.env.id), "run.seed": int(cfg.run.seed)},
+        "inputs": {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg), "dynamics": dynamics_id(cfg)},
+    },
+    body=train,
+    sections=("env", "dreamer"),
+    content=dreamer_id,
+)
 
 
 def run(cfg, run_dir: RunDir) -> dict:
-    """Train (or resume, or skip) the agent; return the stage's metrics."""
-    return train(cfg, run_dir)
+    """The stage contract: train unless ``dreamer.pt`` is complete and of this config and world model."""
+    return run_stage(STAGE, cfg, run_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli_config(Config, argv, validate=validate)
-    return run(cfg, RunDir(cfg, "dreamer", argv))
+    return main_for(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,46 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import cli_config
-from common.runs import RunDir
+from common.runs import RunDir, run_path
+from common.stage import Stage, config_fields, run_stage
 from envs.dataset import EpisodeDataset, training_folder
-from scripts.config import Config
-from worldmodel.train_tokenizer import model_config, train
+from scripts.stages import dataset_id, main_for, tokenizer_id
+from worldmodel.train_tokenizer import FINAL_NAME, train
+
+# Fields that change what is logged, not what is trained.
+COSMETIC = ("tokenizer.log_every", "tokenizer.image_every", "tokenizer.num_images", "tokenizer.checkpoint_every",
+            "tokenizer.max_val_frames")
+
+
+def body(cfg, run_dir: RunDir) -> dict:
+    """Train the tokenizer on the training split of the run's dataset."""
+    dataset = EpisodeDataset.load(training_folder(cfg))
+    train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
+    return train(cfg, run_dir, train_set.frames, None if val_set is None else val_set.frames)
+
+
+STAGE = Stage(
+    name="tokenizer",
+    outputs=lambda cfg: [run_path(cfg) / FINAL_NAME],
+    identity=lambda cfg: {
+        "config": config_fields(cfg, ["tokenizer"], exclude=COSMETIC)
+        | {"env.tile_size": int(cfg.env.tile_size), "data.val_fraction": float(cfg.data.val_fraction),
+           "run.seed": int(cfg.run.seed)},
+        "inputs": {"dataset": dataset_id(cfg)},
+    },
+    body=body,
+    sections=("env", "data", "tokenizer"),
+    content=tokenizer_id,
+)
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    """The stage contract: train unless ``tokenizer.pt`` is complete and of this config and data."""
+    return run_stage(STAGE, cfg, run_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli_config(Config, argv)
-    try:  # values the types cannot check (quantizer name, levels) fail before any work, naming the key
-        model_config(cfg.tokenizer, cfg.env.tile_size)
-    except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run = RunDir(cfg, "tokenizer", argv)
-    folder = training_folder(cfg)
-    dataset = EpisodeDataset.load(folder)
-    train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
-    return train(cfg, run, train_set.frames, None if val_set is None else val_set.frames,
-                 data_source=f"{folder.resolve()} (val_fraction {cfg.data.val_fraction}, split seed {cfg.run.seed})")
+    return main_for(STAGE, argv)
 
 
 if __name__ == "__main__":

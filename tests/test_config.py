@@ -59,7 +59,7 @@ def test_run_folder_config_is_reused(run_root):
     from common.runs import RunDir
 
     cfg = load_config(Config, [f"run.root={run_root}", "run.name=a", "collect.num_episodes=5"])
-    RunDir(cfg, "test", argv=["x"])
+    RunDir(cfg, "test", argv=["x"]).record_config(cfg, ["collect"])
     again = load_config(Config, [f"run.root={run_root}", "run.name=a"])
     assert again.collect.num_episodes == 5
     fresh = load_config(Config, [f"run.root={run_root}", "run.name=b"])

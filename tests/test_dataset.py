@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import envs.collect as collect_module
+from common.atomic import ArtifactError
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeDataset, shard_name
 from envs.make import EnvConfig, make_env
@@ -152,7 +153,7 @@ def test_killed_collection_resumes(small_dataset, tmp_path, monkeypatch):
         collect(env, settings, tmp_path / "resumed", progress=False)
     written = sorted(p.name for p in (tmp_path / "resumed").iterdir())
     assert written == ["collect_config.json", shard_name(0), shard_name(1)]  # no partial file, no card
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    with pytest.raises(ArtifactError, match="did not finish"):
         EpisodeDataset.load(tmp_path / "resumed")
     monkeypatch.setattr(collect_module, "write_shard", lambda target, index, episodes: (
         calls.append(("resume", index)), real_write(target, index, episodes))[1])
@@ -172,11 +173,11 @@ def test_step_budget(tmp_path):
 def test_mismatched_config_and_bad_folders(small_dataset, tmp_path):
     folder, _ = small_dataset
     env, settings = configs(policy_mix="random:1")
-    with pytest.raises(ValueError, match="another config.*policy_mix"):
+    with pytest.raises(ArtifactError, match="another config.*policy_mix"):
         collect(env, settings, folder, progress=False)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ArtifactError, match="not found"):
         EpisodeDataset.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "card.json").write_text(json.dumps({}))
-    with pytest.raises(ValueError, match="is empty"):
+    (tmp_path / "empty" / "card.json").write_text(json.dumps({"shards": []}))
+    with pytest.raises(ArtifactError, match="is empty"):
         EpisodeDataset.load(tmp_path / "empty")

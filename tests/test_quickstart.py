@@ -33,7 +33,7 @@ def test_quickstart_runs_every_stage(tiny_quickstart):
 
     cfg = load_config(Config, ["--preset", "tiny", f"run.root={root}"], extra_files=("quickstart.yaml",))
     for stage in STAGES:
-        assert stage.artifact(cfg).exists(), f"stage {stage.name} left no artifact"
+        assert all(path.exists() for path in stage.outputs(cfg)), f"stage {stage.name} left no artifact"
         assert f"[{stage.name}] done" in result.stdout
     assert f"results: {root / 'quickstart'}" in result.stdout
 
@@ -58,7 +58,7 @@ def test_killed_between_stages_resumes_without_redoing(run_root, monkeypatch):
     if len(quickstart.STAGES) < 2:
         pytest.skip("the quickstart has a single stage so far")
     ran = []
-    originals = {stage.name: stage.run for stage in quickstart.STAGES}
+    originals = {stage.name: stage.body for stage in quickstart.STAGES}
     second = quickstart.STAGES[1].name
 
     def wrap(name):
@@ -71,7 +71,7 @@ def test_killed_between_stages_resumes_without_redoing(run_root, monkeypatch):
         return run
 
     for stage in quickstart.STAGES:
-        monkeypatch.setattr(stage, "run", wrap(stage.name))
+        monkeypatch.setattr(stage, "body", wrap(stage.name))
     argv = ["--preset", "tiny", f"run.root={run_root}", *FAST]
     with pytest.raises(KeyboardInterrupt):
         quickstart.main(argv)

@@ -18,7 +18,11 @@ from scripts.config import Config
 def test_run_dir_describes_itself_and_logger_writes(run_root):
     cfg = load_config(Config, [f"run.root={run_root}", "run.name=r"])
     run = RunDir(cfg, "unit", argv=["prog", "a=1"])
-    assert OmegaConf.load(run / "config.yaml").run.name == "r"
+    assert not (run / "config.yaml").exists()  # recorded only once a stage completes
+    assert "[unit] prog a=1" in (run / "commands.log").read_text()
+    run.record_config(cfg, ["collect"])
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.run.name == "r" and saved.collect.num_episodes == cfg.collect.num_episodes and "dreamer" not in saved
     assert "torch" in json.loads((run / "versions.json").read_text())
     logger = Logger(run, cfg, "unit")
     logger.scalars(0, {"loss": 1.0, "accuracy": 0.5})

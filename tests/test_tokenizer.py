@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.atomic import atomic_torch_save
 from envs.collect import random_frames
 from worldmodel.tokenizer import (
     Tokenizer,
@@ -136,7 +137,7 @@ def test_save_load_gives_identical_tokens(tiny_run, tmp_path):
     tokenizer = load_tokenizer(run / "tokenizer.pt")
     frames = random_frames("MiniGrid-DoorKey-5x5-v0", [42], steps=10)
     copy_path = tmp_path / "copy.pt"
-    torch.save(tokenizer_checkpoint(tokenizer), copy_path)
+    atomic_torch_save(copy_path, tokenizer_checkpoint(tokenizer))
     again = load_tokenizer(copy_path, identity=tokenizer.identity)
     assert torch.equal(again.encode(frames), tokenizer.encode(frames))
     assert torch.equal(again.decode(again.encode(frames)), tokenizer.decode(tokenizer.encode(frames)))
@@ -162,16 +163,30 @@ def test_mismatched_checkpoint_fails_clearly(tiny_run, tmp_path):
         load_tokenizer(other)
 
 
-def test_finished_stage_is_skipped_and_a_changed_config_is_refused(tiny_run, capsys):
+def test_finished_stage_is_skipped_and_a_changed_config_reruns(tiny_run, capsys):
+    import shutil
+
     from scripts import train_tokenizer
 
     run, argv, metrics = tiny_run
     stamp = (run / "tokenizer.pt").stat().st_mtime_ns
     assert train_tokenizer.main(argv)["identity"] == metrics["identity"]
     assert (run / "tokenizer.pt").stat().st_mtime_ns == stamp
-    assert "skipping" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="hidden_dim: checkpoint"):
-        train_tokenizer.main(argv + ["tokenizer.hidden_dim=7"])
+    assert "[tokenizer] complete" in capsys.readouterr().out
+    # A copied (or moved) run is still complete: no absolute path is part of an identity.
+    copy = run.parent / "tok_copy"
+    shutil.copytree(run, copy)
+    copied = [a for a in argv if not a.startswith("run.name=")] + ["run.name=tok_copy"]
+    train_tokenizer.main(copied)
+    assert "[tokenizer] complete" in capsys.readouterr().out
+    # A changed key reruns the stage and keeps the old artifact under its identity.
+    before = (copy / "tokenizer.pt").read_bytes()
+    train_tokenizer.main(copied + ["tokenizer.hidden_dim=7"])
+    out = capsys.readouterr().out
+    assert "tokenizer.hidden_dim: 64 -> 7" in out and "[tokenizer] done" in out
+    kept = [p for p in copy.glob("tokenizer.*.pt") if p.name != "tokenizer.pt"]
+    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert load_tokenizer(copy / "tokenizer.pt").config.hidden_dim == 7
 
 
 def test_killed_training_resumes_to_the_same_weights(tiny_run, monkeypatch):

@@ -29,6 +29,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
+from common.atomic import DIGEST_KEY
 from worldmodel.dynamics import DynamicsCache, DynamicsModel, load_dynamics
 
 
@@ -526,8 +527,9 @@ def load_world_model(run_dir: str | Path | None = None, tokenizer_path: str | Pa
                      dynamics_path: str | Path | None = None, device: str | torch.device = "cpu",
                      sampling: SamplingConfig | None = None) -> WorldModel:
     """Load ``<run_dir>/tokenizer.pt`` and ``<run_dir>/dynamics.pt`` (or explicit paths) as a
-    :class:`WorldModel`; fails clearly when the dynamics model was trained with another tokenizer.
-    ``sampling`` defaults to the one saved with the dynamics model."""
+    :class:`WorldModel` whose ``identity`` is the dynamics weights' hash; fails clearly when a file
+    is missing, corrupt or the dynamics model was trained with another tokenizer. ``sampling``
+    defaults to the one saved with the dynamics model."""
     from worldmodel.tokenizer import load_tokenizer
 
     if run_dir is None and (tokenizer_path is None or dynamics_path is None):
@@ -537,4 +539,8 @@ def load_world_model(run_dir: str | Path | None = None, tokenizer_path: str | Pa
     dynamics, checkpoint = load_dynamics(dynamics_path, device=device)
     tokenizer = load_tokenizer(tokenizer_path, identity=checkpoint["tokenizer_identity"], device=device)
     saved = checkpoint.get("sampling") or {}
-    return WorldModel(tokenizer, dynamics, sampling=sampling or SamplingConfig(**saved), device=device)
+    world_model = WorldModel(tokenizer, dynamics, sampling=sampling or SamplingConfig(**saved), device=device)
+    # What the weights are (not when or where they were trained): agents record it, so an agent
+    # trained in another model is never taken for a finished stage.
+    world_model.identity = str(checkpoint[DIGEST_KEY])[:16]
+    return world_model

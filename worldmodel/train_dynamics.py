@@ -28,6 +28,7 @@ import torch.nn as nn
 from common.atomic import atomic_torch_save
 from common.config import param
 from common.seeding import derive_seed, seed_everything
+from common.stage import check_finite, load_resume
 from envs.dataset import EpisodeDataset, WindowBatch
 from envs.state import StateCodec
 from worldmodel.dynamics import (
@@ -155,13 +156,6 @@ def sampling_config(section: Any) -> SamplingConfig:
 # ---------------------------------------------------------------------------------------------
 # Data helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def tokenize_frames(tokenizer: Any, frames: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """frames (N, H, W, 3) uint8 -> tokens (N, h, w) int64 (numpy), in chunks."""
-    parts = [torch.as_tensor(tokenizer.encode(frames[i : i + batch])).cpu().numpy() for i in range(0, len(frames), batch)]
-    return np.concatenate(parts).astype(np.int64)
 
 
 def state_codec_for(dataset: EpisodeDataset) -> StateCodec:
@@ -367,7 +361,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     """
     from common.runs import Logger
     from envs.dataset import training_folder
-    from worldmodel.tokenizer import load_tokenizer
+    from worldmodel.tokenizer import encode_frames, load_tokenizer
 
     section = cfg.dynamics
     rank, world, device = setup_distributed(cfg.run.device)
@@ -386,7 +380,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         tokenizer = load_tokenizer(run_path / "tokenizer.pt", tile_size=cfg.env.tile_size,
                                    frame_shape=dataset.frame_shape, device=device)
     if "tokens" not in dataset.extras:
-        dataset.with_frame_array("tokens", tokenize_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
+        dataset.with_frame_array("tokens", encode_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     val_set = val_set or train_set
     codec = state_codec_for(dataset)
@@ -404,10 +398,14 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     start_step = 0
     resume_path = run_path / RESUME_NAME
-    if resume_path.is_file():
-        state = torch.load(resume_path, map_location=device, weights_only=False)
-        if state["model_config"] != model_cfg.to_dict() or state["tokenizer_identity"] != tokenizer.identity:
-            raise ValueError(f"{resume_path} was written for another model or tokenizer: delete it to start over")
+    # The resume checkpoint must be of this stage identity (config and inputs), not just this shape.
+    state = load_resume(resume_path, run_dir, "dynamics", log) if is_main else None
+    if world > 1:  # every rank resumes from rank 0's decision
+        holder = [state is not None]
+        dist.broadcast_object_list(holder, src=0)
+        if holder[0] and state is None:
+            state = torch.load(resume_path, map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -461,6 +459,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         batch = to_batch(sample_training_windows(train_set, rng, per_rank, section.window, section.event_fraction,
                                                  events), device)
         total, parts = wrapped(batch, generator)
+        check_finite(total, "dynamics", step + 1, "lower dynamics.lr")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if section.grad_clip > 0:
@@ -485,7 +484,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         if is_main and section.checkpoint_every > 0 and done % section.checkpoint_every == 0 and done < section.steps:
             atomic_torch_save(resume_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                "model_config": model_cfg.to_dict(), "tokenizer_identity": tokenizer.identity,
+                "stage_identity": getattr(run_dir, "stage_identity", ""),
             })
     train_seconds = time.perf_counter() - started
 

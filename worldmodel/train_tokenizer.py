@@ -19,8 +19,6 @@ decoder can undo (measured on DoorKey-6x6, docs/tokenizer.md). The codebook and 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -28,18 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from common.atomic import atomic_torch_save
 from common.config import param
 from common.runs import Logger, RunDir
 from common.seeding import seed_everything
+from common.stage import check_finite, load_resume
 from worldmodel.tokenizer import (
     Tokenizer,
     TokenizerConfig,
     difference_panel,
     frames_to_patches,
-    load_tokenizer,
     reconstruction_stats,
     tokenizer_checkpoint,
 )
@@ -104,29 +101,6 @@ def unique_tiles(frames: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.nd
     return patches[first], counts.astype(np.int64)
 
 
-def stage_signature(stage: Any, tile_size: int, data_source: str, tiles: np.ndarray, counts: np.ndarray,
-                    num_val_frames: int) -> dict[str, Any]:
-    """What a checkpoint must match to be reused or resumed: stage config, tile size, and the data,
-    named (``data_source``) and fingerprinted (the distinct training tiles with their counts, which
-    is all that training reads, and the validation size)."""
-    values = OmegaConf.to_container(stage, resolve=True) if OmegaConf.is_config(stage) else dataclasses.asdict(stage)
-    digest = hashlib.sha256(np.ascontiguousarray(tiles).tobytes() + np.ascontiguousarray(counts).tobytes())
-    return {"stage": values, "tile_size": int(tile_size), "data": data_source,
-            "training_tiles": f"{len(tiles)} distinct, sha256 {digest.hexdigest()[:16]}",
-            "validation_frames": int(num_val_frames)}
-
-
-def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key, "<absent>"), wanted.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: checkpoint {a!r}, config {b!r}")
-    return out
-
-
 @torch.no_grad()
 def evaluate(tokenizer: Tokenizer, frames: np.ndarray, batch_size: int = 512) -> tuple[dict[str, float], np.ndarray]:
     """Reconstruct frames (N, H, W, 3) uint8 through encode → decode; (stats, reconstructions)."""
@@ -137,12 +111,11 @@ def evaluate(tokenizer: Tokenizer, frames: np.ndarray, batch_size: int = 512) ->
     return reconstruction_stats(frames, recon), recon
 
 
-def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarray | None,
-          data_source: str = "") -> dict[str, Any]:
-    """Train (or resume, or skip when done) the tokenizer of ``cfg.tokenizer`` on uint8 frames.
+def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarray | None) -> dict[str, Any]:
+    """Train (or resume) the tokenizer of ``cfg.tokenizer`` on uint8 frames.
 
-    ``train_frames`` / ``val_frames``: (N, H, W, 3) uint8; ``data_source`` names the data in the
-    checkpoint's signature. Writes ``<run>/tokenizer.pt``; returns the final metrics.
+    ``train_frames`` / ``val_frames``: (N, H, W, 3) uint8. Writes ``<run>/tokenizer.pt``; returns the
+    final metrics. Whether the stage needs to run at all is :func:`common.stage.run_stage`'s call.
 
     Threads: ``run.threads``, or 1 when it is 0. A step here is a few dozen tiles, too small for a
     second thread to help; on the shared 2-core machine at load 9 two threads made a step 7x slower
@@ -152,13 +125,12 @@ def train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarra
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.run.threads) if cfg.run.threads > 0 else 1)
     try:
-        return _train(cfg, run, train_frames, val_frames, data_source)
+        return _train(cfg, run, train_frames, val_frames)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarray | None,
-           data_source: str) -> dict[str, Any]:
+def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarray | None) -> dict[str, Any]:
     stage = cfg.tokenizer
     tile_size = int(cfg.env.tile_size)
     final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
@@ -166,21 +138,6 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
     if val_frames is None or len(val_frames) == 0:
         val_frames = train_frames
     val_frames = val_frames[: int(stage.max_val_frames)]
-    signature = stage_signature(stage, tile_size, data_source, tiles, counts, len(val_frames))
-
-    # ------------------------------------------------------------------ skip a finished stage
-    if final_path.is_file():
-        saved = torch.load(final_path, map_location="cpu", weights_only=False)
-        differences = _differences(saved.get("signature", {}), signature)
-        if differences:
-            raise ValueError(
-                f"{final_path} exists but was trained with another config: {'; '.join(differences)}. "
-                f"Use another run.name or delete the checkpoint."
-            )
-        load_tokenizer(final_path, tile_size=tile_size)  # fails clearly if unreadable
-        print(f"tokenizer: {final_path} is complete and matches the config, skipping")
-        return saved.get("metrics", {})
-
     # ------------------------------------------------------------------ set-up
     seed_everything(cfg.run.seed)
     device = torch.device(cfg.run.device)
@@ -201,11 +158,8 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1))))
     rng = np.random.default_rng(cfg.run.seed)
     step, elapsed = 0, 0.0
-    if resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        differences = _differences(state["signature"], signature)
-        if differences:
-            raise ValueError(f"{resume_path} belongs to another config: {'; '.join(differences)}")
+    state = load_resume(resume_path, run, "tokenizer")
+    if state is not None:
         tokenizer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -216,7 +170,7 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
 
     def save_resume() -> None:
         atomic_torch_save(resume_path, {
-            "signature": signature, "model": tokenizer.state_dict(), "optimizer": optimizer.state_dict(),
+            "stage_identity": run.stage_identity, "model": tokenizer.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "numpy_rng": rng.bit_generator.state,
             "step": step, "elapsed": elapsed,
         })
@@ -233,6 +187,7 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
         tokenizer.train()
         picks = torch.as_tensor(rng.choice(len(tiles), size=int(stage.batch_size), p=weights), device=device)
         losses = tokenizer.compute_loss(tiles_t[picks])
+        check_finite(losses.total, "tokenizer", step + 1, "lower tokenizer.learning_rate")
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
@@ -280,7 +235,7 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
     logger.close()
 
     # ------------------------------------------------------------------ save
-    atomic_torch_save(final_path, tokenizer_checkpoint(tokenizer, signature=signature, metrics=metrics))
+    atomic_torch_save(final_path, tokenizer_checkpoint(tokenizer, metrics=metrics))
     if resume_path.is_file():
         resume_path.unlink()
     run.update_metrics("tokenizer", metrics)

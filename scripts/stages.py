@@ -1,0 +1,80 @@
+"""What the stages' identities are made of: the content identities of their inputs, and the one
+command-line entry every stage script uses (:func:`main_for`). The mechanism is
+:mod:`common.stage`; each ``scripts/<stage>.py`` declares its :class:`common.stage.Stage`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from common.config import ConfigError, cli_config
+from common.runs import RunDir, run_path
+from common.stage import Stage, checkpoint_content, stage_main
+
+TOKENIZER_HINT = "rerun scripts/train_tokenizer.py"
+DYNAMICS_HINT = "rerun scripts/train_dynamics.py"
+DREAMER_HINT = "rerun scripts/train_dreamer.py"
+
+
+def dataset_id(cfg: Any) -> str:
+    """The training dataset's content identity; its env and view must be the config's."""
+    from envs.dataset import dataset_content, training_folder
+
+    return dataset_content(training_folder(cfg), cfg.env)
+
+
+def tokenizer_id(cfg: Any) -> str:
+    return checkpoint_content(run_path(cfg) / "tokenizer.pt", "tokenizer", TOKENIZER_HINT)
+
+
+def dynamics_id(cfg: Any) -> str:
+    return checkpoint_content(run_path(cfg) / "dynamics.pt", "dynamics", DYNAMICS_HINT)
+
+
+def dreamer_id(cfg: Any) -> str:
+    """The final agent and every policy saved along its training."""
+    from agents.train_dreamer import FINAL_NAME, checkpoints_along_training
+
+    folder = run_path(cfg)
+    parts = [checkpoint_content(folder / FINAL_NAME, "dreamer", DREAMER_HINT)]
+    parts += [checkpoint_content(path, "dreamer", DREAMER_HINT) for path in checkpoints_along_training(folder)]
+    return ",".join(parts)
+
+
+def policy_ids(cfg: Any) -> dict[str, str]:
+    """The content identity of every saved policy that ``evaluate.policies`` names (scripted
+    policies have none: their code is their identity). A name that is neither fails, naming the key."""
+    from agents.policy import make_policy
+
+    ids: dict[str, str] = {}
+    for item in (part.strip() for part in str(cfg.evaluate.policies).split(",")):
+        if not item:
+            continue
+        if item in ("dreamer", "checkpoints"):
+            ids["dreamer"] = dreamer_id(cfg)
+        elif item == "vagen":
+            ids["vagen"] = checkpoint_content(run_path(cfg) / "vagen.pt", "vagen", "rerun scripts/train_vagen.py")
+        elif is_path(item):
+            if not Path(item).is_file():
+                raise ConfigError(f"evaluate.policies: policy file {item} not found")
+            ids[item] = checkpoint_content(Path(item), "policy", "give a checkpoint written by agents.policy.save_policy")
+        else:
+            try:
+                make_policy(item, env_id=str(cfg.env.id))
+            except ValueError as error:
+                raise ConfigError(f"evaluate.policies: {error}") from None
+    return ids
+
+
+def is_path(item: str) -> bool:
+    return "/" in item or Path(item).suffix != "" and "@" not in item
+
+
+def main_for(stage: Stage, argv: Sequence[str] | None, after: Callable[[Any, Any], None] | None = None) -> Any:
+    """A stage script's ``main``: validate (exit 2), lock the run folder, run the contract (exit 1
+    with the message on a file that cannot be trusted or a diverged loss); ``after(cfg, metrics)``
+    prints what the stage made."""
+    from scripts.config import Config, validate
+
+    return stage_main(stage, lambda: cli_config(Config, argv, validate=validate),
+                      lambda cfg: RunDir(cfg, stage.name, argv), after=after)
