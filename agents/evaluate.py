@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,11 +105,23 @@ class Rollouts:
     success: np.ndarray
     frames: np.ndarray | None = None
     returns_step_aware: np.ndarray | None = None
+    first_states: np.ndarray | None = None  # (N, S) the real episodes' first symbolic states
+
+
+StepObserver = Callable[[int, np.ndarray, np.ndarray], None]
+"""``on_step(row, state, next_state)`` of :func:`run_real`: row ``row`` just stepped from symbolic
+state ``state`` (S,) to ``next_state`` (S,) (the arrays are only valid during the call)."""
 
 
 def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any, policy_seed: int,
-             record_first: bool = False, max_record: int = 60) -> Rollouts:
-    """Play ``policy`` in len(seeds) real envs in lockstep, env i reset with ``seeds[i]``."""
+             record_first: bool = False, max_record: int = 60, on_step: StepObserver | None = None) -> Rollouts:
+    """Play ``policy`` in len(seeds) real envs in lockstep, env i reset with ``seeds[i]``.
+
+    ``tokenizer`` is only used for a policy that reads tokens (None will do otherwise). ``on_step``,
+    if given, is called after every real step of a live row, in row order, before the next
+    :meth:`Policy.act`: a caller scores there what the policy said about that step (the VAGEN
+    agent's state estimate and prediction against the truth before and after it).
+    """
     from envs.make import make_env_from_config
 
     envs = [make_env_from_config(env_cfg) for _ in seeds]
@@ -118,6 +130,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
         frame, info = env.reset(seed=int(seed))
         frames.append(frame), states.append(info["state"])
     frames_np, states_np = np.stack(frames), np.stack(states)
+    first_states = states_np.copy()
     count = len(seeds)
     alive = np.ones(count, dtype=bool)
     returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
@@ -132,6 +145,8 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
         actions = policy.act(inp)
         for i in np.flatnonzero(alive):
             frame, reward, terminated, truncated, info = envs[i].step(int(actions[i]))
+            if on_step is not None:
+                on_step(int(i), states_np[i], info["state"])
             frames_np[i], states_np[i] = frame, info["state"]
             returns[i] += reward
             lengths[i] += 1
@@ -142,7 +157,23 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
                 recorded.append(frame)
     for env in envs:
         env.close()
-    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None)
+    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None, first_states=first_states)
+
+
+REFERENCE_POLICIES = ("random", "oracle")
+
+
+def reference_returns(env_cfg: Any, seeds: Sequence[int], policy_seed: int, env_id: str = "") -> dict[str, float]:
+    """Mean real returns ``{"random": R_random, "oracle": R_oracle}`` over the env seeds ``seeds``:
+    the two ends of :func:`normalized_score`, for a caller whose policy set lacks them.
+
+    The same policies played the same way as :func:`evaluate`'s ``random`` and ``oracle`` rows
+    (``make_policy`` of the spec, :func:`run_real` over all seeds in lockstep, the mean return).
+    """
+    return {
+        spec: float(run_real(make_policy(spec, env_id=env_id), env_cfg, seeds, None, policy_seed).returns.mean())
+        for spec in REFERENCE_POLICIES
+    }
 
 
 @torch.no_grad()
@@ -270,7 +301,7 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
     tokenizer = world_model.tokenizer
     policies = resolve_policies(str(stage.policies), run.path, str(cfg.env.id), int(stage.max_checkpoints))
     names = [p.name for p in policies]
-    for required in ("random", "oracle"):
+    for required in REFERENCE_POLICIES:
         if required not in names:
             raise ValueError(f"evaluate.policies must include '{required}': the normalised score is relative to it")
     seeds = [int(stage.seed) + i for i in range(int(stage.episodes))]

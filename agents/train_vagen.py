@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from agents.policy import NUM_ACTIONS, PolicyInput, save_policy
+from agents.evaluate import normalized_score, reference_returns, run_real
+from agents.policy import NUM_ACTIONS, save_policy
 from agents.vagen import (
     FIELDS,
     STRATEGIES,
@@ -352,47 +353,46 @@ def optimal_return(env: Any, state_array: np.ndarray, codec: StateCodec) -> floa
 
 
 def evaluate(agent: VagenAgent, cfg: Any, episodes: int, seed: int, batch: int = 16) -> dict[str, float]:
-    """Real-env episodes with seeds ``derive_seed(seed, k)``: mean return, oracle-normalised score
-    (return / optimal return per episode, averaged), success rate, and per-turn state accuracy,
-    prediction accuracy (malformed turns count as 0; NaN when the strategy has no such part) and
-    format rate."""
+    """Real-env episodes with seeds ``derive_seed(seed, k)``, played by :func:`agents.evaluate.run_real`
+    ``batch`` at a time. Reports the mean return; ``normalized_score``, (R - R_random) / (R_oracle -
+    R_random) of the mean return as in :mod:`agents.evaluate`, with the random and the BFS-oracle
+    policies' mean returns on the same seeds (``random_return``, ``oracle_return``); ``return_ratio``,
+    the return over the oracle's optimal return per episode, averaged; the success rate; and per-turn
+    state accuracy, prediction accuracy (malformed turns count as 0; NaN when the strategy has no
+    such part) and format rate."""
     vcfg = cfg.vagen
     codec, vocab = agent_codec(cfg)
-    returns, scores, lengths = [], [], []
+    probe = make_env_from_config(cfg.env)
+    seeds = [derive_seed(seed, k) for k in range(episodes)]
+    returns, ratios, lengths = [], [], []
     state_acc, pred_acc, formats = [], [], []
+
+    def score_turn(row: int, state: np.ndarray, next_state: np.ndarray) -> None:
+        """The response row ``row`` just acted on, against the true state before and after the step."""
+        parsed = agent.last_responses[row]
+        wm = world_model_reward(
+            parsed, vcfg.strategy, state_fields(state, codec, vocab), state_fields(next_state, codec, vocab),
+            state_weight=1.0, prediction_weight=1.0, field_weights=dict(vcfg.field_weights), format_penalty=0.0,
+        )
+        state_acc.append(wm.state_accuracy)
+        pred_acc.append(wm.prediction_accuracy)
+        formats.append(float(parsed.well_formed))
+
     for start in range(0, episodes, batch):
-        count = min(batch, episodes - start)
-        envs = [make_env_from_config(cfg.env) for _ in range(count)]
-        obs = [env.reset(seed=derive_seed(seed, start + k)) for k, env in enumerate(envs)]
-        frames = np.stack([o[0] for o in obs])
-        states = np.stack([o[1]["state"] for o in obs])
-        best = [optimal_return(env, s, codec) for env, s in zip(envs, states)]
-        agent.reset(count, seed=derive_seed(seed, start, 7))
-        alive = np.ones(count, bool)
-        ep_return, ep_len = np.zeros(count), np.zeros(count, int)
-        while alive.any():
-            actions = agent.act(PolicyInput(frames=frames))
-            for k in np.nonzero(alive)[0]:
-                frame, reward, term, trunc, info = envs[k].step(int(actions[k]))
-                parsed = agent.last_responses[k]
-                wm = world_model_reward(
-                    parsed, vcfg.strategy, state_fields(states[k], codec, vocab), state_fields(info["state"], codec, vocab),
-                    state_weight=1.0, prediction_weight=1.0, field_weights=dict(vcfg.field_weights), format_penalty=0.0,
-                )
-                state_acc.append(wm.state_accuracy)
-                pred_acc.append(wm.prediction_accuracy)
-                formats.append(float(parsed.well_formed))
-                ep_return[k] += reward
-                ep_len[k] += 1
-                frames[k], states[k] = frame, info["state"]
-                if term or trunc:
-                    alive[k] = False
-        returns += ep_return.tolist()
-        lengths += ep_len.tolist()
-        scores += [r / b if b > 0 else float("nan") for r, b in zip(ep_return, best)]
+        rollouts = run_real(agent, cfg.env, seeds[start : start + batch], None, derive_seed(seed, start, 7), on_step=score_turn)
+        best = [optimal_return(probe, s, codec) for s in rollouts.first_states]
+        returns += rollouts.returns.tolist()
+        lengths += rollouts.lengths.tolist()
+        ratios += [r / b if b > 0 else float("nan") for r, b in zip(rollouts.returns, best)]
+    probe.close()
+    reference = reference_returns(cfg.env, seeds, derive_seed(seed, 0, 8), env_id=str(cfg.env.id))
+    mean_return = float(np.mean(returns))
     return {
-        "return": float(np.mean(returns)),
-        "normalized_score": _nanmean(scores),
+        "return": mean_return,
+        "normalized_score": normalized_score(mean_return, reference["random"], reference["oracle"]),
+        "return_ratio": _nanmean(ratios),
+        "random_return": reference["random"],
+        "oracle_return": reference["oracle"],
         "success_rate": float(np.mean(np.array(returns) > 0)),
         "episode_length": float(np.mean(lengths)),
         "state_accuracy": _nanmean(state_acc),

@@ -7,13 +7,16 @@ Every strategy gets the same number of real env steps (``--steps``) and the same
 episodes (fixed env seeds). Writes ``benchmarks/results/vagen.md`` (the table, with per-seed values,
 machine load and budget) and ``benchmarks/results/vagen.json``, and prints that JSON object last::
 
-    {env_id: {strategy: {"normalized_score", "state_accuracy", "prediction_accuracy", "format_rate",
-                         "per_seed": {metric: [...]}, "std": {metric: ...}}}}
+    {env_id: {strategy: {"normalized_score", "return_ratio", "state_accuracy", "prediction_accuracy",
+                         "format_rate", "per_seed": {metric: [...]}, "std": {metric: ...}}}}
 
 Metric values are means over seeds; ``null`` where a strategy has no such part (NoThink has no
-state estimate). Runs go to ``--root``; a run that an earlier invocation finished with the same job (the
-same env and vagen config, today's defaults included, seed and evaluation episodes) is reused, anything
-else there is deleted and trained from scratch (``--fresh`` retrains everything).
+state estimate). ``normalized_score`` is ``(R - R_random) / (R_oracle - R_random)`` of the mean real
+return, as in ``agents/evaluate.py``, with the random and BFS-oracle policies' returns on the same env
+seeds; ``return_ratio`` is the mean over episodes of the return over the BFS oracle's optimal return.
+Runs go to ``--root``; a run that an earlier invocation finished with the same job (the same env and
+vagen config, today's defaults included, seed and evaluation episodes) is reused, anything else there
+is deleted and trained from scratch (``--fresh`` retrains everything).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ STRATEGY_RUNS = {  # benchmark name -> (vagen.strategy, vagen.advantage)
     "WorldModeling": ("WorldModeling", "bilevel"),
     "WorldModeling-TurnGAE": ("WorldModeling", "turn"),
 }
-METRICS = ("normalized_score", "state_accuracy", "prediction_accuracy", "format_rate")
+METRICS = ("normalized_score", "return_ratio", "state_accuracy", "prediction_accuracy", "format_rate")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -67,6 +70,7 @@ def run_one(job: dict) -> dict:
     metrics["wall_seconds"] = time.time() - started
     print(
         f"[bench] {job['env_id']} {job['label']} seed {job['seed']}: score {metrics['normalized_score']:.3f} "
+        f"return ratio {metrics['return_ratio']:.3f} "
         f"state {metrics['state_accuracy']:.3f} pred {metrics['prediction_accuracy']:.3f} format {metrics['format_rate']:.3f} "
         f"({metrics['wall_seconds']:.0f} s)",
         file=sys.stderr, flush=True,
@@ -101,6 +105,8 @@ def _finished_metrics(folder: Path, job: dict, cfg) -> dict | None:
     if job["fresh"] or not (folder / "vagen.pt").is_file() or not (folder / "metrics.json").is_file():
         return None
     metrics = json.loads((folder / "metrics.json").read_text()).get("vagen", {})
+    if "return_ratio" not in metrics:  # evaluated before the rename: its normalized_score is R / R_opt
+        return None
     config = yaml.safe_load((folder / "config.yaml").read_text())
     wanted = OmegaConf.to_container(cfg, resolve=True)
     same = (
@@ -159,13 +165,15 @@ def markdown(table: dict, args: argparse.Namespace, header: dict) -> str:
         f"(runs finished by an earlier invocation are reused, so this invocation's wall time can be shorter).",
         *([header["note"]] if header.get("note") else []),
         "",
-        "Cells: mean ± std over seeds (per-seed values). normalized_score = real return / BFS-oracle return per",
-        "episode; accuracies are field-wise over all evaluation turns (a malformed turn counts 0); — = the strategy",
-        "has no such part. Truth = the real env's symbolic state.",
+        "Cells: mean ± std over seeds (per-seed values). normalized_score = (R - R_random) / (R_oracle - R_random)",
+        "of the mean real return, R_random and R_oracle the random and BFS-oracle policies' mean returns on the same",
+        "env seeds; return_ratio = real return / BFS-oracle optimal return per episode, averaged; accuracies are",
+        "field-wise over all evaluation turns (a malformed turn counts 0); — = the strategy has no such part.",
+        "Truth = the real env's symbolic state.",
         "",
     ]
     for env_id, rows in table.items():
-        lines += [f"## {env_id}", "", "| strategy | normalized_score | state_accuracy | prediction_accuracy | format_rate |", "|---|---|---|---|---|"]
+        lines += [f"## {env_id}", "", "| strategy | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
         for label, entry in rows.items():
             lines.append(f"| {label} | " + " | ".join(cell(entry, m) for m in METRICS) + " |")
         lines.append("")

@@ -13,11 +13,13 @@ from agents.evaluate import (
     learning_curve_plot,
     normalized_score,
     rank_agreement,
+    reference_returns,
     run_imagined,
+    run_real,
     scatter_plot,
     side_by_side,
 )
-from agents.policy import Policy, PolicyInput
+from agents.policy import Policy, PolicyInput, make_policy
 from agents.toy import FORWARD, LEFT, ToyCorridorModel
 
 
@@ -69,6 +71,37 @@ def test_imagined_rollouts_follow_the_model_to_termination_or_step_limit():
     assert timed.returns_step_aware.tolist() == pytest.approx([0.955, 0.973, 0.991])
     left = run_imagined(_Constant(LEFT), model, first_frames, first_states, max_steps=20, policy_seed=0)
     assert left.returns.tolist() == [0.0, 0.0, 0.0] and left.lengths.tolist() == [20, 20, 20]
+
+
+def test_real_rollouts_report_every_step_and_the_first_states():
+    """run_real's on_step sees each live row's step, state before and after, in order; Rollouts
+    carries the first states; without on_step the episodes are the same."""
+    from envs.make import EnvConfig, make_env_from_config
+
+    env_cfg, seeds = EnvConfig(id="MiniGrid-Empty-5x5-v0"), [3, 4]
+    steps = []
+    observed = run_real(make_policy("oracle"), env_cfg, seeds, None, 0,
+                        on_step=lambda row, state, next_state: steps.append((row, state.copy(), next_state.copy())))
+    plain = run_real(make_policy("oracle"), env_cfg, seeds, None, 0)
+    assert observed.returns.tolist() == plain.returns.tolist() and observed.lengths.tolist() == plain.lengths.tolist()
+    first = np.stack([make_env_from_config(env_cfg).reset(seed=s)[1]["state"] for s in seeds])
+    assert np.array_equal(observed.first_states, first)
+    for row in range(len(seeds)):
+        chain = [(state, next_state) for r, state, next_state in steps if r == row]
+        assert len(chain) == observed.lengths[row]
+        assert np.array_equal(chain[0][0], first[row])
+        assert all(np.array_equal(a[1], b[0]) for a, b in zip(chain, chain[1:]))  # each step starts where the last ended
+
+
+def test_reference_returns_are_the_random_and_oracle_rows_real_returns():
+    from envs.make import EnvConfig
+
+    env_cfg, seeds = EnvConfig(id="MiniGrid-Empty-5x5-v0"), [0, 1, 2]
+    reference = reference_returns(env_cfg, seeds, policy_seed=5)
+    assert reference == {
+        spec: float(run_real(make_policy(spec), env_cfg, seeds, None, 5).returns.mean()) for spec in ("random", "oracle")
+    }
+    assert 0.0 < reference["random"] < reference["oracle"]
 
 
 def test_side_by_side_pads_the_shorter_rollout():

@@ -610,6 +610,70 @@ def test_generation_is_deterministic_for_a_seed():
     assert torch.equal(first.tokens, second.tokens) and torch.equal(first.logprobs, second.logprobs)
 
 
+# --- evaluation --------------------------------------------------------------------------------
+
+
+def _estimating_stand_in(spec: str, codec: StateCodec, vocab: Vocab):
+    """A stand-in for the VAGEN agent whose figures are known: acts as the scripted policy ``spec``
+    on the true state and writes that state as its estimate (StateEstimation), always well formed."""
+    from agents.policy import ScriptedPolicy
+    from agents.vagen import ParsedResponse
+
+    class StandIn(ScriptedPolicy):
+        def act(self, inp):
+            actions = super().act(inp)
+            self.last_responses = [
+                ParsedResponse(True, int(a), state=state_fields(s, codec, vocab)) for a, s in zip(actions, inp.states)
+            ]
+            return actions
+
+    return StandIn(spec, name=f"{spec}-estimating")
+
+
+def test_vagen_evaluation_plays_through_run_real_and_reports_one_normalized_score(monkeypatch):
+    """The VAGEN evaluation is run_real in batches, and its normalized_score is agents.evaluate's
+    (R - R_random) / (R_oracle - R_random) with the random and oracle policies' real returns on the
+    same seeds; the mean of R / R_opt per episode is reported apart, as return_ratio."""
+    from omegaconf import OmegaConf
+
+    import agents.train_vagen as train_vagen
+    from agents.evaluate import normalized_score, reference_returns, run_real
+    from agents.policy import make_policy
+    from common.seeding import derive_seed
+    from scripts.config import Config
+
+    # Empty-5x5: the random policy reaches the goal on some seeds, so both ends of the score matter.
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"env": {"id": "MiniGrid-Empty-5x5-v0"}, "vagen": {"strategy": "StateEstimation"}})
+    codec, vocab = train_vagen.agent_codec(cfg)
+    agent = _estimating_stand_in("epsilon_oracle@0.5", codec, vocab)
+    calls = []
+
+    def spy(policy, env_cfg, seeds, *args, **kwargs):
+        rollouts = run_real(policy, env_cfg, seeds, *args, **kwargs)
+        calls.append((policy, list(seeds), rollouts))
+        return rollouts
+
+    monkeypatch.setattr(train_vagen, "run_real", spy)
+    metrics = train_vagen.evaluate(agent, cfg, episodes=3, seed=0, batch=2)
+
+    seeds = [derive_seed(0, k) for k in range(3)]
+    assert [(policy, batch) for policy, batch, _ in calls] == [(agent, seeds[:2]), (agent, seeds[2:])]
+    returns = np.concatenate([rollouts.returns for *_, rollouts in calls])
+    assert metrics["return"] == pytest.approx(returns.mean())
+    assert metrics["episode_length"] == pytest.approx(np.concatenate([r.lengths for *_, r in calls]).mean())
+    oracle = run_real(make_policy("oracle"), cfg.env, seeds, None, 0).returns  # the oracle is deterministic
+    assert metrics["oracle_return"] == pytest.approx(oracle.mean())
+    assert metrics["random_return"] == reference_returns(cfg.env, seeds, derive_seed(0, 0, 8))["random"]
+    assert 0.0 < metrics["random_return"] < metrics["oracle_return"]
+    expected = (metrics["return"] - metrics["random_return"]) / (metrics["oracle_return"] - metrics["random_return"])
+    assert metrics["normalized_score"] == pytest.approx(expected)
+    assert metrics["normalized_score"] == normalized_score(metrics["return"], metrics["random_return"], metrics["oracle_return"])
+    assert metrics["return_ratio"] == pytest.approx(np.mean(returns / oracle))  # the oracle's return is R_opt
+    assert abs(metrics["return_ratio"] - metrics["normalized_score"]) > 1e-3  # two figures, not one under two names
+    # Each turn's estimate is scored against the state before its step: the stand-in wrote that state.
+    assert metrics["state_accuracy"] == 1.0 and metrics["format_rate"] == 1.0 and math.isnan(metrics["prediction_accuracy"])
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
@@ -625,12 +689,16 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_training_raises_state_accuracy_above_chance(tiny_run):
+    from agents.evaluate import normalized_score
+
     folder, metrics = tiny_run
     assert metrics["format_rate"] > 0.5
     # Chance: a uniform guess within each field's slot type (~0.14 on DoorKey-5x5); malformed turns count 0.
     assert metrics["state_accuracy"] > metrics["chance_state_accuracy"] + 0.15, metrics
     assert metrics["prediction_accuracy"] > metrics["chance_state_accuracy"] + 0.1, metrics
-    assert 0.0 <= metrics["normalized_score"] <= 1.5
+    assert 0.0 <= metrics["return_ratio"] <= 1.5
+    assert metrics["oracle_return"] > metrics["random_return"] >= 0.0
+    assert metrics["normalized_score"] == normalized_score(metrics["return"], metrics["random_return"], metrics["oracle_return"])
     saved = json.loads((folder / "metrics.json").read_text())["vagen"]
     assert saved["state_accuracy"] == pytest.approx(metrics["state_accuracy"])
     assert any((folder / "tb" / "vagen").iterdir())
