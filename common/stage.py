@@ -252,7 +252,6 @@ def run_stage(stage: Stage, cfg: Any, run_dir: Any, log: Callable[[str], None] =
         kept = ", ".join(str(aside) for _, aside in moved)
         reason = {"stale": f"config or inputs changed ({why})", "broken": why, "unverified": why}[state]
         log(f"[{stage.name}] {reason}: rerunning; the old artifact is kept as {kept}")
-    manifest_path(run_path, stage.name).unlink(missing_ok=True)
     run_dir.stage_identity = identity_hash(identity)
     log(f"[{stage.name}] running")
     started = time.perf_counter()
@@ -262,11 +261,9 @@ def run_stage(stage: Stage, cfg: Any, run_dir: Any, log: Callable[[str], None] =
         if missing:
             raise ArtifactError(f"stage {stage.name} finished without writing {', '.join(missing)}")
     except BaseException:
-        for path, aside in moved:  # a failed rerun leaves the old artifact where it was
+        for path, aside in moved:  # a failed rerun leaves the old artifact (and its manifest) as they were
             _remove(path)
             os.replace(aside, path)
-        if moved:
-            _write_manifest(run_path, stage.name, old)
         raise
     record = {
         "stage": stage.name, "identity": identity, "identity_hash": identity_hash(identity),
@@ -275,15 +272,10 @@ def run_stage(stage: Stage, cfg: Any, run_dir: Any, log: Callable[[str], None] =
         "metrics": metrics if isinstance(metrics, dict) else {},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_manifest(run_path, stage.name, record)
+    atomic_write_json(manifest_path(run_path, stage.name), record)
     run_dir.record_config(cfg, stage.sections)
     log(f"[{stage.name}] done in {record['seconds']:.1f} s")
     return metrics
-
-
-def _write_manifest(run_path: Path, name: str, record: dict) -> None:
-    if record:
-        atomic_write_json(manifest_path(run_path, name), record)
 
 
 def stage_main(stage: Stage, cfg_builder: Callable[[], Any], run_dir_factory: Callable[[Any], Any],

@@ -727,15 +727,15 @@ def test_saved_agent_loads_through_the_common_interface(tiny_run):
 def test_a_finished_run_is_not_retrained(tiny_run, capsys):
     from scripts.train_vagen import main
 
-    folder, _ = tiny_run
+    folder, metrics = tiny_run
     before = (folder / "vagen.pt").stat().st_mtime_ns
-    assert main(["--preset", "tiny", f"run.root={folder.parent}", "run.name=tiny"]) is None
+    assert main(["--preset", "tiny", f"run.root={folder.parent}", "run.name=tiny"]) == metrics
     assert (folder / "vagen.pt").stat().st_mtime_ns == before
-    assert "nothing to do" in capsys.readouterr().out
+    assert "[vagen] complete" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_dream_option_trains_on_the_world_models_state_head(tmp_path):
+def test_dream_option_trains_on_the_world_models_state_head(tmp_path, capsys):
     """Plumbing of vagen.world=dream with an untrained tokenizer and dynamics model: episodes are
     imagined, the truth is the state head's, and the final evaluation still runs in the real env."""
     from common.atomic import atomic_torch_save
@@ -759,8 +759,9 @@ def test_dream_option_trains_on_the_world_models_state_head(tmp_path):
     ])
     assert metrics["world"] == "dream" and metrics["truth"] == "the world model's state head"
     assert metrics["episodes"] == 1 and (tmp_path / "dream" / "vagen.pt").is_file()
-    with pytest.raises(FileNotFoundError, match="train the tokenizer and dynamics model first"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--preset", "tiny", f"run.root={tmp_path}", "run.name=nowm", "vagen.world=dream", f"vagen.world_model={tmp_path / 'none'}"])
+    assert exit_info.value.code == 1 and "tokenizer checkpoint not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow
