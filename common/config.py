@@ -61,11 +61,28 @@ def param(
     return field(default=default, metadata=metadata)
 
 
+MAX_NAME_LENGTH = 100
+
+
+def plain_name(value: str) -> str | None:
+    """What keeps ``value`` from being one plain folder name (None if nothing does)."""
+    if not value:
+        return "must not be empty"
+    if value in (".", ".."):
+        return f"must be a folder name, not {value!r}"
+    if any(c in value for c in "/\\\0"):
+        return f"must be one folder name (no '/', '\\' or NUL), got {value!r}"
+    if len(value) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}"
+    return None
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Where a run lives and how it is tracked."""
 
-    name: str = param("default", "run folder name: artifacts go to <root>/<name>/")
+    name: str = param("default", f"run folder name: artifacts go to <root>/<name>/ (one folder, at most {MAX_NAME_LENGTH} characters)",
+                      check=plain_name)
     root: str = param("runs", "parent folder of all run folders")
     seed: int = param(0, "master seed: same config and seed give the same numbers on the CPU", min=0)
     device: str = param("cpu", "torch device for training: cpu, cuda, cuda:1, ...")
@@ -172,8 +189,15 @@ def load_config(
         for kind, value in layers:
             probe = _apply_merge(probe, _layer(kind, value), f"--{kind} {value}")
         probe = _apply_merge(probe, cli, "command line")
+        problem = plain_name(str(probe.run.name))
+        if problem:  # before it becomes a path: '../x' would read another folder's config
+            raise ConfigError(f"run.name: {problem}")
         saved = Path(probe.run.root) / probe.run.name / "config.yaml"
-        if saved.is_file():
+        try:
+            is_run = saved.is_file()
+        except OSError as error:  # a root the system cannot even look at (a component too long)
+            raise ConfigError(f"run.root: cannot read {saved}: {error.strerror}") from None
+        if is_run:
             cfg = _apply_merge(cfg, _load_yaml(saved, "run config"), str(saved))
     for kind, value in layers:
         cfg = _apply_merge(cfg, _layer(kind, value), f"--{kind} {value}")
