@@ -49,7 +49,7 @@ from agents.vagen import (
     world_model_reward,
 )
 from common.atomic import atomic_torch_save
-from common.config import param
+from common.config import check_values, param
 from common.runs import Logger, RunDir
 from common.seeding import derive_seed, seed_everything
 from envs.make import make_env_from_config
@@ -437,27 +437,12 @@ def agent_codec(cfg: Any) -> tuple[StateCodec, Vocab]:
 
 
 def check_config(vcfg: Any) -> None:
-    """Checks the types cannot express; each error names its key."""
-    if vcfg.strategy not in STRATEGIES:
-        raise ValueError(f"vagen.strategy must be one of {STRATEGIES}, got '{vcfg.strategy}'")
-    if vcfg.advantage not in ("bilevel", "turn"):
-        raise ValueError(f"vagen.advantage must be 'bilevel' or 'turn', got '{vcfg.advantage}'")
-    if vcfg.world not in ("real", "dream"):
-        raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
-    if vcfg.lr_schedule not in ("constant", "linear"):
-        raise ValueError(f"vagen.lr_schedule must be 'constant' or 'linear', got '{vcfg.lr_schedule}'")
-    if vcfg.advantage_norm not in ("global", "per_position"):
-        raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
-    if vcfg.action_credit not in ("turn", "task", "task_and_own_turn"):
-        raise ValueError(f"vagen.action_credit must be 'turn', 'task' or 'task_and_own_turn', got '{vcfg.action_credit}'")
-    if vcfg.world_model_credit not in ("turn", "field"):
-        raise ValueError(f"vagen.world_model_credit must be 'turn' or 'field', got '{vcfg.world_model_credit}'")
-    if vcfg.entropy_over not in ("slot", "vocab"):
-        raise ValueError(f"vagen.entropy_over must be 'slot' or 'vocab', got '{vcfg.entropy_over}'")
-    if vcfg.cell_readout not in ("none", "embedding", "pixels"):
-        raise ValueError(f"vagen.cell_readout must be 'none', 'embedding' or 'pixels', got '{vcfg.cell_readout}'")
-    if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
-        raise ValueError("vagen.num_envs, rollout_turns, minibatch_turns and epochs must be positive")
+    """The vagen section's values: each field's bounds and choices (declared on ``VagenConfig``), then
+    what those cannot express; each error names its key. ``scripts.config.validate`` runs it for every
+    script; ``train`` again, for callers that build their config another way."""
+    check_values(VagenConfig, vcfg, prefix="vagen.")
+    if vcfg.d_model % vcfg.heads:
+        raise ValueError(f"vagen.d_model: must be a multiple of vagen.heads ({vcfg.heads}), got {vcfg.d_model}")
     unknown = set(vcfg.field_weights) - set(FIELDS)
     if unknown:
         raise ValueError(f"vagen.field_weights: unknown fields {sorted(unknown)}; fields are {FIELDS}")

@@ -33,10 +33,12 @@ class Config:
 
 
 def validate(cfg) -> None:
-    """The checks each field's bounds and choices cannot express (``cli_config`` runs those first);
-    each error names its key."""
+    """The checks each field's bounds and choices cannot express (``cli_config`` runs those first):
+    values against registries and parsers, and fields against each other. Each error names its key."""
+    from agents.train_vagen import check_config as check_vagen
     from envs.make import normalize_env_id
     from envs.policies import parse_policy_mix
+    from worldmodel.train_tokenizer import model_config as tokenizer_model_config
 
     try:
         normalize_env_id(cfg.env.id)
@@ -46,3 +48,14 @@ def validate(cfg) -> None:
         parse_policy_mix(cfg.collect.policy_mix)
     except ValueError as error:
         raise ValueError(f"collect.policy_mix: {error}") from None
+    if cfg.tokenizer.quantizer == "fsq" and len(cfg.tokenizer.fsq_levels) == 0:
+        raise ValueError("tokenizer.fsq_levels: fsq needs at least one latent channel, got []")
+    tokenizer_model_config(cfg.tokenizer, cfg.env.tile_size)  # the tokenizer's own checks, before any work
+    if cfg.dynamics.dim % cfg.dynamics.heads:
+        raise ValueError(f"dynamics.dim: must be a multiple of dynamics.heads ({cfg.dynamics.heads}), got {cfg.dynamics.dim}")
+    evaluated = {item.strip() for item in str(cfg.evaluate.policies).split(",")}
+    for required in ("random", "oracle"):
+        if required not in evaluated:
+            raise ValueError(f"evaluate.policies: must include '{required}' (the normalised score is relative to it), "
+                             f"got '{cfg.evaluate.policies}'")
+    check_vagen(cfg.vagen)

@@ -20,17 +20,12 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
 from common.config import cli_config
 from common.runs import RunDir
 from envs.dataset import EpisodeDataset, training_folder
-from scripts.config import Config
-from worldmodel.train_tokenizer import model_config, train
+from scripts.config import Config, validate
+from worldmodel.train_tokenizer import train
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli_config(Config, argv)
-    try:  # values the types cannot check (quantizer name, levels) fail before any work, naming the key
-        model_config(cfg.tokenizer, cfg.env.tile_size)
-    except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = cli_config(Config, argv, validate=validate)
     run = RunDir(cfg, "tokenizer", argv)
     folder = training_folder(cfg)
     dataset = EpisodeDataset.load(folder)

@@ -16,20 +16,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.train_vagen import check_config, train
+from agents.train_vagen import train
 from common.config import cli_config
 from common.runs import RunDir
 from scripts.config import Config, validate
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg = cli_config(Config, argv)
-    try:
-        validate(cfg)
-        check_config(cfg.vagen)
-    except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = cli_config(Config, argv, validate=validate)
     run = RunDir(cfg, "vagen", argv=None if argv is None else ["scripts/train_vagen.py", *argv])
     if (run / "vagen.pt").is_file():
         print(f"[vagen] {run / 'vagen.pt'} exists: nothing to do (delete it to retrain)")
