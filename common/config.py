@@ -1,16 +1,16 @@
 """Typed configs: dataclass schema first, YAML files on top, ``key=value`` overrides last.
 
+Every default lives in one place, its dataclass field; a YAML file holds only what differs from it.
 Merge order (later wins):
   1. the dataclass defaults (``OmegaConf.structured``),
-  2. the stage files ``configs/<section>.yaml`` (each only sets its own section),
-  3. extra files a script names (the quickstart's ``configs/quickstart.yaml``),
-  4. the run folder's saved ``config.yaml`` when the run already exists (a run describes itself),
-  5. ``--env NAME`` (``configs/env/NAME.yaml``), ``--preset NAME`` (``configs/presets/NAME.yaml``)
+  2. extra files a script names (the quickstart's ``configs/quickstart.yaml``),
+  3. the run folder's saved ``config.yaml`` when the run already exists (a run describes itself),
+  4. ``--env NAME`` (``configs/env/NAME.yaml``), ``--preset NAME`` (``configs/presets/NAME.yaml``)
      and ``--config FILE``, in the order given,
-  6. ``key=value`` overrides.
-A misspelt key or a value of the wrong type fails with a message naming the key (exit code 2), and
-so does a value outside the bounds or choices its field declares (``param(64, "...", min=1)``,
-checked by :func:`check_values`).
+  5. ``key=value`` overrides.
+``--help`` prints every key with the value this merge gives it. A misspelt key or a value of the
+wrong type fails with a message naming the key (exit code 2), and so does a value outside the bounds
+or choices its field declares (``param(64, "...", min=1)``, checked by :func:`check_values`).
 """
 
 from __future__ import annotations
@@ -165,17 +165,6 @@ def load_config(
     argv = sys.argv[1:] if argv is None else list(argv)
     layers, overrides, want_help = parse_argv(argv)
     cfg = OmegaConf.structured(schema)
-    if want_help:
-        print(format_help(schema))
-        raise SystemExit(0)
-    for section in cfg.keys():
-        stage_file = CONFIG_DIR / f"{section}.yaml"
-        if stage_file.is_file():
-            loaded = _load_yaml(stage_file, "stage config")
-            unexpected = [k for k in loaded.keys() if k != section]
-            if unexpected:
-                raise ConfigError(f"{stage_file} may only set section '{section}', not {unexpected}")
-            cfg = _apply_merge(cfg, loaded, str(stage_file))
     for name in extra_files:
         path = CONFIG_DIR / name
         cfg = _apply_merge(cfg, _load_yaml(path, "config file"), str(path))
@@ -202,6 +191,9 @@ def load_config(
     for kind, value in layers:
         cfg = _apply_merge(cfg, _layer(kind, value), f"--{kind} {value}")
     cfg = _apply_merge(cfg, cli, "command line")
+    if want_help:  # after the merge: the help shows what this command line would run
+        print(format_help(schema, cfg))
+        raise SystemExit(0)
     return cfg
 
 
@@ -223,7 +215,7 @@ def to_object(cfg: DictConfig) -> Any:
 def format_help(schema: type, cfg: Any = None, prefix: str = "") -> str:
     """Every field of ``schema`` with its type, value, allowed values and description, one per line.
 
-    The value is ``cfg``'s where given, else the dataclass default."""
+    The value is ``cfg``'s (a merged config) where given, else the dataclass default."""
     lines = [] if prefix else [_usage()]
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
@@ -325,7 +317,8 @@ def _usage() -> str:
         "usage: [--env NAME] [--preset NAME] [--config FILE] [key=value ...]\n"
         f"  env presets: {', '.join(available('env'))}\n"
         f"  presets: {', '.join(available('presets'))}\n"
-        "config keys, each with its default and, in parentheses, the values it allows:"
+        "config keys, each with the value this command line runs (dataclass default, then files, then\n"
+        "key=value) and, in parentheses, the values it allows:"
     )
 
 

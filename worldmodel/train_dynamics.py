@@ -89,7 +89,7 @@ class DynamicsConfig:
                                 "following elapsed time (for time-boxed benchmarks; results then depend on machine speed)",
                                 min=0)
     batch_size: int = param(32, "windows per step, over all ranks", min=1)
-    window: int = param(16, "frames per training window", min=2)
+    window: int = param(8, "frames per training window", min=2)
     lr: float = param(4e-3, "peak learning rate (AdamW)", above=0)
     min_lr_fraction: float = param(0.05, "final learning rate as a fraction of the peak (cosine decay)", min=0, max=1)
     warmup_steps: int = param(100, "linear warm-up steps", min=0)
