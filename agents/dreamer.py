@@ -39,44 +39,54 @@ class DreamerConfig:
     """Dreamer-style agent trained in imagination (section ``dreamer``)."""
 
     # --- networks
-    embed_dim: int = param(16, "token embedding width")
-    channels: int = param(32, "conv channels of the token encoder")
-    hidden_dim: int = param(128, "MLP width of actor and critic")
+    embed_dim: int = param(16, "token embedding width", min=1)
+    channels: int = param(32, "conv channels of the token encoder", min=1)
+    hidden_dim: int = param(128, "MLP width of actor and critic", min=1)
     # --- imagination
-    updates: int = param(1500, "actor-critic updates (each one imagined batch)")
-    batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames")
-    horizon: int = param(15, "imagined steps per rollout")
-    context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)")
+    updates: int = param(1500, "actor-critic updates (each one imagined batch)", min=1)
+    batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames", min=1)
+    horizon: int = param(15, "imagined steps per rollout", min=1)
+    context_length: int = param(1, "real frames given to the world model before imagining (1: the start frame alone)",
+                                min=1)
     near_reward_starts: float = param(0.25, "share of each batch started from dataset frames whose episode collected a "
                                       "reward within `horizon` steps (random data holds a handful of successes: "
-                                      "without them, sparse-reward imagination rarely sees one)")
+                                      "without them, sparse-reward imagination rarely sees one)", min=0, max=1)
     # --- returns and advantages
-    discount: float = param(0.985, "discount per step (MiniGrid's reward already falls with steps; this adds pressure for short paths)")
-    lambda_: float = param(0.95, "λ of the λ-returns")
-    return_norm_decay: float = param(0.99, "EMA decay of the 5th/95th return percentiles")
-    return_norm_low: float = param(0.05, "lower percentile of the return range")
-    return_norm_high: float = param(0.95, "upper percentile of the return range")
-    return_norm_floor: float = param(1.0, "advantages are divided by max(floor, range): no blow-up of small returns")
+    discount: float = param(0.985, "discount per step (MiniGrid's reward already falls with steps; this adds pressure for short paths)",
+                            min=0, max=1)
+    lambda_: float = param(0.95, "λ of the λ-returns", min=0, max=1)
+    return_norm_decay: float = param(0.99, "EMA decay of the 5th/95th return percentiles", min=0, max=1)
+    return_norm_low: float = param(0.05, "lower percentile of the return range", min=0, max=1)
+    return_norm_high: float = param(0.95, "upper percentile of the return range", min=0, max=1)
+    return_norm_floor: float = param(1.0, "advantages are divided by max(floor, range): no blow-up of small returns",
+                                     above=0)
     # --- actor
-    actor_update: str = param("reinforce", "actor update: reinforce (advantage-weighted log-prob) or pmpo (sign of advantage + KL to prior)")
-    entropy_coef: float = param(3e-3, "entropy bonus weight at the first update")
-    entropy_coef_final: float = param(3e-4, "entropy bonus weight at the last update (linear decay: explore early, commit late)")
-    pmpo_alpha: float = param(0.5, "PMPO: weight of the positive-advantage set (1 - alpha for the negative one)")
-    prior_kl_coef: float = param(0.3, "KL(policy || prior) weight: used by pmpo (uniform prior without BC) and by reinforce when bc_prior")
-    bc_steps: int = param(0, "behaviour-cloning warm start: supervised steps on the dataset's actions before imagination")
+    actor_update: str = param("reinforce", "actor update: reinforce (advantage-weighted log-prob) or pmpo (sign of advantage + KL to prior)",
+                              choices=ACTOR_UPDATES)
+    entropy_coef: float = param(3e-3, "entropy bonus weight at the first update", min=0)
+    entropy_coef_final: float = param(3e-4, "entropy bonus weight at the last update (linear decay: explore early, commit late)",
+                                      min=0)
+    pmpo_alpha: float = param(0.5, "PMPO: weight of the positive-advantage set (1 - alpha for the negative one)",
+                              min=0, max=1)
+    prior_kl_coef: float = param(0.3, "KL(policy || prior) weight: used by pmpo (uniform prior without BC) and by reinforce when bc_prior",
+                                 min=0)
+    bc_steps: int = param(0, "behaviour-cloning warm start: supervised steps on the dataset's actions before imagination",
+                          min=0)
     bc_prior: bool = param(False, "keep the BC-initialised actor frozen as the prior of the KL term")
-    bc_batch_size: int = param(256, "frames per behaviour-cloning step")
+    bc_batch_size: int = param(256, "frames per behaviour-cloning step", min=1)
     # --- critic
-    slow_critic_decay: float = param(0.98, "EMA decay of the slow critic that bootstraps the returns")
-    slow_critic_reg: float = param(1.0, "weight of the critic's pull towards the slow critic")
+    slow_critic_decay: float = param(0.98, "EMA decay of the slow critic that bootstraps the returns", min=0, max=1)
+    slow_critic_reg: float = param(1.0, "weight of the critic's pull towards the slow critic", min=0)
     # --- optimisation
-    actor_lr: float = param(1e-3, "actor learning rate (Adam)")
-    critic_lr: float = param(2e-3, "critic learning rate (Adam)")
-    grad_clip: float = param(10.0, "global gradient-norm clip per network")
+    actor_lr: float = param(1e-3, "actor learning rate (Adam)", above=0)
+    critic_lr: float = param(2e-3, "critic learning rate (Adam)", above=0)
+    grad_clip: float = param(10.0, "global gradient-norm clip per network", above=0)
     # --- acting, saving
-    act_mode: str = param("sample", "how the saved policy acts: sample (from its distribution) or greedy (argmax)")
-    checkpoint_every: int = param(50, "save the policy every N updates (evaluated as 'checkpoints along training')")
-    log_every: int = param(25, "log scalars every N updates")
+    act_mode: str = param("sample", "how the saved policy acts: sample (from its distribution) or greedy (argmax)",
+                          choices=("sample", "greedy"))
+    checkpoint_every: int = param(50, "save the policy every N updates (evaluated as 'checkpoints along training')",
+                                  min=1)
+    log_every: int = param(25, "log scalars every N updates", min=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,17 +42,18 @@ class EvaluateConfig:
         "comma-separated policies: dreamer (the run's agent), checkpoints (its checkpoints along training), "
         "vagen (the run's VAGEN agent), random, oracle, epsilon_oracle@EPS, sticky_random@P, or a .pt path",
     )
-    episodes: int = param(20, "episodes per policy, in the real env and in imagination")
-    seed: int = param(100_000, "env seed of episode 0 (episode i: seed + i); far from the collection seeds")
-    max_steps: int = param(0, "imagined episode step limit (0: the real env's own limit)")
+    episodes: int = param(20, "episodes per policy, in the real env and in imagination", min=1)
+    seed: int = param(100_000, "env seed of episode 0 (episode i: seed + i); far from the collection seeds", min=0)
+    max_steps: int = param(0, "imagined episode step limit (0: the real env's own limit)", min=0)
     gif_policies: str = param("dreamer,oracle,random", "policies whose first episode is shown real | imagined side by side")
-    gif_max_steps: int = param(60, "frames per GIF at most")
-    gif_scale: int = param(4, "pixel repeat of the GIF frames")
-    max_checkpoints: int = param(6, "at most this many checkpoints along training (evenly spread, last included)")
+    gif_max_steps: int = param(60, "frames per GIF at most", min=1)
+    gif_scale: int = param(4, "pixel repeat of the GIF frames", min=1)
+    max_checkpoints: int = param(6, "at most this many checkpoints along training (evenly spread, last included)",
+                                 min=0)
     imagined_reward: str = param(
         "step_aware", "what an imagined success pays in the headline imagined return: step_aware (MiniGrid's reward "
         "1 - 0.9 t / max_steps at the imagined step t: the step count is not in the frame, so the model cannot know "
-        "it) or model (the reward head's value); both are always reported")
+        "it) or model (the reward head's value); both are always reported", choices=IMAGINED_REWARDS)
 
 
 # ---------------------------------------------------------------------------------------------

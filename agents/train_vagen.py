@@ -50,7 +50,7 @@ from agents.vagen import (
     world_model_reward,
 )
 from common.atomic import atomic_torch_save
-from common.config import param
+from common.config import check_values, param
 from common.runs import Logger, RunDir
 from common.seeding import derive_seed, seed_everything
 from common.stage import check_finite, load_resume
@@ -62,24 +62,31 @@ from envs.state import StateCodec
 class VagenConfig:
     """VAGEN-style agent: state estimation and transition modelling, PPO with bi-level GAE."""
 
-    strategy: str = param("WorldModeling", f"what the agent writes before acting: one of {', '.join(STRATEGIES)}")
-    advantage: str = param("bilevel", "credit assignment: bilevel (turn-level then token-level GAE) or turn (turn-level only)")
-    world: str = param("real", "where it trains: real (the MiniGrid env) or dream (the world model; truth = its state head)")
+    strategy: str = param("WorldModeling", f"what the agent writes before acting: one of {', '.join(STRATEGIES)}",
+                          choices=STRATEGIES)
+    advantage: str = param("bilevel", "credit assignment: bilevel (turn-level then token-level GAE) or turn (turn-level only)",
+                           choices=("bilevel", "turn"))
+    world: str = param("real", "where it trains: real (the MiniGrid env) or dream (the world model; truth = its state head)",
+                       choices=("real", "dream"))
     world_model: str = param("", "dream only: run folder holding tokenizer.pt and dynamics.pt (default: this run)")
     train_max_steps: int = param(
-        0, "real env only: step limit of training episodes (0: the env's own); evaluation keeps the env's limit. Shorter episodes mean more fresh starts to learn from"
+        0, "real env only: step limit of training episodes (0: the env's own); evaluation keeps the env's limit. Shorter episodes mean more fresh starts to learn from",
+        min=0,
     )
-    total_env_steps: int = param(100_352, "env steps (turns) to train for, over all envs")
-    num_envs: int = param(64, "envs stepped together (one batched decode per turn)")
-    rollout_turns: int = param(32, "turns per env between updates")
-    epochs: int = param(4, "PPO epochs over each rollout")
-    minibatch_turns: int = param(256, "turns per PPO minibatch")
-    lr: float = param(1e-3, "Adam learning rate")
+    total_env_steps: int = param(100_352, "env steps (turns) to train for, over all envs", min=1)
+    num_envs: int = param(64, "envs stepped together (one batched decode per turn)", min=1)
+    rollout_turns: int = param(32, "turns per env between updates", min=1)
+    epochs: int = param(4, "PPO epochs over each rollout", min=1)
+    minibatch_turns: int = param(256, "turns per PPO minibatch", min=1)
+    lr: float = param(1e-3, "Adam learning rate", above=0)
     popart: bool = param(False, "when the value normaliser's statistics move, rescale the critic's last layer so its values stay put")
-    lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)")
-    advantage_norm: str = param("global", "advantage whitening: global (over all tokens of a rollout) or per_position (each response slot apart)")
+    lr_schedule: str = param("constant", "learning rate over the updates: constant, or linear (decays to 0 at the last update)",
+                             choices=("constant", "linear"))
+    advantage_norm: str = param("global", "advantage whitening: global (over all tokens of a rollout) or per_position (each response slot apart)",
+                                choices=("global", "per_position"))
     advantage_std_floor: float = param(
-        0.05, "whitening divides by max(std, this): a rollout whose advantages barely differ (all right, no task reward) is not blown up to unit scale"
+        0.05, "whitening divides by max(std, this): a rollout whose advantages barely differ (all right, no task reward) is not blown up to unit scale",
+        min=0,
     )
     detach_critic: bool = param(
         False, "value head on the actor's features with the gradient stopped (True: the critic cannot shape the features; NoThink then learned DoorKey-5x5 far slower)"
@@ -91,6 +98,7 @@ class VagenConfig:
         "each turn on its own, through a second value stream, and the action too where the response is malformed) or "
         "task_and_own_turn (as task, and the action is also credited with its own turn's world-modeling reward, not later turns': "
         "it is paid for carrying out the prediction just written, not for steering towards states that are easy to predict)",
+        choices=("turn", "task", "task_and_own_turn"),
     )
     world_model_credit: str = param(
         "field",
@@ -98,49 +106,59 @@ class VagenConfig:
         "field (each field's token gets its own field's share, right or wrong, without the other 13 fields' noise: the truth "
         "is exact, so no judge stands in the way; the same under bilevel and turn-level GAE) or turn (each gets the turn's "
         "whole reward, as in VAGEN; the default before 2026-11-22: the estimate was learned ~15k steps later)",
+        choices=("turn", "field"),
     )
-    clip: float = param(0.2, "PPO ratio clip")
+    clip: float = param(0.2, "PPO ratio clip", above=0)
     target_kl: float = param(
         0.05, "stop an update's remaining minibatches once a minibatch's mean per-token KL exceeds 1.5x this (0: off). "
-        "At 0.02 it ended every update of WorldModeling's first ~40k steps on DoorKey-5x5, and so held back the action's learning with the estimate's"
+        "At 0.02 it ended every update of WorldModeling's first ~40k steps on DoorKey-5x5, and so held back the action's learning with the estimate's",
+        min=0,
     )
-    value_coef: float = param(0.5, "weight of the value loss")
+    value_coef: float = param(0.5, "weight of the value loss", min=0)
     value_std_floor: float = param(
         0.1, "floor under the critic's return normaliser's std, in reward units: task returns that are almost all zero "
-        "(or world-modeling rewards that are almost all right) would otherwise put a rare return hundreds of stds away"
+        "(or world-modeling rewards that are almost all right) would otherwise put a rare return hundreds of stds away",
+        above=0,
     )
     value_huber_delta: float = param(
         1.0, "Huber loss on the critic's normalised values, linear beyond this error (0: squared error). A rare success, "
-        "many normalised stds away when task returns are almost all zero, otherwise spikes the value loss, and through the shared trunk breaks the format"
+        "many normalised stds away when task returns are almost all zero, otherwise spikes the value loss, and through the shared trunk breaks the format",
+        min=0,
     )
-    entropy_coef: float = param(0.01, "weight of the token entropy bonus")
+    entropy_coef: float = param(0.01, "weight of the token entropy bonus", min=0)
     entropy_over: str = param(
         "slot", "what the entropy bonus spreads probability over: slot (the tokens each slot accepts, renormalised) or vocab "
-        "(the whole vocabulary: the bonus then also pays for malformed responses; at 0.01 it collapsed NoThink's format)"
+        "(the whole vocabulary: the bonus then also pays for malformed responses; at 0.01 it collapsed NoThink's format)",
+        choices=("slot", "vocab"),
     )
-    max_grad_norm: float = param(0.5, "gradient norm clip")
-    turn_gamma: float = param(0.99, "turn-level discount")
+    max_grad_norm: float = param(0.5, "gradient norm clip", above=0)
+    turn_gamma: float = param(0.99, "turn-level discount", min=0, max=1)
     turn_lambda: float = param(
-        0.95, "turn-level GAE lambda of the turn (or task) rewards; with action_credit=task the world-modeling reward uses 0 (each turn on its own)"
+        0.95, "turn-level GAE lambda of the turn (or task) rewards; with action_credit=task the world-modeling reward uses 0 (each turn on its own)",
+        min=0, max=1,
     )
-    token_gamma: float = param(1.0, "token-level discount inside a turn (bilevel only)")
-    token_lambda: float = param(1.0, "token-level GAE lambda inside a turn (bilevel only)")
-    state_weight: float = param(0.5, "world-modeling reward of a fully correct state estimate, per turn")
-    prediction_weight: float = param(0.5, "world-modeling reward of a fully correct next-state prediction, per turn")
+    token_gamma: float = param(1.0, "token-level discount inside a turn (bilevel only)", min=0, max=1)
+    token_lambda: float = param(1.0, "token-level GAE lambda inside a turn (bilevel only)", min=0, max=1)
+    state_weight: float = param(0.5, "world-modeling reward of a fully correct state estimate, per turn", min=0)
+    prediction_weight: float = param(0.5, "world-modeling reward of a fully correct next-state prediction, per turn",
+                                     min=0)
     field_weights: dict[str, float] = param(
-        default_factory=lambda: {f: 1.0 for f in FIELDS}, help=f"relative weight of each field in the accuracy: {', '.join(FIELDS)}"
+        default_factory=lambda: {f: 1.0 for f in FIELDS}, help=f"relative weight of each field in the accuracy: {', '.join(FIELDS)}",
+        min=0,
     )
     center_world_model_reward: bool = param(
         True, "subtract the perfect turn's world-modeling reward every turn (a constant shift: no reward for prolonging episodes)"
     )
     format_penalty: float = param(-0.1, "reward of a malformed response (instead of the world-modeling reward)")
-    free_think_len: int = param(12, "FreeThink: free tokens before the action (12 = WorldModeling's thinking length)")
+    free_think_len: int = param(12, "FreeThink: free tokens before the action (12 = WorldModeling's thinking length)",
+                                min=0)
     format_warmup_steps: int = param(
-        200, "next-token steps on random well-formed responses before RL: teaches the grammar, no content (0: off)"
+        200, "next-token steps on random well-formed responses before RL: teaches the grammar, no content (0: off)",
+        min=0,
     )
-    temperature: float = param(1.0, "sampling temperature while collecting rollouts")
-    d_model: int = param(32, "transformer width")
-    layers: int = param(2, "transformer blocks")
+    temperature: float = param(1.0, "sampling temperature while collecting rollouts", min=0)
+    d_model: int = param(32, "transformer width", min=1)
+    layers: int = param(2, "transformer blocks", min=1)
     action_query: bool = param(
         False, "the action's logits also read a learned query token passed through the decoder over the frame alone (NoThink's view), "
         "so acting need not wait for the written estimate to become informative (strategies that write before acting). "
@@ -150,24 +168,25 @@ class VagenConfig:
         False, "with action_query: the query goes through decoder blocks of its own, so that learning to write the "
         "estimate and prediction does not move the action's path except through the shared frame encoder"
     )
-    heads: int = param(4, "attention heads")
-    history_len: int = param(2, "previous actions the agent sees (its turn history)")
+    heads: int = param(4, "attention heads", min=1)
+    history_len: int = param(2, "previous actions the agent sees (its turn history)", min=0)
     pointer_logits: bool = param(True, "cell tokens also score against their tile's embedding (full view only)")
     cell_inputs: bool = param(True, "with pointer_logits: a cell token, once written, is read with its tile's pixel embedding")
     cell_readout: str = param(
-        "pixels", "with cell_inputs: the token after a cell also gets in its logits a linear read-out of that tile's pixels (pixels) or pixel embedding (embedding) over the attribute tokens (object kinds, door states, directions); none: off"
+        "pixels", "with cell_inputs: the token after a cell also gets in its logits a linear read-out of that tile's pixels (pixels) or pixel embedding (embedding) over the attribute tokens (object kinds, door states, directions); none: off",
+        choices=("none", "embedding", "pixels"),
     )
-    readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr")
+    readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr", min=0)
     readout_per_slot: bool = param(
         False, "each slot's cell read-out scores only the attribute tokens the slot accepts (False: every attribute token; "
         "with the action query, 1 run of 5 then broke its format with door_locked in the direction slot; but with it on, WorldModeling "
         "took off on DoorKey-5x5 on 0 of 3 seeds, against 4 of 5 runs off: docs/vagen.md, seventh round)"
     )
-    eval_episodes: int = param(32, "real-env episodes of the final evaluation")
-    eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)")
-    eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)")
-    log_every: int = param(1, "updates between scalar logs")
-    checkpoint_every: int = param(10, "updates between resume checkpoints (0: never)")
+    eval_episodes: int = param(32, "real-env episodes of the final evaluation", min=1)
+    eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)", min=0)
+    eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)", min=0)
+    log_every: int = param(1, "updates between scalar logs", min=1)
+    checkpoint_every: int = param(10, "updates between resume checkpoints (0: never)", min=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,27 +438,12 @@ def agent_codec(cfg: Any) -> tuple[StateCodec, Vocab]:
 
 
 def check_config(vcfg: Any) -> None:
-    """Checks the types cannot express; each error names its key."""
-    if vcfg.strategy not in STRATEGIES:
-        raise ValueError(f"vagen.strategy must be one of {STRATEGIES}, got '{vcfg.strategy}'")
-    if vcfg.advantage not in ("bilevel", "turn"):
-        raise ValueError(f"vagen.advantage must be 'bilevel' or 'turn', got '{vcfg.advantage}'")
-    if vcfg.world not in ("real", "dream"):
-        raise ValueError(f"vagen.world must be 'real' or 'dream', got '{vcfg.world}'")
-    if vcfg.lr_schedule not in ("constant", "linear"):
-        raise ValueError(f"vagen.lr_schedule must be 'constant' or 'linear', got '{vcfg.lr_schedule}'")
-    if vcfg.advantage_norm not in ("global", "per_position"):
-        raise ValueError(f"vagen.advantage_norm must be 'global' or 'per_position', got '{vcfg.advantage_norm}'")
-    if vcfg.action_credit not in ("turn", "task", "task_and_own_turn"):
-        raise ValueError(f"vagen.action_credit must be 'turn', 'task' or 'task_and_own_turn', got '{vcfg.action_credit}'")
-    if vcfg.world_model_credit not in ("turn", "field"):
-        raise ValueError(f"vagen.world_model_credit must be 'turn' or 'field', got '{vcfg.world_model_credit}'")
-    if vcfg.entropy_over not in ("slot", "vocab"):
-        raise ValueError(f"vagen.entropy_over must be 'slot' or 'vocab', got '{vcfg.entropy_over}'")
-    if vcfg.cell_readout not in ("none", "embedding", "pixels"):
-        raise ValueError(f"vagen.cell_readout must be 'none', 'embedding' or 'pixels', got '{vcfg.cell_readout}'")
-    if min(vcfg.num_envs, vcfg.rollout_turns, vcfg.minibatch_turns, vcfg.epochs) < 1:
-        raise ValueError("vagen.num_envs, rollout_turns, minibatch_turns and epochs must be positive")
+    """The vagen section's values: each field's bounds and choices (declared on ``VagenConfig``), then
+    what those cannot express; each error names its key. ``scripts.config.validate`` runs it for every
+    script; ``train`` again, for callers that build their config another way."""
+    check_values(VagenConfig, vcfg, prefix="vagen.")
+    if vcfg.d_model % vcfg.heads:
+        raise ValueError(f"vagen.d_model: must be a multiple of vagen.heads ({vcfg.heads}), got {vcfg.d_model}")
     unknown = set(vcfg.field_weights) - set(FIELDS)
     if unknown:
         raise ValueError(f"vagen.field_weights: unknown fields {sorted(unknown)}; fields are {FIELDS}")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 # Random-policy frames per env (the budgets).
 FRAMES = {"doorkey-5x5": 10_000, "doorkey-6x6": 50_000}
 # The quickstart's settings, but for what the larger env needs: its 6x6 agent takes the Dreamer
-# stage's default of 1500 updates (configs/dreamer.yaml), the quickstart's 5x5 one 600.
+# stage's default of 1500 updates (DreamerConfig), the quickstart's 5x5 one 600.
 ENV_OVERRIDES = {"doorkey-6x6": ["dreamer.updates=1500"]}
 HEADLINE = ("normalized_score", "imagined_return", "real_return", "return_gap", "spearman", "kendall")
 

@@ -4,7 +4,7 @@
     python benchmarks/dynamics.py [--threads 2] [--skip-partial] [--steps N] [--episodes N] [key=value ...]
 
 1. Full view, DoorKey-6x6: collect a random + epsilon-oracle mix with the project's collection
-   code, train the tokenizer, train the dynamics model (``configs/dynamics.yaml`` defaults), then
+   code, train the tokenizer, train the dynamics model (``DynamicsConfig`` defaults), then
    on held-out episodes measure next-frame exactness (1 step, and open loop k = 1..32 with the
    true actions), reward / termination F1, state-head accuracy, imagined steps per second at
    batch 256 and the real env's RGB stepping rate, both in this run.
@@ -76,7 +76,7 @@ def make_cfg(name: str, obs: str, args: argparse.Namespace, extra: list[str] = (
 
 
 def train_tokenizer_stage(cfg, run_dir: RunDir, dataset: EpisodeDataset) -> None:
-    """The tokenizer engineer's training loop with its own defaults (configs/tokenizer.yaml)."""
+    """The tokenizer engineer's training loop with its own defaults (TokenizerStageConfig)."""
     from omegaconf import OmegaConf
 
     from worldmodel.train_tokenizer import TokenizerStageConfig
@@ -84,9 +84,6 @@ def train_tokenizer_stage(cfg, run_dir: RunDir, dataset: EpisodeDataset) -> None
 
     if "tokenizer" not in cfg:  # the root config may not register the section yet
         section = OmegaConf.structured(TokenizerStageConfig)
-        defaults = REPO / "configs" / "tokenizer.yaml"
-        if defaults.is_file():
-            section = OmegaConf.merge(section, OmegaConf.load(defaults).get("tokenizer", {}))
         cfg = OmegaConf.create({"run": cfg.run, "env": cfg.env, "data": cfg.data, "tokenizer": section})
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     train_tokenizer(cfg, run_dir, train_set.arrays["frames"], val_set.arrays["frames"] if val_set else None)
@@ -256,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target machine has 2 cores)")
     parser.add_argument("--episodes", type=int, default=400, help="episodes collected per observation mode")
-    parser.add_argument("--steps", type=int, default=0, help="dynamics steps (0: configs/dynamics.yaml)")
+    parser.add_argument("--steps", type=int, default=0, help="dynamics steps (0: the DynamicsConfig default)")
     parser.add_argument("--rollouts", type=int, default=256, help="open-loop rollouts of 32 steps")
     parser.add_argument("--minutes", type=float, default=10.0, help="dynamics training time limit, full view (the target)")
     parser.add_argument("--partial-minutes", type=float, default=5.0, help="dynamics training time limit, partial view")

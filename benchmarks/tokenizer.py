@@ -6,7 +6,7 @@
 Collects DoorKey-6x6 episodes (the collect stage's default behaviour mix) for training (env seeds
 0..N-1) and for testing (env seeds from 1,000,000: layouts never seen in training), in the full and
 the egocentric view; trains one tokenizer per view from scratch with the shipped defaults
-(configs/tokenizer.yaml) and a fixed seed; measures on the held-out episodes; tests the full-view
+(TokenizerStageConfig) and a fixed seed; measures on the held-out episodes; tests the full-view
 checkpoint on DoorKey-8x8 and Empty-8x8 frames; times encode+decode at batch 256 (1 and 2 threads,
 the better one reported) next to the real env's RGB stepping rate. Prints progress, then ONE flat JSON object last (also written to
 benchmarks/results/tokenizer.json). With several seeds, the JSON is the first seed's and the spread

@@ -82,7 +82,6 @@ def job_config(job: dict):
     """The command-line overrides and the full config of one benchmark run."""
     from omegaconf import OmegaConf
 
-    from common.config import CONFIG_DIR
     from scripts.config import Config
 
     argv = [
@@ -91,9 +90,9 @@ def job_config(job: dict):
         f"vagen.advantage={job['advantage']}", f"vagen.total_env_steps={job['steps']}",
         f"vagen.eval_episodes={job['eval_episodes']}", *job["overrides"],
     ]
-    # Defaults, then configs/vagen.yaml, then this job's values: the other stages' files do not
-    # matter here, and one of them being mid-edit by someone else must not fail a 40-minute run.
-    return argv, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(CONFIG_DIR / "vagen.yaml"), OmegaConf.from_dotlist(argv))
+    # The dataclass defaults, then this job's values: no preset or env file is read, so one being
+    # mid-edit by someone else cannot fail a 40-minute run.
+    return argv, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(argv))
 
 
 def _finished_metrics(folder: Path, job: dict, cfg) -> dict | None:

@@ -36,16 +36,17 @@ IDENTITY_NAME = "collect_config.json"
 class CollectConfig:
     """Offline rollout collection."""
 
-    num_episodes: int = param(200, "episodes to collect (ignored when num_steps > 0)")
-    num_steps: int = param(0, "if > 0: collect episodes in order until this many env steps are reached")
+    num_episodes: int = param(200, "episodes to collect (ignored when num_steps > 0)", min=1)
+    num_steps: int = param(0, "if > 0: collect episodes in order until this many env steps are reached", min=0)
     policy_mix: str = param(
-        "random:1",
-        "behaviour policies and weights, e.g. 'random:0.5,epsilon_oracle@0.3:0.3,sticky_random@0.8:0.2'",
+        "random:0.5,epsilon_oracle@0.3:0.3,sticky_random@0.75:0.2",
+        "behaviour policies name[@parameter]:weight, comma separated: random, sticky_random@P (repeat "
+        "probability), epsilon_oracle@EPS (random-action probability), oracle",
     )
-    seed: int = param(0, "env seed of episode 0; episode i resets with seed + i")
-    num_envs: int = param(8, "parallel envs in the vector env")
+    seed: int = param(0, "env seed of episode 0; episode i resets with seed + i", min=0)
+    num_envs: int = param(8, "parallel envs in the vector env", min=1)
     async_envs: bool = param(False, "AsyncVectorEnv (one process per env) instead of SyncVectorEnv")
-    episodes_per_shard: int = param(64, "episodes per .npz shard (a shard is the unit of resuming)")
+    episodes_per_shard: int = param(64, "episodes per .npz shard (a shard is the unit of resuming)", min=1)
     path: str = param("", "dataset folder (default: <run folder>/dataset)")
 
 

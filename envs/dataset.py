@@ -41,7 +41,7 @@ class DataConfig:
     """Reading a dataset for training."""
 
     path: str = param("", "dataset folder to train on (default: <run folder>/dataset)")
-    val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)")
+    val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)", min=0, below=1)
 
 
 def collect_folder(cfg) -> Path:

@@ -28,9 +28,10 @@ class EnvConfig:
     """Which environment, and how it is observed."""
 
     id: str = param("MiniGrid-DoorKey-5x5-v0", "gymnasium id of a MiniGrid env (short forms like DoorKey-5x5 work)")
-    obs: str = param("full", "observation: full (top-down render of the whole grid) or partial (egocentric view)")
-    tile_size: int = param(8, "pixels per grid tile in the rendered frame")
-    max_steps: int = param(0, "episode step limit (0: the env's own default)")
+    obs: str = param("full", "observation: full (top-down render of the whole grid) or partial (egocentric view)",
+                     choices=OBS_MODES)
+    tile_size: int = param(8, "pixels per grid tile in the rendered frame", min=1)
+    max_steps: int = param(0, "episode step limit (0: the env's own default)", min=0)
 
 
 def normalize_env_id(env_id: str) -> str:

@@ -8,6 +8,7 @@ separated; each episode draws one policy from the mix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ POLICY_PARAMETERS = {
     "epsilon_oracle": ("probability of a random action instead of the oracle's", 0.1),
     "oracle": (None, None),
 }
+# name -> (lowest, highest, highest allowed): the parameter's range, as the policy's constructor checks it
+PARAMETER_RANGES = {"sticky_random": (0.0, 1.0, False), "epsilon_oracle": (0.0, 1.0, True)}
 
 
 class BehaviourPolicy:
@@ -151,8 +154,13 @@ def parse_policy_mix(text: str) -> list[PolicySpec]:
             raise ValueError(f"policy mix '{text}': cannot read '{item}' as name[@parameter]:weight") from None
         if at and meaning is None:
             raise ValueError(f"policy mix '{text}': policy '{name}' takes no @parameter")
-        if weight <= 0:
-            raise ValueError(f"policy mix '{text}': weight of '{name}' must be positive, got {weight}")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"policy mix '{text}': weight of '{name}' must be positive and finite, got {weight}")
+        if name in PARAMETER_RANGES:  # fail here, naming the mix, not when the first episode builds it
+            low, high, high_allowed = PARAMETER_RANGES[name]
+            if not (low <= parameter <= high if high_allowed else low <= parameter < high):
+                interval = f"[{low:g}, {high:g}{']' if high_allowed else ')'}"
+                raise ValueError(f"policy mix '{text}': {name}'s parameter ({meaning}) must be in {interval}, got {parameter}")
         specs.append(PolicySpec(name, parameter, weight))
     if not specs:
         raise ValueError(f"policy mix '{text}' names no policy")

@@ -33,30 +33,29 @@ class Config:
 
 
 def validate(cfg) -> None:
-    """Checks the types cannot express; each error names its key."""
-    from agents.evaluate import IMAGINED_REWARDS
-    from envs.make import OBS_MODES, normalize_env_id
+    """The checks each field's bounds and choices cannot express (``cli_config`` runs those first):
+    values against registries and parsers, and fields against each other. Each error names its key."""
+    from agents.train_vagen import check_config as check_vagen
+    from envs.make import normalize_env_id
     from envs.policies import parse_policy_mix
-    from worldmodel.dynamics import BLOCK_TYPES, DECODER_CONTEXTS, MEMORY_TYPES
+    from worldmodel.train_tokenizer import model_config as tokenizer_model_config
 
     try:
         normalize_env_id(cfg.env.id)
     except ValueError as error:
         raise ValueError(f"env.id: {error}") from None
-    if cfg.env.obs not in OBS_MODES:
-        raise ValueError(f"env.obs: unknown observation mode '{cfg.env.obs}', choose one of {OBS_MODES}")
     try:
         parse_policy_mix(cfg.collect.policy_mix)
     except ValueError as error:
         raise ValueError(f"collect.policy_mix: {error}") from None
-    if cfg.dynamics.block not in BLOCK_TYPES:
-        raise ValueError(f"dynamics.block: unknown block type '{cfg.dynamics.block}', choose one of {BLOCK_TYPES}")
-    if cfg.evaluate.imagined_reward not in IMAGINED_REWARDS:
-        raise ValueError(f"evaluate.imagined_reward: unknown '{cfg.evaluate.imagined_reward}', choose one of {IMAGINED_REWARDS}")
-    if cfg.dynamics.decoder_context not in ("auto",) + DECODER_CONTEXTS:
-        raise ValueError(f"dynamics.decoder_context: unknown '{cfg.dynamics.decoder_context}', "
-                         f"choose one of {('auto',) + DECODER_CONTEXTS}")
-    if not 0.0 <= cfg.dreamer.near_reward_starts <= 1.0:
-        raise ValueError(f"dreamer.near_reward_starts: a share of the batch in [0, 1], got {cfg.dreamer.near_reward_starts}")
-    if cfg.dynamics.memory not in ("auto",) + MEMORY_TYPES:
-        raise ValueError(f"dynamics.memory: unknown memory '{cfg.dynamics.memory}', choose one of {('auto',) + MEMORY_TYPES}")
+    if cfg.tokenizer.quantizer == "fsq" and len(cfg.tokenizer.fsq_levels) == 0:
+        raise ValueError("tokenizer.fsq_levels: fsq needs at least one latent channel, got []")
+    tokenizer_model_config(cfg.tokenizer, cfg.env.tile_size)  # the tokenizer's own checks, before any work
+    if cfg.dynamics.dim % cfg.dynamics.heads:
+        raise ValueError(f"dynamics.dim: must be a multiple of dynamics.heads ({cfg.dynamics.heads}), got {cfg.dynamics.dim}")
+    evaluated = {item.strip() for item in str(cfg.evaluate.policies).split(",")}
+    for required in ("random", "oracle"):
+        if required not in evaluated:
+            raise ValueError(f"evaluate.policies: must include '{required}' (the normalised score is relative to it), "
+                             f"got '{cfg.evaluate.policies}'")
+    check_vagen(cfg.vagen)

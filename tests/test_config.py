@@ -16,7 +16,8 @@ def test_defaults_files_and_overrides(run_root):
     cfg = load_config(Config, [f"run.root={run_root}", "--env", "doorkey-6x6", "collect.num_episodes=3"])
     assert cfg.env.id == "MiniGrid-DoorKey-6x6-v0"
     assert cfg.collect.num_episodes == 3
-    assert cfg.collect.episodes_per_shard == 64  # from configs/collect.yaml
+    assert cfg.collect.episodes_per_shard == 64  # the dataclass default: no stage file on top
+    assert cfg.collect.policy_mix == "random:0.5,epsilon_oracle@0.3:0.3,sticky_random@0.75:0.2"
 
 
 def test_preset_order_and_quickstart_file(run_root):

@@ -32,6 +32,9 @@ from common.stage import check_finite, load_resume
 from envs.dataset import EpisodeDataset, WindowBatch
 from envs.state import StateCodec
 from worldmodel.dynamics import (
+    BLOCK_TYPES,
+    DECODER_CONTEXTS,
+    MEMORY_TYPES,
     DynamicsBatch,
     DynamicsModel,
     DynamicsModelConfig,
@@ -49,58 +52,63 @@ class DynamicsConfig:
     """Dynamics model: architecture, training, evaluation, sampling defaults."""
 
     # ---- model
-    dim: int = param(32, "width of the per-token features")
-    heads: int = param(4, "attention heads (attention blocks) or position-mixing groups (mix blocks)")
+    dim: int = param(32, "width of the per-token features", min=1)
+    heads: int = param(4, "attention heads (attention blocks) or position-mixing groups (mix blocks)", min=1)
     block: str = param("conv", "how a frame's tokens exchange information: conv (3x3, local), mix (conv + learned "
-                       "global position mixing, for the egocentric view), attention")
-    encoder_layers: int = param(0, "blocks reading the current frame before the memory and the state head")
+                       "global position mixing, for the egocentric view), attention", choices=BLOCK_TYPES)
+    encoder_layers: int = param(0, "blocks reading the current frame before the memory and the state head", min=0)
     decoder_layers: int = param(1, "blocks predicting the next frame from the current one (each widens a token's "
-                                "view by one tile: 1 sees the 3x3 neighbourhood, all a full-view move needs)")
-    mlp_ratio: int = param(2, "MLP width / dim in each block")
-    memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)")
-    summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads")
-    state_hidden: int = param(256, "hidden width of the state and outcome heads")
-    action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training")
+                                "view by one tile: 1 sees the 3x3 neighbourhood, all a full-view move needs)", min=0)
+    mlp_ratio: int = param(2, "MLP width / dim in each block", min=1)
+    memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)", min=1)
+    summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads", min=1)
+    state_hidden: int = param(256, "hidden width of the state and outcome heads", min=1)
+    action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training",
+                                  min=0, max=1)
     memory: str = param("auto", "what the heads remember: recurrent (a GRU over all frames so far), frame (the current "
                         "frame alone: Markov, generalises from few rare events), auto (frame for the full view, whose "
-                        "frame is the whole state; recurrent for the partial view)")
+                        "frame is the whole state; recurrent for the partial view)", choices=("auto", *MEMORY_TYPES))
     decoder_context: str = param("auto", "what the next-frame decoder and reward/termination heads see: global (the "
                                  "memory too, whole-frame pooling), local (a neighbourhood of decoder_layers tiles; "
                                  "events read cell by cell off the transition: generalises from a single success), "
-                                 "auto (local where the memory is the frame alone, i.e. the full view; else global)")
+                                 "auto (local where the memory is the frame alone, i.e. the full view; else global)",
+                                 choices=("auto", *DECODER_CONTEXTS))
     presence: bool = param(True, "local decoding: every cell also sees which tiles the frame holds anywhere "
                            "(max-pooled, position-free: whether the key is carried or on the floor)")
     static_cells: bool = param(True, "copy the positions that hold the same token in every training frame (a room's "
                                "outer wall) instead of predicting them: imagination ~2x faster at the same accuracy")
-    refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)")
-    change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)")
-    event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps")
+    refine_fraction: float = param(0.3, "share of transitions trained with part of the next frame given (MaskGIT refinement)",
+                                   min=0, max=1)
+    change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)",
+                                 min=0)
+    event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps", min=0)
     event_fraction: float = param(0.125, "share of each batch's windows drawn around a reward or termination step "
-                                  "(random-policy data holds a few dozen; 0: uniform windows only)")
+                                  "(random-policy data holds a few dozen; 0: uniform windows only)", min=0, max=1)
     # ---- optimisation
-    steps: int = param(3000, "optimizer steps")
+    steps: int = param(3000, "optimizer steps", min=1)
     time_limit_s: float = param(0.0, "if > 0: stop after this many seconds of training, the learning-rate schedule "
-                                "following elapsed time (for time-boxed benchmarks; results then depend on machine speed)")
-    batch_size: int = param(32, "windows per step, over all ranks")
-    window: int = param(16, "frames per training window")
-    lr: float = param(4e-3, "peak learning rate (AdamW)")
-    min_lr_fraction: float = param(0.05, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = param(100, "linear warm-up steps")
-    weight_decay: float = param(0.01, "AdamW weight decay")
-    grad_clip: float = param(1.0, "gradient norm clip (0: off)")
+                                "following elapsed time (for time-boxed benchmarks; results then depend on machine speed)",
+                                min=0)
+    batch_size: int = param(32, "windows per step, over all ranks", min=1)
+    window: int = param(8, "frames per training window", min=2)
+    lr: float = param(4e-3, "peak learning rate (AdamW)", above=0)
+    min_lr_fraction: float = param(0.05, "final learning rate as a fraction of the peak (cosine decay)", min=0, max=1)
+    warmup_steps: int = param(100, "linear warm-up steps", min=0)
+    weight_decay: float = param(0.01, "AdamW weight decay", min=0)
+    grad_clip: float = param(1.0, "gradient norm clip (0: off)", min=0)
     # ---- logging, evaluation, checkpoints
-    log_every: int = param(50, "steps between loss logs")
-    eval_every: int = param(500, "steps between validation evaluations (0: only at the end)")
-    eval_windows: int = param(256, "validation windows per evaluation")
-    video_every: int = param(1000, "steps between open-loop videos (0: only at the end)")
-    video_length: int = param(32, "imagined steps per open-loop video")
-    video_count: int = param(4, "rollouts side by side in a video")
-    checkpoint_every: int = param(500, "steps between resume checkpoints (0: none)")
-    encode_batch: int = param(4096, "frames per tokenizer call when tokenising the dataset")
+    log_every: int = param(50, "steps between loss logs", min=1)
+    eval_every: int = param(500, "steps between validation evaluations (0: only at the end)", min=0)
+    eval_windows: int = param(256, "validation windows per evaluation", min=1)
+    video_every: int = param(1000, "steps between open-loop videos (0: only at the end)", min=0)
+    video_length: int = param(32, "imagined steps per open-loop video", min=1)
+    video_count: int = param(4, "rollouts side by side in a video", min=1)
+    checkpoint_every: int = param(500, "steps between resume checkpoints (0: none)", min=0)
+    encode_batch: int = param(4096, "frames per tokenizer call when tokenising the dataset", min=1)
     # ---- sampling defaults saved with the model (imagination reads them)
-    temperature: float = param(0.0, "sampling temperature of imagined tokens (0: most likely)")
-    refine_steps: int = param(1, "MaskGIT refinement passes per imagined frame (with temperature > 0)")
-    guidance: float = param(1.0, "classifier-free action guidance scale (1: off)")
+    temperature: float = param(0.0, "sampling temperature of imagined tokens (0: most likely)", min=0)
+    refine_steps: int = param(1, "MaskGIT refinement passes per imagined frame (with temperature > 0)", min=1)
+    guidance: float = param(1.0, "classifier-free action guidance scale (1: off)", min=0)
 
 
 MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",

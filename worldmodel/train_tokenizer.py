@@ -33,6 +33,8 @@ from common.runs import Logger, RunDir
 from common.seeding import seed_everything
 from common.stage import check_finite, load_resume
 from worldmodel.tokenizer import (
+    DECODER_OUTPUTS,
+    QUANTIZERS,
     Tokenizer,
     TokenizerConfig,
     difference_panel,
@@ -50,30 +52,34 @@ class TokenizerStageConfig:
     """The tokenizer: model shape and training (scripts/train_tokenizer.py)."""
 
     # ---- model
-    quantizer: str = param("vq", "bottleneck: vq (vector quantisation with codebook care) or fsq (finite scalar quantisation)")
-    fsq_levels: list[int] = param(default_factory=lambda: [8, 8, 8], help="fsq: levels per latent channel (vocab = product)")
-    codebook_size: int = param(64, "vq: number of codes (the vocabulary)")
-    code_dim: int = param(16, "vq: width of a code vector")
-    commitment_weight: float = param(0.25, "vq: weight of the commitment loss")
-    dead_code_threshold: float = param(0.01, "vq: restart codes whose usage EMA (hits per step) falls below this")
-    decoder_output: str = param("categorical", "decoder output: categorical (256-way per pixel channel) or regression (MSE, rounded)")
-    intensity_dim: int = param(16, "categorical decoder: feature width per pixel channel")
-    hidden_dim: int = param(64, "width of the per-tile encoder and decoder")
-    num_layers: int = param(2, "hidden 1x1 layers in the encoder and in the decoder")
+    quantizer: str = param("vq", "bottleneck: vq (vector quantisation with codebook care) or fsq (finite scalar quantisation)",
+                           choices=QUANTIZERS)
+    fsq_levels: list[int] = param(default_factory=lambda: [8, 8, 8], help="fsq: levels per latent channel (vocab = product)",
+                                  min=2)
+    codebook_size: int = param(64, "vq: number of codes (the vocabulary)", min=2)
+    code_dim: int = param(16, "vq: width of a code vector", min=1)
+    commitment_weight: float = param(0.25, "vq: weight of the commitment loss", min=0)
+    dead_code_threshold: float = param(0.01, "vq: restart codes whose usage EMA (hits per step) falls below this", min=0)
+    decoder_output: str = param("categorical", "decoder output: categorical (256-way per pixel channel) or regression (MSE, rounded)",
+                                choices=DECODER_OUTPUTS)
+    intensity_dim: int = param(16, "categorical decoder: feature width per pixel channel", min=1)
+    hidden_dim: int = param(64, "width of the per-tile encoder and decoder", min=1)
+    num_layers: int = param(2, "hidden 1x1 layers in the encoder and in the decoder", min=0)
     # ---- training
-    steps: int = param(3000, "maximum optimiser steps")
-    batch_size: int = param(64, "tiles per step (sampled from the distinct tiles)")
-    learning_rate: float = param(3e-3, "AdamW learning rate (cosine decay to 10% over `steps`)")
-    encoder_lr_scale: float = param(0.0, "encoder learning rate / learning_rate (0: keep the He + data-normalised init, see module doc)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
+    steps: int = param(3000, "maximum optimiser steps", min=1)
+    batch_size: int = param(64, "tiles per step (sampled from the distinct tiles)", min=1)
+    learning_rate: float = param(3e-3, "AdamW learning rate (cosine decay to 10% over `steps`)", above=0)
+    encoder_lr_scale: float = param(0.0, "encoder learning rate / learning_rate (0: keep the He + data-normalised init, see module doc)",
+                                    min=0)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0)
     sampling_power: float = param(0.0, "tile sampling weight = count ** power (0: uniform over distinct tiles)")
     stop_when_exact: bool = param(True, "stop as soon as every distinct training tile is reconstructed exactly")
-    eval_every: int = param(100, "steps between exactness checks (and early-stop checks)")
-    log_every: int = param(50, "steps between loss logs")
-    image_every: int = param(1000, "steps between reconstruction images (real | reconstructed | difference)")
-    num_images: int = param(4, "validation frames in each reconstruction image")
-    checkpoint_every: int = param(500, "steps between resume checkpoints (<run>/tokenizer.resume.pt)")
-    max_val_frames: int = param(2000, "validation frames used for the exactness check")
+    eval_every: int = param(100, "steps between exactness checks (and early-stop checks)", min=1)
+    log_every: int = param(50, "steps between loss logs", min=1)
+    image_every: int = param(1000, "steps between reconstruction images (real | reconstructed | difference)", min=1)
+    num_images: int = param(4, "validation frames in each reconstruction image", min=1)
+    checkpoint_every: int = param(500, "steps between resume checkpoints (<run>/tokenizer.resume.pt)", min=1)
+    max_val_frames: int = param(2000, "validation frames used for the exactness check", min=1)
 
 
 def model_config(stage: Any, tile_size: int) -> TokenizerConfig:
