@@ -290,8 +290,8 @@ def _check_tokens(policy: Policy, tokenizer: Any) -> None:
 
 def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.evaluate.policies`` in the real env and in the run's world model; write the report."""
-    from worldmodel.imagine import load_world_model
     from envs.make import make_env_from_config
+    from worldmodel.imagine import load_world_model
 
     stage = cfg.evaluate
     seed_everything(cfg.run.seed)

@@ -77,8 +77,7 @@ def train_view(work: Path, obs: str, seed: int, train_set: EpisodeDataset, threa
     cfg = load_config(Config, argv, use_run_config=False)
     train_part, val_part = train_set.split(cfg.data.val_fraction, seed=seed)
     run = RunDir(cfg, "tokenizer", ["benchmarks/tokenizer.py", *argv])
-    metrics = train(cfg, run, train_part.frames, val_part.frames if val_part is not None else None,
-                    data_source=f"benchmark {ENV_ID} {obs} episodes 0..{train_set.num_episodes - 1}")
+    metrics = train(cfg, run, train_part.frames, val_part.frames if val_part is not None else None)
     return load_tokenizer(run / "tokenizer.pt", tile_size=cfg.env.tile_size), metrics
 
 

@@ -18,6 +18,13 @@ from worldmodel.train_tokenizer import TokenizerStageConfig
 
 
 @dataclass
+class QuickstartConfig:
+    """Which stages scripts/quickstart.py chains."""
+
+    vagen: bool = param(False, "also train the VAGEN agent (scripts/train_vagen.py) and evaluate it beside the others")
+
+
+@dataclass
 class Config:
     """Everything a run needs."""
 
@@ -30,6 +37,7 @@ class Config:
     dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
     evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")
     vagen: VagenConfig = param(default_factory=VagenConfig, help="VAGEN-style agent: state estimation, transition modelling")
+    quickstart: QuickstartConfig = param(default_factory=QuickstartConfig, help="the stages the quickstart chains")
 
 
 def validate(cfg) -> None:

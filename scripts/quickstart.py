@@ -19,8 +19,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omegaconf import OmegaConf
-
 from common.config import cli_config
 from common.runs import RunDir
 from common.stage import Stage, guarded, run_stage
@@ -34,8 +32,12 @@ STAGES: list[Stage] = [collect.STAGE, train_tokenizer.STAGE, train_dynamics.STAG
 
 
 def stages_for(cfg) -> list[Stage]:
-    """The chain this config runs: the default stages, VAGEN before the evaluation when switched on."""
-    if OmegaConf.select(cfg, "quickstart.vagen", default=False):
+    """The chain this config runs: the default stages; with ``quickstart.vagen`` the VAGEN agent
+    trains before the evaluation, which then scores it beside the others."""
+    if cfg.quickstart.vagen:
+        names = [p.strip() for p in str(cfg.evaluate.policies).split(",")]
+        if "vagen" not in names:
+            cfg.evaluate.policies = ",".join(names[:1] + ["vagen"] + names[1:])
         return STAGES[:-1] + [train_vagen.STAGE, STAGES[-1]]
     return list(STAGES)
 
