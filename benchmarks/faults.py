@@ -7,7 +7,8 @@ Builds one tiny quickstart run with ``PATH``'s scripts (default: this checkout; 
 the figures of another commit), then per case copies it, breaks one thing (a bad value, a damaged
 file, a second writer), runs the command as a user would and records its exit code, the first line
 of what it said (the last line of a traceback) and whether every artifact that existed before is
-byte-identical (logs aside). Prints a Markdown table and one JSON object last.
+byte-identical (logs aside), or at least still there under another name (an old artifact renamed
+aside). Prints a Markdown table and one JSON object last.
 """
 
 from __future__ import annotations
@@ -133,8 +134,11 @@ def main() -> None:
             before = snapshot(run)
             started = time.perf_counter()
             result = script(name, root, extra)
+            after = snapshot(run)
             row = {"case": case, "command": f"scripts/{name}.py {' '.join(extra)}"[:120], "exit": result.returncode,
-                   "said": said(result), "intact": snapshot(run) == before,
+                   "said": said(result), "intact": after == before,
+                   # every file that was there is still there, in place or renamed aside
+                   "nothing_lost": set(before.values()) <= set(after.values()),
                    "seconds": round(time.perf_counter() - started, 1)}
             if name == "quickstart":
                 row["stages_run"] = [line.split("]")[0][1:] for line in result.stdout.splitlines()
@@ -148,9 +152,10 @@ def main() -> None:
                  for name in ("dynamics.pt", "config.yaml")}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print("| case | exit | first line | artifacts intact |\n|---|---|---|---|")
+    print("| case | exit | first line | artifacts intact | nothing lost |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['exit']} | {row['said'].replace('|', '/')} | {'yes' if row['intact'] else 'no'} |")
+        print(f"| {row['case']} | {row['exit']} | {row['said'].replace('|', '/')} | {'yes' if row['intact'] else 'no'} "
+              f"| {'yes' if row['nothing_lost'] else 'no'} |")
     _common.finish("faults", {"checkout": str(checkout), "cases": rows, "file_modes": modes,
                               "machine": _common.machine()})
 

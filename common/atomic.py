@@ -202,8 +202,7 @@ def verify_checkpoint(checkpoint: Any, path: str | os.PathLike, what: str) -> No
         raise ArtifactError(f"{what} checkpoint {path} carries no weights hash (written by an older version, "
                             "or not by this sandbox): retrain it")
     if checkpoint[DIGEST_KEY] != weights_digest(checkpoint):
-        raise ArtifactError(f"{what} checkpoint {path} is corrupt: its weights do not match their stored hash "
-                            "(delete it and rerun its stage)")
+        raise ArtifactError(f"{what} checkpoint {path} is corrupt: its weights do not match their stored hash")
 
 
 def _json_default(value: Any) -> Any:

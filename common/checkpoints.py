@@ -25,7 +25,8 @@ def load_checked(path: str | Path, what: str, hint: str, error: type[Exception] 
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as failure:  # torch raises many types for a corrupt or truncated file
         raise error(f"{what} checkpoint {path} cannot be read ({type(failure).__name__}: "
-                    f"{str(failure).splitlines()[0] if str(failure) else ''}): delete it and {hint}") from None
+                    f"{str(failure).splitlines()[0] if str(failure) else ''}): it is damaged or not a checkpoint; "
+                    f"{hint}") from None
     if not isinstance(checkpoint, dict):
         raise error(f"{path} is not a {what} checkpoint (it holds a {type(checkpoint).__name__}): {hint}")
     if expected_format is not None and checkpoint.get("format") != expected_format:

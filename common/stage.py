@@ -249,9 +249,9 @@ def run_stage(stage: Stage, cfg: Any, run_dir: Any, log: Callable[[str], None] =
         for path in outputs:
             if path.exists():
                 moved.append((path, move_aside(path, tag)))
-        kept = ", ".join(str(aside) for _, aside in moved)
         reason = {"stale": f"config or inputs changed ({why})", "broken": why, "unverified": why}[state]
-        log(f"[{stage.name}] {reason}: rerunning; the old artifact is kept as {kept}")
+        kept = f"; the old artifact is kept as {', '.join(str(aside) for _, aside in moved)}" if moved else ""
+        log(f"[{stage.name}] {reason}: rerunning{kept}")
     run_dir.stage_identity = identity_hash(identity)
     log(f"[{stage.name}] running")
     started = time.perf_counter()

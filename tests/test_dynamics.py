@@ -65,9 +65,14 @@ class TileTokenizer:
         return torch.as_tensor(patches.transpose(0, 1, 3, 2, 4, 5).reshape(*lead, h * p, w * p, 3))
 
 
+# A small model for unit tests (the stage derives its own from DynamicsConfig: model_config).
+SMALL = dict(num_actions=7, dim=32, heads=4, block="conv", encoder_layers=0, decoder_layers=2, mlp_ratio=2,
+             memory_dim=48, summary_channels=8, state_hidden=64, action_dropout=0.1, memory="recurrent",
+             decoder_context="global", presence=False, refine_fraction=0.3, change_weight=10.0, event_weight=5.0)
+
+
 def small_config(**overrides) -> DynamicsModelConfig:
-    values = dict(vocab_size=32, grid_height=5, grid_width=5, state_width=5, state_height=5, dim=32, heads=4,
-                  memory_dim=48, state_hidden=64)
+    values = dict(vocab_size=32, grid_height=5, grid_width=5, state_width=5, state_height=5, **SMALL)
     values.update(overrides)
     return DynamicsModelConfig(**values)
 
@@ -497,10 +502,11 @@ def test_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path):
 def _write_tokenizer(run: Path, dataset_frames: np.ndarray) -> None:
     """A tokenizer checkpoint in the run folder (untrained: this test is about plumbing)."""
     from common.atomic import atomic_torch_save
-    from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_checkpoint
+    from worldmodel.tokenizer import Tokenizer, tokenizer_checkpoint
+    from worldmodel.train_tokenizer import TokenizerStageConfig, model_config
 
     torch.manual_seed(0)
-    atomic_torch_save(run / "tokenizer.pt", tokenizer_checkpoint(Tokenizer(TokenizerConfig())))
+    atomic_torch_save(run / "tokenizer.pt", tokenizer_checkpoint(Tokenizer(model_config(TokenizerStageConfig(), 8))))
 
 
 def test_script_end_to_end_then_load_world_model(tiny_dataset, tmp_path):

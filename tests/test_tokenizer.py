@@ -3,6 +3,7 @@ and the training script end to end (one collection + one training shared by the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,7 +31,8 @@ def fresh(request) -> Tokenizer:
     quantizer, output = request.param
     torch.manual_seed(0)
     return Tokenizer(TokenizerConfig(patch_size=8, hidden_dim=16, num_layers=1, quantizer=quantizer, fsq_levels=[4, 4],
-                                     codebook_size=16, code_dim=4, decoder_output=output, intensity_dim=4))
+                                     codebook_size=16, code_dim=4, commitment_weight=0.25, dead_code_threshold=0.01,
+                                     decoder_output=output, intensity_dim=4))
 
 
 def test_encode_decode_shapes_dtypes_and_determinism(fresh):
@@ -70,7 +72,7 @@ def test_bad_inputs_fail_clearly(fresh):
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
         fresh.decode(torch.full((2, 2), 16))
     with pytest.raises(ValueError, match="quantizer"):
-        TokenizerConfig(quantizer="kmeans")
+        dataclasses.replace(fresh.config, quantizer="kmeans")
 
 
 def test_frames_to_patches_row_major():

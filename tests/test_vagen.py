@@ -740,17 +740,17 @@ def test_dream_option_trains_on_the_world_models_state_head(tmp_path, capsys):
     imagined, the truth is the state head's, and the final evaluation still runs in the real env."""
     from common.atomic import atomic_torch_save
     from scripts.train_vagen import main
+    from tests.test_dynamics import SMALL
     from worldmodel.dynamics import DynamicsModel, DynamicsModelConfig, dynamics_checkpoint
-    from worldmodel.tokenizer import Tokenizer, TokenizerConfig, tokenizer_checkpoint
+    from worldmodel.tokenizer import Tokenizer, tokenizer_checkpoint
+    from worldmodel.train_tokenizer import TokenizerStageConfig, model_config
 
     torch.manual_seed(0)
-    tokenizer = Tokenizer(TokenizerConfig())
+    tokenizer = Tokenizer(model_config(TokenizerStageConfig(), 8))
     model_dir = tmp_path / "wm"
     atomic_torch_save(model_dir / "tokenizer.pt", tokenizer_checkpoint(tokenizer))
     dynamics = DynamicsModel(DynamicsModelConfig(
-        vocab_size=tokenizer.vocab_size, grid_height=5, grid_width=5, state_width=5, state_height=5, dim=32, heads=4,
-        memory_dim=48, state_hidden=64,
-    ))
+        vocab_size=tokenizer.vocab_size, grid_height=5, grid_width=5, state_width=5, state_height=5, **SMALL))
     atomic_torch_save(model_dir / "dynamics.pt", dynamics_checkpoint(dynamics, tokenizer.identity))
     metrics = main([
         "--preset", "tiny", f"run.root={tmp_path}", "run.name=dream", "vagen.world=dream", f"vagen.world_model={model_dir}",

@@ -49,31 +49,32 @@ from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
 
 @dataclass
 class DynamicsModelConfig:
-    """The model's shape: everything needed to rebuild it before loading weights."""
+    """The model's shape: everything needed to rebuild it before loading weights. No defaults for
+    what the stage config sets: ``worldmodel.train_dynamics.model_config`` derives them from it."""
 
     vocab_size: int  # tokenizer vocabulary V
     grid_height: int  # h: token rows per frame
     grid_width: int  # w: token columns per frame
     state_width: int  # symbolic state grid width (cells); state length S = W * H * 3 + 6
     state_height: int
-    num_actions: int = 7
-    dim: int = 64  # width of the per-token features
-    heads: int = 4  # attention heads, or channel groups of the "mix" block
-    block: str = "conv"  # conv | mix | attention: how tokens of a frame exchange information
-    encoder_layers: int = 0  # blocks reading the current frame before memory and state head
-    decoder_layers: int = 2  # blocks predicting the next frame
-    mlp_ratio: int = 2
-    memory_dim: int = 192  # GRU width
-    summary_channels: int = 8  # per-token channels flattened into the frame summary
-    state_hidden: int = 256
-    action_dropout: float = 0.1  # probability an action is replaced by "no action" in training
+    num_actions: int
+    dim: int  # width of the per-token features
+    heads: int  # attention heads, or channel groups of the "mix" block
+    block: str  # conv | mix | attention: how tokens of a frame exchange information
+    encoder_layers: int  # blocks reading the current frame before memory and state head
+    decoder_layers: int  # blocks predicting the next frame
+    mlp_ratio: int
+    memory_dim: int  # GRU width
+    summary_channels: int  # per-token channels flattened into the frame summary
+    state_hidden: int
+    action_dropout: float  # probability an action is replaced by "no action" in training
     # What the heads' memory holds: "recurrent" (a GRU over every frame and action so far: what the
     # partial view needs) or "frame" (the GRU's first step on the current frame alone: the model is
     # Markov in the frame). With a few dozen goal steps in the data, a recurrent memory lets the heads
     # tie rare events to the histories they happened after (measured on DoorKey-5x5 random data:
     # the goal step right from a one-frame context, wrong after any longer one); where the frame is
     # the whole state (full view), "frame" generalises from those few.
-    memory: str = "recurrent"
+    memory: str
     # What the next-frame decoder and the reward/termination heads see: "global" (every token also
     # gets the memory; the heads read the pooled decoder features and the memory) or "local" (no
     # memory: a token's prediction depends on its neighbourhood of decoder_layers tiles only, and
@@ -81,11 +82,11 @@ class DynamicsModelConfig:
     # and after, and the action — taking the most confident cell). Gridworld dynamics are local;
     # with one success in the data, the global model tied it to the whole frame it happened in
     # (the key and the door elsewhere) and missed it in every other layout.
-    decoder_context: str = "global"
-    presence: bool = False  # local decoding: add the max-pooled tiles of the whole frame (position-free)
-    refine_fraction: float = 0.3  # share of training transitions whose next frame is partly given (MaskGIT)
-    change_weight: float = 10.0  # extra loss weight of tokens that change from one frame to the next
-    event_weight: float = 5.0  # BCE weight of the rare positive reward / termination steps (oversampled in training too)
+    decoder_context: str
+    presence: bool  # local decoding: add the max-pooled tiles of the whole frame (position-free)
+    refine_fraction: float  # share of training transitions whose next frame is partly given (MaskGIT)
+    change_weight: float  # extra loss weight of tokens that change from one frame to the next
+    event_weight: float  # BCE weight of the rare positive reward / termination steps (oversampled in training too)
     # The tokens the decoder can output (sorted ids; empty: the whole vocabulary). A tokenizer's
     # vocabulary is often far larger than the tiles a game has (512 codes, ~20 tiles): predicting
     # over the tokens seen in training makes the output layer, the loss and sampling that much cheaper.

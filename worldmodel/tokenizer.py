@@ -51,19 +51,20 @@ class TokenizerCheckpointError(ArtifactError, ValueError):
 
 @dataclass
 class TokenizerConfig:
-    """The model's shape: everything needed to rebuild it before loading weights."""
+    """The model's shape: everything needed to rebuild it before loading weights. No defaults:
+    ``worldmodel.train_tokenizer.model_config`` derives it from the stage config."""
 
-    patch_size: int = 8  # pixels per patch side; equals the env tile size (one token per tile)
-    hidden_dim: int = 64  # width of the per-patch encoder and decoder
-    num_layers: int = 2  # hidden 1×1 layers in encoder and in decoder
-    quantizer: str = "vq"  # vq | fsq
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # fsq: values per latent channel
-    codebook_size: int = 64  # vq: number of codes
-    code_dim: int = 16  # vq: code vector width
-    commitment_weight: float = 0.25  # vq: pulls encoder outputs towards their codes
-    dead_code_threshold: float = 0.01  # vq: restart a code whose usage EMA falls under this many hits per step
-    decoder_output: str = "categorical"  # categorical (256-way logits per pixel channel) | regression (MSE)
-    intensity_dim: int = 16  # categorical: per-pixel-channel feature width fed to the shared 256-way head
+    patch_size: int  # pixels per patch side; equals the env tile size (one token per tile)
+    hidden_dim: int  # width of the per-patch encoder and decoder
+    num_layers: int  # hidden 1×1 layers in encoder and in decoder
+    quantizer: str  # vq | fsq
+    fsq_levels: list[int]  # fsq: values per latent channel
+    codebook_size: int  # vq: number of codes
+    code_dim: int  # vq: code vector width
+    commitment_weight: float  # vq: pulls encoder outputs towards their codes
+    dead_code_threshold: float  # vq: restart a code whose usage EMA falls under this many hits per step
+    decoder_output: str  # categorical (256-way logits per pixel channel) | regression (MSE)
+    intensity_dim: int  # categorical: per-pixel-channel feature width fed to the shared 256-way head
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
