@@ -67,7 +67,9 @@ def policy_ids(cfg: Any) -> dict[str, str]:
 
 
 def is_path(item: str) -> bool:
-    return "/" in item or Path(item).suffix != "" and "@" not in item
+    """A policy named by its file (``agent.pt``, ``out/policy.json``), not a scripted policy
+    (``epsilon_oracle@0.75``, whose ``.75`` is no file suffix)."""
+    return "/" in item or (Path(item).suffix != "" and "@" not in item)
 
 
 def main_for(stage: Stage, argv: Sequence[str] | None, after: Callable[[Any, Any], None] | None = None) -> Any:
