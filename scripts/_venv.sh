@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" torch
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,minari]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
