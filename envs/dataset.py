@@ -105,9 +105,14 @@ def dataset_content(folder: str | Path, env: Any = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_env(card: dict, env: Any, folder: Path) -> None:
-    """The dataset's env, view and tile size must be the config's."""
+def check_env(card: dict | str | Path, env: Any, folder: str | Path | None = None) -> None:
+    """The dataset's env, view and tile size must be the config's. ``card`` is a card, or the path
+    of a dataset folder or Minari dataset to read it from."""
     from envs.make import normalize_env_id
+
+    if not isinstance(card, dict):
+        folder = card if folder is None else folder
+        card = read_card(card)
 
     wanted = {"env_id": normalize_env_id(env.id), "obs": str(env.obs), "tile_size": int(env.tile_size)}
     keys = {"env_id": "env.id", "obs": "env.obs", "tile_size": "env.tile_size"}

@@ -67,6 +67,7 @@ def test_content_is_the_bytes_not_the_place(exported, tmp_path):
     assert dataset_content(other) != dataset_content(folder)  # the id is part of the metadata
     env = OmegaConf.structured(EnvConfig(id="MiniGrid-DoorKey-5x5-v0"))
     assert dataset_content(folder, env) == dataset_content(folder)
+    check_env(folder, env)  # a path works as well as a card
     with pytest.raises(ConfigError, match="env.id"):
         check_env(read_card(folder), OmegaConf.structured(EnvConfig(id="MiniGrid-DoorKey-6x6-v0")), folder)
     with pytest.raises(ArtifactError, match="never overwritten"):
