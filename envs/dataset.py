@@ -12,8 +12,10 @@ frames, and for each frame index f:
 - ``rewards[f]`` float32, ``terminated[f]``, ``truncated[f]`` bool: the outcome of that action
   (0 / False at the last frame).
 
-The format is plain NumPy on purpose: an exporter to Minari (Farama's standard) can be added
-without making it a dependency of the core install.
+The format is plain NumPy on purpose: Minari (Farama's standard) is an optional extra. Every reader
+here (:func:`read_card`, :func:`dataset_content`, :meth:`EpisodeDataset.load`) also takes a Minari
+dataset folder (``<root>/<namespace>/<name>-v0``, or its ``data/`` folder), through
+:mod:`envs.minari_io`, imported only then; ``scripts/export_minari.py`` writes one.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ def training_folder(cfg) -> Path:
 
 
 def read_card(folder: str | Path) -> dict:
-    """The card of a complete dataset folder, with errors that name the file and what to do."""
+    """The card of a complete dataset folder, with errors that name the file and what to do. For a
+    Minari dataset: a card of the same keys, built from its metadata (see :mod:`envs.minari_io`)."""
+    minari_io = _minari_io(folder)
+    if minari_io is not None:
+        return minari_io.read_card(folder)
     path = Path(folder) / CARD_NAME
     if not Path(folder).is_dir():
         raise ArtifactError(f"dataset folder not found: {folder} (run scripts/collect.py first, or set data.path)")
@@ -75,11 +81,15 @@ def read_card(folder: str | Path) -> dict:
 def dataset_content(folder: str | Path, env: Any = None) -> str:
     """The content identity of a complete dataset: a hash of its shards' bytes, checked against the
     hashes its card recorded. With ``env`` (the config's env section), the dataset must have been
-    collected in that env and view (:class:`common.config.ConfigError` naming the keys if not)."""
+    collected in that env and view (:class:`common.config.ConfigError` naming the keys if not).
+    For a Minari dataset: a hash of its data files' bytes and of its metadata."""
     folder = Path(folder)
     card = read_card(folder)
     if env is not None:
         check_env(card, env, folder)
+    minari_io = _minari_io(folder)
+    if minari_io is not None:
+        return minari_io.content(folder)
     digest = hashlib.sha256()
     recorded = card.get("shard_sha256") or {}
     for name in card["shards"]:
@@ -95,9 +105,14 @@ def dataset_content(folder: str | Path, env: Any = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_env(card: dict, env: Any, folder: Path) -> None:
-    """The dataset's env, view and tile size must be the config's."""
+def check_env(card: dict | str | Path, env: Any, folder: str | Path | None = None) -> None:
+    """The dataset's env, view and tile size must be the config's. ``card`` is a card, or the path
+    of a dataset folder or Minari dataset to read it from."""
     from envs.make import normalize_env_id
+
+    if not isinstance(card, dict):
+        folder = card if folder is None else folder
+        card = read_card(card)
 
     wanted = {"env_id": normalize_env_id(env.id), "obs": str(env.obs), "tile_size": int(env.tile_size)}
     keys = {"env_id": "env.id", "obs": "env.obs", "tile_size": "env.tile_size"}
@@ -105,6 +120,13 @@ def check_env(card: dict, env: Any, folder: Path) -> None:
     if wrong:
         raise ConfigError(f"dataset {folder} was collected in another env ({'; '.join(wrong)}): set the env to the "
                           "dataset's (e.g. --env), or point data.path at a dataset of this env")
+
+
+def _minari_io(folder: str | Path):
+    """:mod:`envs.minari_io` when ``folder`` is a Minari dataset (told by its files), else None."""
+    from envs import minari_io
+
+    return minari_io if minari_io.is_minari_dataset(folder) else None
 
 
 def shard_name(index: int) -> str:
@@ -207,8 +229,12 @@ class EpisodeDataset:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path, require_card: bool = True) -> "EpisodeDataset":
-        """Load every shard of the dataset folder ``path`` (complete datasets only by default)."""
+        """Load every shard of the dataset folder ``path`` (complete datasets only by default), or
+        every episode of a Minari dataset."""
         folder = Path(path)
+        minari_io = _minari_io(folder)
+        if minari_io is not None:
+            return cls(*minari_io.load_arrays(folder))
         if require_card:
             card = read_card(folder)
             shards = [folder / name for name in card["shards"]]
