@@ -23,6 +23,7 @@ COMMANDS = {
     "train-dreamer": ("train_dreamer", "train the Dreamer-style agent in imagination only"),
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),
     "evaluate": ("evaluate", "evaluate policies in the real env and in the world model"),
+    "export-minari": ("export_minari", "write a dataset folder as a Minari dataset (the minari extra)"),
 }
 
 
