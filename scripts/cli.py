@@ -23,6 +23,7 @@ COMMANDS = {
     "train-dreamer": ("train_dreamer", "train the Dreamer-style agent in imagination only"),
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),
     "evaluate": ("evaluate", "evaluate policies in the real env and in the world model"),
+    "play": ("play", "play inside a run's world model in the browser, beside the real env"),
 }
 
 
