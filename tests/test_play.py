@@ -175,3 +175,18 @@ def test_a_step_over_http_returns_both_frames(server):
     host, port = server.server_address[:2]
     page = urllib.request.urlopen(f"http://{host}:{port}/", timeout=30).read().decode()
     assert "image-rendering: pixelated" in page and "pickup" in page
+
+
+def test_reset_mode_and_recording_over_http(server, run):
+    dataset = EpisodeDataset.load(run / "dataset")
+    answer = post(server, "/api/reset", {"frame": 7})
+    assert np.array_equal(pixels(answer["real"]), dataset.frames[7]) and answer["dataset_frames"] == dataset.num_frames
+    assert post(server, "/api/mode", {"dream_only": True})["dream_only"] is True
+    assert post(server, "/api/record", {"on": True})["recording"] is True
+    post(server, "/api/step", {"action": 0})
+    answer = post(server, "/api/record", {"on": False})
+    assert answer["recording"] is False and answer["saved"].startswith(str(run / "media" / "play_"))
+    assert post(server, "/api/mode", {"dream_only": False})["dream_only"] is False
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post(server, "/api/reset", {"frame": dataset.num_frames})
+    assert error.value.code == 400
