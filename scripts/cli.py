@@ -24,6 +24,7 @@ COMMANDS = {
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),
     "evaluate": ("evaluate", "evaluate policies in the real env and in the world model"),
     "export-minari": ("export_minari", "write a dataset folder as a Minari dataset (the minari extra)"),
+    "play": ("play", "play inside a run's world model in the browser, beside the real env"),
 }
 
 
