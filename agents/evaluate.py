@@ -4,8 +4,10 @@ For every policy (the trained agent, its checkpoints along training, scripted ba
 policy): real return over N episodes from fixed env seeds, imagined return from the same first
 frames (the world model started on the real first frame, the policy fed the model's tokens and
 state-head predictions), their gap, the oracle-normalised score
-``(R - R_random) / (R_oracle - R_random)``, and over the whole set the rank agreement (Spearman,
-Kendall) between imagined and real returns: does the model rank policies as the env does?
+``(R - R_random) / (R_oracle - R_random)``, and over the whole set the field's metrics of imagined
+against real returns (``agents/metrics.py``: DOPE's absolute error, rank correlations and regret@k,
+SIMPLER's Pearson and MMRV, the success calibration), each with a 95% bootstrap interval over the
+episode seeds: does the model score and rank policies as the env does?
 
 Writes ``metrics.json`` (section ``evaluate``), ``report.md``, ``media/evaluate_scatter.png``,
 ``media/evaluate_learning_curve.png`` and ``media/evaluate_<policy>_real_vs_imagined.gif``.
@@ -22,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from agents.metrics import METRICS, evaluation_metrics, rank_agreement
 from agents.policy import Policy, PolicyInput, make_policy, read_checkpoint
 from common.config import param
 from common.runs import RunDir, write_gif, write_png
@@ -54,6 +57,8 @@ class EvaluateConfig:
         "step_aware", "what an imagined success pays in the headline imagined return: step_aware (MiniGrid's reward "
         "1 - 0.9 t / max_steps at the imagined step t: the step count is not in the frame, so the model cannot know "
         "it) or model (the reward head's value); both are always reported", choices=IMAGINED_REWARDS)
+    bootstrap: int = param(1000, "bootstrap resamples of the episode seeds for the metrics' 95% intervals "
+                           "(<metric>_ci; agents/metrics.py)", min=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,22 +74,18 @@ def normalized_score(value: float, random_return: float, oracle_return: float) -
     return float((value - random_return) / span)
 
 
-def rank_agreement(imagined: Sequence[float], real: Sequence[float]) -> dict[str, float]:
-    """Spearman's rho and Kendall's tau (tau-b, ties handled) between two score lists.
-
-    nan when fewer than 3 policies or one list is constant (no ranking to agree with).
-    """
-    from scipy.stats import kendalltau, spearmanr
-
-    imagined, real = np.asarray(imagined, dtype=float), np.asarray(real, dtype=float)
-    if len(imagined) < 3 or np.ptp(imagined) == 0 or np.ptp(real) == 0:
-        return {"spearman": float("nan"), "kendall": float("nan")}
-    return {"spearman": float(spearmanr(imagined, real).statistic), "kendall": float(kendalltau(imagined, real).statistic)}
-
-
 def _json_number(value: float) -> float | None:
     """JSON has no nan: a missing value is null."""
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _json_value(value: Any) -> Any:
+    """A headline or row value for ``metrics.json``: floats (also inside an interval's list) nan-free."""
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +163,8 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
 
 
 REFERENCE_POLICIES = ("random", "oracle")
+BOOTSTRAP_STREAM = 0xB0075  # derive_seed(run.seed, evaluate.seed, this): the bootstrap's own stream, apart from
+# the policies' (derive_seed(run.seed, evaluate.seed, policy index))
 
 
 def reference_returns(env_cfg: Any, seeds: Sequence[int], policy_seed: int, env_id: str = "") -> dict[str, float]:
@@ -321,6 +324,7 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         raise ValueError(f"evaluate.imagined_reward: unknown '{chosen}', choose one of {IMAGINED_REWARDS}")
     gif_names = {n.strip() for n in str(stage.gif_policies).split(",") if n.strip()}
     rows, gifs = [], {}
+    episodes: dict[str, list[np.ndarray]] = {"imagined": [], "real": [], "imagined_success": [], "real_success": []}
     bar = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -346,6 +350,11 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         })
         rows[-1]["imagined_return"] = rows[-1][f"imagined_return_{chosen}"]
         rows[-1]["imagined_return_std"] = rows[-1][f"imagined_return_{chosen}_std"]
+        rows[-1]["success_gap"] = rows[-1]["imagined_success"] - rows[-1]["real_success"]
+        episodes["imagined"].append(imagined.returns if chosen == "model" else imagined.returns_step_aware)
+        episodes["real"].append(real.returns)
+        episodes["imagined_success"].append(imagined.success)
+        episodes["real_success"].append(real.success)
         if record:
             gifs[policy.name] = side_by_side(real.frames, imagined.frames)
         if bar is not None:
@@ -362,7 +371,12 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         for suffix in ("", "_model", "_step_aware"):
             row[f"return_gap{suffix}"] = row[f"imagined_return{suffix}"] - row["real_return"]
     headline: dict[str, Any] = {"num_policies": len(rows), "episodes": int(stage.episodes), "imagined_reward": chosen}
-    for suffix in ("", "_model", "_step_aware"):
+    # The field's metrics on the headline imagined return, with bootstrap intervals over episode seeds.
+    headline.update(evaluation_metrics(
+        **{k: np.stack(v) for k, v in episodes.items()}, random_index=names.index("random"),
+        oracle_index=names.index("oracle"), num_resamples=int(stage.bootstrap),
+        seed=derive_seed(int(cfg.run.seed), int(stage.seed), BOOTSTRAP_STREAM)))
+    for suffix in ("_model", "_step_aware"):
         ranks = rank_agreement([r[f"imagined_return{suffix}"] for r in rows], [r["real_return"] for r in rows])
         headline.update({f"{k}{suffix}": v for k, v in ranks.items()})
     headline.update(random_return=random_return, oracle_return=oracle_return)
@@ -382,8 +396,8 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
     write_png(media / "evaluate_scatter.png", scatter)
     history = _training_history(run.path)
     write_png(media / "evaluate_learning_curve.png", learning_curve_plot(rows, history))
-    metrics = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in headline.items()}
-    metrics["policies"] = [{k: (_json_number(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+    metrics = {k: _json_value(v) for k, v in headline.items()}
+    metrics["policies"] = [{k: _json_value(v) for k, v in row.items()} for row in rows]
     run.update_metrics("evaluate", metrics)
     from common.atomic import atomic_write_text
 
@@ -484,12 +498,14 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "| measure | value |",
         "|---|---|",
     ]
-    for key in ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall",
+    for key in ("normalized_score", "real_return", "imagined_return", "return_gap", *METRICS,
                 "imagined_reward", "imagined_return_model", "return_gap_model", "spearman_model", "kendall_model",
                 "imagined_return_step_aware", "return_gap_step_aware", "spearman_step_aware", "kendall_step_aware",
                 "num_policies", "random_return", "oracle_return"):
         if key in headline:
-            lines.append(f"| {key} | {_fmt(headline[key])} |")
+            interval = headline.get(f"{key}_ci")
+            shown = _fmt(headline[key]) + (f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
+            lines.append(f"| {key} | {shown} |")
     lines += [
         "",
         "`normalized_score` = (R - R_random) / (R_oracle - R_random) of the trained agent's real return; "
@@ -499,11 +515,18 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "(1 - 0.9 t / max_steps); `*_model`: paid the reward head's value. The step count is not in a frame, "
         "so the head's value can only be an average over the data; success and its timing are the model's in both.",
         "",
+        "Over the P policies, on the headline imagined return I and real return R (per-policy means), with "
+        "[low, high] the 95% bootstrap interval over the episode seeds: `mae` = mean |I - R|, `mae_normalized` = "
+        "mae / (R_oracle - R_random); `pearson`, `spearman`, `kendall` (tau-b) between I and R; `regret_at_k` = "
+        "(max R - max R over imagination's top k) / (R_oracle - R_random) (ties in I broken against the model); "
+        "`mmrv` = mean_i max_j |R_i - R_j| [(I_i < I_j) != (R_i < R_j)]; `success_calibration_error` = "
+        "mean |imagined success rate - real success rate|. See docs/evaluation.md.",
+        "",
         "## Policies",
         "",
         "| policy | real return | imagined return | gap | imagined (model reward) | imagined (step-aware) | "
-        "normalised score | real success | imagined success | real length | imagined length |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "normalised score | real success | imagined success | real length | imagined length | success gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -511,7 +534,7 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
             f"{_fmt(row['imagined_return'])} ± {_fmt(row['imagined_return_std'])} | {_fmt(row['return_gap'])} | "
             f"{_fmt(row.get('imagined_return_model'))} | {_fmt(row.get('imagined_return_step_aware'))} | "
             f"{_fmt(row['normalized_score'])} | {_fmt(row['real_success'])} | {_fmt(row['imagined_success'])} | "
-            f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} |"
+            f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} | {_fmt(row.get('success_gap'))} |"
         )
     lines += ["", "## Plots", "", "![imagined vs real](media/evaluate_scatter.png)", "",
               "![learning curve](media/evaluate_learning_curve.png)", "", "## Rollouts (real | imagined)", ""]

@@ -38,6 +38,7 @@ def _exit_code_and_error(argv, capsys, extra_files=()):
     ("tokenizer.log_every=0", "tokenizer.log_every"),
     ("dreamer.checkpoint_every=0", "dreamer.checkpoint_every"),
     ("evaluate.episodes=0", "evaluate.episodes"),
+    ("evaluate.bootstrap=10", "evaluate.bootstrap"),
     ("vagen.minibatch_turns=0", "vagen.minibatch_turns"),
     ("dynamics.window=1", "dynamics.window"),
     ("run.seed=-1", "run.seed"),
