@@ -139,3 +139,21 @@ def test_bootstrap_of_thirteen_policies_is_fast():
     started = time.perf_counter()
     evaluation_metrics(*data, 0, 12, num_resamples=1000, seed=0)
     assert time.perf_counter() - started < 1.0
+
+
+def test_report_headline_shows_each_metric_with_its_interval():
+    from agents.evaluate import format_report
+
+    class _Cfg:
+        class env:  # noqa: N801
+            id = "MiniGrid-DoorKey-5x5-v0"
+
+        class evaluate:  # noqa: N801
+            seed = 100
+
+    headline = {"episodes": 4, "num_policies": 4, "mmrv": 0.15, "mmrv_ci": [0.1, 0.2],
+                "spearman": float("nan"), "spearman_ci": [float("nan"), float("nan")]}
+    report = format_report(_Cfg, headline, [], [], "runs/x")
+    assert "| mmrv | 0.150 [0.100, 0.200] |" in report
+    assert "| spearman | nan [nan, nan] |" in report
+    assert "`mmrv` = mean_i max_j |R_i - R_j|" in report  # the line of definitions
