@@ -39,7 +39,8 @@ def run(cfg, run_dir: RunDir) -> dict:
 
 def headline(metrics: dict) -> str:
     """One line of the numbers that matter."""
-    keys = ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall", "num_policies")
+    keys = ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall", "mae",
+            "regret_at_1", "mmrv", "num_policies")
     return ", ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics.get(k), float) else f"{k} {metrics.get(k)}"
                      for k in keys if k in metrics)
 

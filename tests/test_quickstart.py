@@ -94,6 +94,11 @@ def test_quickstart_report_metrics_and_videos(tiny_quickstart):
     evaluation = json.loads((run / "metrics.json").read_text())["evaluate"]
     for key in ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall"):
         assert key in evaluation
+    from agents.metrics import METRICS
+
+    for key in METRICS:  # the field's metrics, each with its bootstrap interval
+        assert key in evaluation and len(evaluation[f"{key}_ci"]) == 2, key
+        assert f"| {key} |" in (run / "report.md").read_text()
     names = [row["policy"] for row in evaluation["policies"]]
     assert {"dreamer", "random", "oracle", "epsilon_oracle@0.1"} <= set(names) and evaluation["num_policies"] >= 8
     report = (run / "report.md").read_text()
