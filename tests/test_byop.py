@@ -304,3 +304,47 @@ def test_stable_baselines3_without_the_extra_says_which_extra(tmp_path):
         make_policy(str(path))
     assert f"policy '{path}'" in str(error.value) and "stable_baselines3 is not installed" in str(error.value)
     assert "'sb3' extra" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/your_policy.md runs as written
+# ---------------------------------------------------------------------------------------------
+
+
+def _blocks(language):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "your_policy.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", page, flags=re.S)
+
+
+def test_the_pages_example_evaluates_as_written(run, tmp_path, monkeypatch):
+    import shlex
+
+    from agents.policy import make_policy
+
+    example = _blocks("python")[0]
+    assert len(example.strip().splitlines()) <= 16  # the ten-line contract, give or take blank lines
+    (tmp_path / "my_agent.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    command = shlex.split(_blocks("bash")[0].strip())
+    assert command[:2] == ["python", "scripts/evaluate.py"]
+    metrics = _evaluate(run, command[-1].partition("=")[2])
+    row = {r["policy"]: r for r in metrics["policies"]}["my_agent:make_agent"]
+    assert row["real_length"] > 0 and row["imagined_length"] > 0
+    assert make_policy("my_agent:make_agent").inputs == ("minigrid",)
+
+
+def test_the_pages_torchscript_example_evaluates(world, tmp_path, monkeypatch):
+    from agents.policy import make_policy
+
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "make_mine.py").write_text(_blocks("python")[-1])  # torch.jit.script reads the source file
+    runpy.run_path(str(tmp_path / "make_mine.py"), run_name="make_mine")
+    policy = make_policy(str(tmp_path / "mine.pt"))
+    assert policy.inputs == ("states",)
+    real, imagined = _play_both_worlds(policy, world)
+    assert real.lengths.min() > 0 and imagined.lengths.min() > 0
