@@ -47,6 +47,11 @@ SB3_EXTRA = "sb3"
 _OBJECT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
+class PolicyError(ValueError):
+    """An outside policy broke the contract while acting (an illegal action, a missing input); the
+    message names the policy."""
+
+
 def is_object_path(spec: str) -> bool:
     """``package.module:attr`` (not a file path, not a scripted policy name)."""
     return bool(_OBJECT_PATH.fullmatch(spec.strip()))
@@ -94,17 +99,17 @@ def outside_identity(spec: str) -> str:
 
 
 def check_actions(actions: Any, batch_size: int, who: str) -> np.ndarray:
-    """``actions`` as (B,) int64, or a ValueError naming the policy: what came back must be (B,)
+    """``actions`` as (B,) int64, or a :class:`PolicyError` naming the policy: what came back must be (B,)
     integers (a NumPy array, a tensor or a list) in ``[0, NUM_ACTIONS)``."""
     if hasattr(actions, "detach"):  # a torch tensor
         actions = actions.detach().cpu().numpy()
     array = np.asarray(actions)
     if array.shape != (batch_size,):
-        raise ValueError(f"policy '{who}' returned actions of shape {array.shape}, expected ({batch_size},)")
+        raise PolicyError(f"policy '{who}' returned actions of shape {array.shape}, expected ({batch_size},)")
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"policy '{who}' returned actions of dtype {array.dtype}, expected integers")
+        raise PolicyError(f"policy '{who}' returned actions of dtype {array.dtype}, expected integers")
     if array.size and (array.min() < 0 or array.max() >= NUM_ACTIONS):
-        raise ValueError(f"policy '{who}' returned action {int(array.min() if array.min() < 0 else array.max())}, "
+        raise PolicyError(f"policy '{who}' returned action {int(array.min() if array.min() < 0 else array.max())}, "
                          f"outside Discrete({NUM_ACTIONS})")
     return array.astype(np.int64)
 
@@ -114,7 +119,7 @@ def observation_for(inp: PolicyInput, field: str, who: str) -> Any:
     head's estimate arrives as int64)."""
     if field == "minigrid":
         if inp.minigrid is None:
-            raise ValueError(f"policy '{who}' acts on minigrid, but the PolicyInput has none")
+            raise PolicyError(f"policy '{who}' acts on minigrid, but the PolicyInput has none")
         return {"image": np.asarray(inp.minigrid["image"], dtype=np.uint8),
                 "direction": np.asarray(inp.minigrid["direction"], dtype=np.int64)}
     value = inp.require(field, who)
@@ -258,10 +263,10 @@ def load_torchscript_policy(path: str | os.PathLike) -> OutsidePolicy:
         else:
             out = module(torch.as_tensor(observation))
         if not isinstance(out, torch.Tensor):
-            raise ValueError(f"policy '{who}' returned a {type(out).__name__}, expected a tensor of logits or actions")
+            raise PolicyError(f"policy '{who}' returned a {type(out).__name__}, expected a tensor of logits or actions")
         if out.ndim == 2 and out.is_floating_point():
             if out.shape[1] != NUM_ACTIONS:
-                raise ValueError(f"policy '{who}' returned logits of shape {tuple(out.shape)}, expected (B, {NUM_ACTIONS})")
+                raise PolicyError(f"policy '{who}' returned logits of shape {tuple(out.shape)}, expected (B, {NUM_ACTIONS})")
             return out.argmax(dim=1)
         return out
 

@@ -287,6 +287,15 @@ def test_a_bad_policy_spec_is_a_config_error(run, capsys):
         assert "evaluate.policies" in err and spec in err
 
 
+def test_an_illegal_action_in_the_evaluate_stage_exits_1_naming_the_policy(run, capsys):
+    spec = "tests.outside_policy:OutOfRange"
+    with pytest.raises(SystemExit) as error:
+        _evaluate(run, f"random,oracle,{spec}")
+    assert error.value.code == 1
+    err = capsys.readouterr().err
+    assert f"policy '{spec}' returned action 7, outside Discrete(7)" in err and "Traceback" not in err
+
+
 def test_stable_baselines3_without_the_extra_says_which_extra(tmp_path):
     import importlib.util
     import zipfile
@@ -337,9 +346,9 @@ def test_the_pages_example_evaluates_as_written(run, tmp_path, monkeypatch):
 
 
 def test_the_pages_torchscript_example_evaluates(world, tmp_path, monkeypatch):
-    from agents.policy import make_policy
-
     import runpy
+
+    from agents.policy import make_policy
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "make_mine.py").write_text(_blocks("python")[-1])  # torch.jit.script reads the source file
