@@ -29,6 +29,7 @@ from agents.policy import Policy, PolicyInput, make_policy, read_checkpoint
 from common.config import param
 from common.runs import RunDir, write_gif, write_png
 from common.seeding import derive_seed, seed_everything
+from envs.native_obs import native_observations
 from worldmodel.tokenizer import encode_frames
 
 REPORT_NAME = "report.md"
@@ -43,7 +44,8 @@ class EvaluateConfig:
         "dreamer,checkpoints,random,sticky_random@0.75,epsilon_oracle@0.75,epsilon_oracle@0.5,"
         "epsilon_oracle@0.25,epsilon_oracle@0.1,oracle",
         "comma-separated policies: dreamer (the run's agent), checkpoints (its checkpoints along training), "
-        "vagen (the run's VAGEN agent), random, oracle, epsilon_oracle@EPS, sticky_random@P, or a .pt path",
+        "vagen (the run's VAGEN agent), random, oracle, epsilon_oracle@EPS, sticky_random@P, a .pt path, or your own: "
+        "package.module:attr, a TorchScript .pt, a stable-baselines3 .zip (docs/your_policy.md)",
     )
     episodes: int = param(20, "episodes per policy, in the real env and in imagination", min=1)
     seed: int = param(100_000, "env seed of episode 0 (episode i: seed + i); far from the collection seeds", min=0)
@@ -143,6 +145,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
             tokens=encode_frames(tokenizer, frames_np) if "tokens" in policy.inputs else None,
             frames=frames_np if "frames" in policy.inputs else None,
             states=states_np if "states" in policy.inputs else None,
+            minigrid=native_observations(states_np) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
         for i in np.flatnonzero(alive):
@@ -209,6 +212,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
             tokens=tokens if "tokens" in policy.inputs else None,
             frames=tokenizer.decode(tokens).cpu().numpy() if "frames" in policy.inputs else None,
             states=states if "states" in policy.inputs else None,
+            minigrid=native_observations(states) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
         step = world_model.step(torch.as_tensor(actions, dtype=torch.long))
@@ -221,7 +225,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
         lengths += alive
         success |= alive & (reward > 0)
         tokens = torch.as_tensor(step.tokens).cpu().numpy().astype(np.int64)
-        if "states" in policy.inputs:  # the state head runs only for policies that read it
+        if {"states", "minigrid"} & set(policy.inputs):  # the state head runs only for policies that read it
             states = torch.as_tensor(step.state).cpu().numpy().astype(np.int64)
         if record_first and alive[0] and len(recorded) < max_record:
             recorded.append(np.asarray(tokenizer.decode(tokens[:1]).cpu())[0])

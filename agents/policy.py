@@ -3,7 +3,7 @@
 A policy maps a batch of observations to a batch of actions::
 
     policy.reset(batch_size, seed=...)            # at the start of a batch of episodes
-    actions = policy.act(PolicyInput(tokens=..., frames=..., states=...))   # (B,) int64
+    actions = policy.act(PolicyInput(tokens=..., frames=..., states=..., minigrid=...))   # (B,) int64
 
 The same kind of input is available in both worlds, so a policy never knows which one it acts in:
 
@@ -13,6 +13,7 @@ field      real env                         imagination (world model)
 tokens     ``tokenizer.encode(frame)``      the model's next tokens (``ImagineStep.tokens``)
 frames     the env's RGB frame              ``tokenizer.decode(tokens)`` (only when asked for)
 states     ``info["state"]``                the model's state head (``ImagineStep.state``)
+minigrid   MiniGrid's ``gen_obs()``, both built from ``states`` (``envs.native_obs``)
 =========  ===============================  ====================================================
 
 Scripted policies (random, epsilon-oracle, oracle) read ``states``; learned ones read ``tokens``.
@@ -24,6 +25,8 @@ Saved policies are checkpoints (``torch.save`` of a plain dict) with a ``"kind"`
 ``@register_policy("my_kind")`` on a :class:`Policy` subclass that implements ``checkpoint()``
 and ``from_checkpoint()``, and names its module in the checkpoint's ``"module"`` field (set by
 :func:`save_policy`), so ``load_policy`` can import it without this file knowing every agent.
+Outside policies (``package.module:attr``, TorchScript and stable-baselines3 files) are wrapped by
+:mod:`agents.outside`.
 """
 
 from __future__ import annotations
@@ -55,18 +58,21 @@ class PolicyInput:
     frames: (B, H, W, 3) uint8 RGB frames
     states: (B, S) integer symbolic states (``envs.state.StateCodec`` layout; model's state head
             in imagination, so possibly an impossible state that scripted policies must survive)
+    minigrid: MiniGrid's native observation of those states, ``{"image": (B, 7, 7, 3) uint8,
+            "direction": (B,) int64}`` (``envs.native_obs.native_observations``)
     """
 
     tokens: np.ndarray | None = None
     frames: np.ndarray | None = None
     states: np.ndarray | None = None
+    minigrid: dict[str, np.ndarray] | None = None
 
     @property
     def batch_size(self) -> int:
-        for value in (self.tokens, self.frames, self.states):
+        for value in (self.tokens, self.frames, self.states, None if self.minigrid is None else self.minigrid["direction"]):
             if value is not None:
                 return int(np.shape(value)[0])
-        raise ValueError("PolicyInput is empty: give tokens, frames or states")
+        raise ValueError("PolicyInput is empty: give tokens, frames, states or minigrid")
 
     def require(self, field_name: str, who: str) -> np.ndarray:
         """The field ``field_name`` as a NumPy array, or a clear error naming the policy that needs it."""
@@ -245,7 +251,13 @@ class ScriptedPolicy(Policy):
 
 def make_policy(spec: str, env_id: str = "", device: str = "cpu") -> Policy:
     """A policy from a spec: a scripted name (``random``, ``oracle``, ``epsilon_oracle@0.1``,
-    ``sticky_random@0.8``) or the path of a saved policy checkpoint (anything ending in ``.pt``)."""
+    ``sticky_random@0.8``), the path of a saved policy checkpoint (anything ending in ``.pt``), or
+    an outside policy (``package.module:attr``, a TorchScript or stable-baselines3 file:
+    :mod:`agents.outside`)."""
+    from agents.outside import is_outside, load_outside_policy
+
+    if is_outside(spec):
+        return load_outside_policy(spec)
     if spec.endswith(".pt") or os.sep in spec or Path(spec).is_file():
         return load_policy(spec, device=device)
     return ScriptedPolicy(spec, env_id=env_id)

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.evaluate import REPORT_NAME, evaluate
+from common.atomic import ArtifactError
 from common.runs import RunDir, run_path
 from common.stage import Stage, config_fields, run_stage
 from scripts.stages import dynamics_id, main_for, policy_ids, tokenizer_id
@@ -27,9 +28,20 @@ STAGE = Stage(
         "config": config_fields(cfg, ["env", "evaluate"]) | {"run.seed": int(cfg.run.seed)},
         "inputs": {"tokenizer": tokenizer_id(cfg), "dynamics": dynamics_id(cfg), **policy_ids(cfg)},
     },
-    body=lambda cfg, run_dir: evaluate(cfg, run_dir),
+    body=lambda cfg, run_dir: _evaluate(cfg, run_dir),
     sections=("env", "evaluate"),
 )
+
+
+def _evaluate(cfg, run_dir: RunDir) -> dict:
+    """The body: an outside policy that breaks its contract while acting (an illegal action) ends
+    the stage with its message and exit 1, like an artifact that cannot be trusted."""
+    from agents.outside import PolicyError
+
+    try:
+        return evaluate(cfg, run_dir)
+    except PolicyError as error:
+        raise ArtifactError(str(error)) from None
 
 
 def run(cfg, run_dir: RunDir) -> dict:

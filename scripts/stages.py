@@ -43,14 +43,24 @@ def dreamer_id(cfg: Any) -> str:
 
 def policy_ids(cfg: Any) -> dict[str, str]:
     """The content identity of every saved policy that ``evaluate.policies`` names (scripted
-    policies have none: their code is their identity). A name that is neither fails, naming the key."""
+    policies have none: their code is their identity), and of every outside policy (a
+    ``module:attr``: its module's source file; a TorchScript or stable-baselines3 file: its bytes),
+    which is also built once here, so a bad one fails before anything is written. A name that is
+    none of these fails, naming the key."""
+    from agents.outside import is_outside, outside_identity
     from agents.policy import make_policy
 
     ids: dict[str, str] = {}
     for item in (part.strip() for part in str(cfg.evaluate.policies).split(",")):
         if not item:
             continue
-        if item in ("dreamer", "checkpoints"):
+        if is_outside(item):
+            try:
+                make_policy(item, env_id=str(cfg.env.id))
+                ids[item] = outside_identity(item)
+            except ValueError as error:
+                raise ConfigError(f"evaluate.policies: {error}") from None
+        elif item in ("dreamer", "checkpoints"):
             ids["dreamer"] = dreamer_id(cfg)
         elif item == "vagen":
             ids["vagen"] = checkpoint_content(run_path(cfg) / "vagen.pt", "vagen", "rerun scripts/train_vagen.py")
