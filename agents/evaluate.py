@@ -431,20 +431,26 @@ def _figure_to_array(figure: Any) -> np.ndarray:
 
 def scatter_plot(rows: list[dict]) -> np.ndarray:
     """Imagined vs real return, one labelled point per policy, with the diagonal: (H, W, 3) uint8."""
+    return grouped_scatter_plot({"": rows})
+
+
+def grouped_scatter_plot(groups: dict[str, list[dict]]) -> np.ndarray:
+    """:func:`scatter_plot` of several policy sets (runs, envs), one colour per named group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 5), dpi=100)
-    real = [r["real_return"] for r in rows]
-    imagined = [r["imagined_return"] for r in rows]
-    low, high = min(real + imagined + [0.0]) - 0.05, max(real + imagined + [1.0]) + 0.05
+    figure, axis = plt.subplots(figsize=(6, 5) if len(groups) == 1 else (7, 6), dpi=100)
+    values = [v for rows in groups.values() for r in rows for v in (r["real_return"], r["imagined_return"])]
+    low, high = min(values + [0.0]) - 0.05, max(values + [1.0]) + 0.05
     axis.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="imagined = real")
-    axis.scatter(real, imagined, color="tab:blue")
-    for row in rows:
-        axis.annotate(row["policy"], (row["real_return"], row["imagined_return"]), fontsize=7,
-                      xytext=(3, 3), textcoords="offset points")
+    for index, (name, rows) in enumerate(groups.items()):
+        axis.scatter([r["real_return"] for r in rows], [r["imagined_return"] for r in rows],
+                     color=f"C{index}" if name else "tab:blue", label=name or None)
+        for row in rows:
+            axis.annotate(row["policy"], (row["real_return"], row["imagined_return"]), fontsize=7,
+                          xytext=(3, 3), textcoords="offset points")
     axis.set_xlim(low, high), axis.set_ylim(low, high)
     axis.set_xlabel("real return"), axis.set_ylabel("imagined return")
     axis.set_title("imagined vs real return per policy")

@@ -23,6 +23,7 @@ COMMANDS = {
     "train-dreamer": ("train_dreamer", "train the Dreamer-style agent in imagination only"),
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),
     "evaluate": ("evaluate", "evaluate policies in the real env and in the world model"),
+    "compare": ("compare", "several evaluated runs in one table and one scatter"),
     "export-minari": ("export_minari", "write a dataset folder as a Minari dataset (the minari extra)"),
     "play": ("play", "play inside a run's world model in the browser, beside the real env"),
 }
