@@ -52,16 +52,18 @@ class CollectConfig:
 
 def random_frames(env_id: str, seeds: Any, steps: int, obs: str = "full") -> np.ndarray:
     """Frames (N, H, W, 3) uint8 of uniform-random episodes of at most ``steps`` steps, one reset per
-    seed (actions from a generator seeded by the first seed): quick frames for tests and benchmarks."""
+    seed (actions uniform over the env's own action space, from a generator seeded by the first
+    seed): quick frames for tests and benchmarks."""
     seeds = list(seeds)
     env = make_env(env_id, obs=obs)
     rng = np.random.default_rng(seeds[0])
+    num_actions = int(env.action_space.n)  # 3 in Dynamic-Obstacles, 7 elsewhere
     frames = []
     for seed in seeds:
         frame, _ = env.reset(seed=seed)
         frames.append(frame)
         for _ in range(steps):
-            frame, _, terminated, truncated, _ = env.step(int(rng.integers(7)))
+            frame, _, terminated, truncated, _ = env.step(int(rng.integers(num_actions)))
             frames.append(frame)
             if terminated or truncated:
                 break
