@@ -138,13 +138,34 @@ class StateCodec:
 
     @staticmethod
     def for_array_size(size: int, width: int | None = None) -> "StateCodec":
-        """Recover a square grid's codec from an array length (``width`` for non-square grids)."""
+        """Recover a codec from an array length: a square grid's, or ``width``'s for a non-square one.
+
+        A length alone cannot tell 7x3 from 3x7 (or 21x1); readers of a dataset should prefer
+        :meth:`for_card`, which uses the grid size the card records.
+        """
         cells = (size - 6) // 3
+        hint = "" if width is None else f" and width {width}"
         if width is None:
             width = int(round(cells**0.5))
         if width <= 0 or cells % width or width * (cells // width) * 3 + 6 != size:
-            raise ValueError(f"no grid matches a state array of length {size}")
+            raise ValueError(f"no grid matches a state array of length {size}{hint} "
+                             "(a non-square grid needs its width: pass width, or use StateCodec.for_card)")
         return StateCodec(width, cells // width)
+
+    @staticmethod
+    def for_card(card: dict, state_size: int | None = None) -> "StateCodec":
+        """The codec of a dataset from its card's ``grid_size`` ([width, height]), checked against
+        ``state_size`` (the card's own, or the arrays' length when given). A card without
+        ``grid_size`` falls back to :meth:`for_array_size` (square grids)."""
+        size = int(state_size if state_size is not None else card["state_size"])
+        grid_size = card.get("grid_size") if isinstance(card, dict) else None
+        if not grid_size:
+            return StateCodec.for_array_size(size)
+        codec = StateCodec(int(grid_size[0]), int(grid_size[1]))
+        if codec.size != size:
+            raise ValueError(f"the card's grid_size {list(grid_size)} gives states of length {codec.size}, "
+                             f"the data's are {size}")
+        return codec
 
 
 def state_from_env(env) -> SymbolicState:

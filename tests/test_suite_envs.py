@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from envs.collect import CollectConfig, collect, random_frames
 from envs.dataset import EpisodeDataset
 from envs.make import EnvConfig, make_env
+from envs.state import StateCodec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "env"
 # preset -> (registered id, (grid width, grid height), number of actions)
@@ -52,6 +53,10 @@ def test_collection_runs_on_the_suite(name, tmp_path):
     taken = data.arrays["actions"][data.arrays["actions"] >= 0]
     assert taken.min() >= 0 and taken.max() < num_actions
     assert data.arrays["frames"].shape[1:] == (height * 8, width * 8, 3)
+    codec = StateCodec.for_card(data.card, state_size=data.arrays["states"].shape[1])  # as dataset readers do
+    assert (codec.width, codec.height) == (width, height)
+    _, first = make_env(env_id).reset(seed=0)  # episode 0 resets with collect.seed + 0
+    assert np.array_equal(codec.encode(codec.decode(data.arrays["states"][0])), first["state"])
 
 
 def test_random_frames_draw_from_the_env_action_space(monkeypatch):

@@ -169,8 +169,7 @@ def sampling_config(section: Any) -> SamplingConfig:
 def state_codec_for(dataset: EpisodeDataset) -> StateCodec:
     """The state codec of a dataset (from its card when it says the grid size)."""
     size = int(dataset.arrays["states"].shape[1])
-    width = dataset.card.get("grid_width") if isinstance(dataset.card, dict) else None
-    return StateCodec.for_array_size(size, width=int(width) if width else None)
+    return StateCodec.for_card(dataset.card if isinstance(dataset.card, dict) else {}, state_size=size)
 
 
 def to_batch(windows: WindowBatch, device: torch.device | str = "cpu") -> DynamicsBatch:
