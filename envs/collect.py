@@ -26,6 +26,7 @@ from common.seeding import derive_seed
 from common.stage import file_sha256
 from envs.dataset import CARD_NAME, Episode, dataset_content, read_card, read_shard_lengths, shard_name, write_shard
 from envs.make import make_env, normalize_env_id
+from envs.oracle import Task, task_for_env
 from envs.policies import PolicySpec, parse_policy_mix
 from envs.state import StateCodec
 
@@ -182,6 +183,7 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
     probe = factory()
     codec: StateCodec = probe.codec
     num_actions = int(probe.action_space.n)
+    task: Task = task_for_env(probe)  # what the oracle plans for: the same for every episode of an env
     probe.close()
 
     bar = None
@@ -198,7 +200,7 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
         venv = vector_cls([factory] * num_envs, autoreset_mode=AutoresetMode.DISABLED)
         try:
             next_index, lengths = _run(
-                venv, specs, codec, num_actions, seed, per_shard, folder, lengths, next_index,
+                venv, specs, codec, num_actions, task, seed, per_shard, folder, lengths, next_index,
                 target_episodes, step_budget, finished, bar,
             )
         finally:
@@ -208,11 +210,11 @@ def collect(env_cfg: Any, collect_cfg: Any, folder: str | Path, progress: bool =
     return _write_card(folder, env_cfg, collect_cfg, specs, identity, codec, num_actions)
 
 
-def _run(venv, specs, codec, num_actions, seed, per_shard, folder, lengths, next_index,
+def _run(venv, specs, codec, num_actions, task, seed, per_shard, folder, lengths, next_index,
          target_episodes, step_budget, finished, bar):
     """Step the vector env until the target is reached, writing shards in episode order."""
     num_envs = venv.num_envs
-    policies = [[spec.build(num_actions, codec) for spec in specs] for _ in range(num_envs)]
+    policies = [[spec.build(num_actions, codec, task) for spec in specs] for _ in range(num_envs)]
     slots: list[_Slot | None] = [None] * num_envs
     written = len(lengths)  # episodes already in complete shards
 

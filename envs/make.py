@@ -63,7 +63,8 @@ class FrameObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     observation_space: Box(0, 255, (H_px, W_px, 3), uint8); full view: H_px = grid height *
     tile_size, W_px = grid width * tile_size; partial view: agent_view_size * tile_size squared.
-    action_space: the env's Discrete(7) (left, right, forward, pickup, drop, toggle, done).
+    action_space: the env's own: Discrete(7) (left, right, forward, pickup, drop, toggle, done) in
+    most, Discrete(3) (left, right, forward) in Dynamic-Obstacles.
     info["state"]: (width * height * 3 + 6,) uint8, see :class:`envs.state.StateCodec`.
     """
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envs.oracle import Oracle
+from envs.oracle import GOAL_TASK, Oracle, Task
 from envs.state import StateCodec
 
 # name -> (parameter meaning, default parameter)
@@ -78,16 +78,19 @@ class StickyRandomPolicy(BehaviourPolicy):
 
 
 class EpsilonOraclePolicy(BehaviourPolicy):
-    """The BFS oracle's action, replaced by a uniform random one with probability ``epsilon``."""
+    """The BFS oracle's action, replaced by a uniform random one with probability ``epsilon``.
+
+    ``task``: what the oracle plans for (:func:`envs.oracle.task_for_env`; default: reach the goal).
+    """
 
     name = "epsilon_oracle"
 
-    def __init__(self, num_actions: int, codec: StateCodec, epsilon: float = 0.1):
+    def __init__(self, num_actions: int, codec: StateCodec, epsilon: float = 0.1, task: Task = GOAL_TASK):
         super().__init__(num_actions)
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon_oracle: epsilon must be in [0, 1], got {epsilon}")
         self.epsilon = float(epsilon)
-        self.oracle = Oracle(codec)
+        self.oracle = Oracle(codec, task)
 
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
@@ -115,15 +118,16 @@ class PolicySpec:
     def label(self) -> str:
         return self.name if self.parameter is None else f"{self.name}@{self.parameter:g}"
 
-    def build(self, num_actions: int, codec: StateCodec) -> BehaviourPolicy:
+    def build(self, num_actions: int, codec: StateCodec, task: Task = GOAL_TASK) -> BehaviourPolicy:
+        """The policy for one env; ``task`` is what an oracle-based policy plans for."""
         if self.name == "random":
             return RandomPolicy(num_actions)
         if self.name == "sticky_random":
             return StickyRandomPolicy(num_actions, repeat=self.parameter)  # type: ignore[arg-type]
         if self.name == "epsilon_oracle":
-            return EpsilonOraclePolicy(num_actions, codec, epsilon=self.parameter)  # type: ignore[arg-type]
+            return EpsilonOraclePolicy(num_actions, codec, epsilon=self.parameter, task=task)  # type: ignore[arg-type]
         if self.name == "oracle":
-            return EpsilonOraclePolicy(num_actions, codec, epsilon=0.0)
+            return EpsilonOraclePolicy(num_actions, codec, epsilon=0.0, task=task)
         raise ValueError(f"unknown behaviour policy '{self.name}'")
 
 

@@ -78,3 +78,12 @@ def test_random_frames_draw_from_the_env_action_space(monkeypatch):
     frames = random_frames("MiniGrid-Dynamic-Obstacles-6x6-v0", range(20), steps=10)
     assert frames.shape[1:] == (48, 48, 3)
     assert len(seen) > 40 and set(seen) <= {0, 1, 2} and len(set(seen)) == 3
+
+
+@pytest.mark.parametrize("name", ["keycorridor-s3r1", "dynamic-obstacles-6x6"])
+def test_collection_oracle_plans_each_envs_task(name, tmp_path):
+    """collect builds its oracle policies with the env's task (pickup; moving obstacles)."""
+    collect_cfg = OmegaConf.structured(CollectConfig(num_episodes=4, num_envs=2, episodes_per_shard=4,
+                                                     policy_mix="oracle:1"))
+    card = collect(preset(name), collect_cfg, tmp_path / "dataset", progress=False)
+    assert card["returns"]["success_rate"] == 1.0 and card["returns"]["return_min"] > 0
