@@ -143,3 +143,52 @@ def make_env(
 def make_env_from_config(env_cfg: Any, seed: int | None = None) -> FrameObservation:
     """``make_env`` from an :class:`EnvConfig` (or its DictConfig)."""
     return make_env(env_cfg.id, obs=env_cfg.obs, tile_size=env_cfg.tile_size, seed=seed, max_steps=env_cfg.max_steps)
+
+
+def env_from_state(
+    env_id: str,
+    state_array: np.ndarray,
+    obs: str = "full",
+    tile_size: int = 8,
+    seed: int = 0,
+    max_steps: int = 0,
+) -> FrameObservation:
+    """A ``make_env`` env put into the symbolic state ``state_array`` ((S,) integers, see
+    :mod:`envs.state`), so that it renders, and steps on, from that state.
+
+    The env is reset with ``seed`` (which picks the mission and the random stream of what follows),
+    then its grid, agent position and direction and carried object are overwritten from the
+    decoded state; door states come with the grid. The full-view frame equals the frame of any env
+    in that state. What the state does not hold starts afresh: the step count is 0 and a box's
+    contents are lost. Env attributes that point into the grid are re-pointed at the new objects:
+    Dynamic-Obstacles' ``obstacles`` (its balls) and KeyCorridor's ``obj`` (the ball of the
+    mission's colour, carried or on the grid).
+    """
+    from minigrid.core.grid import Grid
+    from minigrid.core.world_object import WorldObj
+
+    env = make_env(env_id, obs=obs, tile_size=tile_size, max_steps=max_steps)
+    env.reset(seed=seed)
+    base = env.unwrapped
+    state = env.codec.decode(state_array)
+    grid, _ = Grid.decode(state.grid)
+    for x in range(grid.width):
+        for y in range(grid.height):
+            cell = grid.get(x, y)
+            if cell is not None:
+                cell.init_pos = cell.cur_pos = (x, y)
+    base.grid = grid
+    base.agent_pos = tuple(int(v) for v in state.agent_pos)
+    base.agent_dir = int(state.agent_dir)
+    base.carrying = WorldObj.decode(*state.carrying)
+    if base.carrying is not None:
+        base.carrying.cur_pos = np.array([-1, -1])  # as MiniGrid's pickup leaves it
+    base.step_count = 0
+    if hasattr(base, "obstacles"):  # Dynamic-Obstacles moves the balls it lists, every step
+        base.obstacles = [cell for cell in grid.grid if cell is not None and cell.type == "ball"]
+    target = getattr(base, "obj", None)
+    if target is not None:  # KeyCorridor rewards picking up this very object
+        candidates = [base.carrying] + list(grid.grid)
+        matches = [c for c in candidates if c is not None and (c.type, c.color) == (target.type, target.color)]
+        base.obj = matches[0] if matches else target
+    return env

@@ -86,3 +86,77 @@ def test_max_steps_override_truncates():
     for _ in range(5):
         _, _, terminated, truncated, _ = env.step(0)
     assert truncated and not terminated
+
+
+@pytest.mark.parametrize("env_id", ["DoorKey-5x5", "DoorKey-6x6"])
+def test_env_from_state_renders_the_same_frame(env_id):
+    """Every state along oracle and random episodes: the rebuilt env's frames are byte-identical."""
+    from envs.make import env_from_state
+    from envs.policies import EpsilonOraclePolicy
+
+    env = make_env(env_id)
+    env_partial = make_env(env_id, obs="partial")
+    policy = EpsilonOraclePolicy(7, env.codec, epsilon=0.3)
+    checked, kinds = 0, set()
+    for seed in range(6):
+        policy.reset(np.random.default_rng(seed))
+        frame, info = env.reset(seed=seed)
+        partial, _ = env_partial.reset(seed=seed)
+        while True:
+            rebuilt = env_from_state(env_id, info["state"], seed=100 + seed)  # another layout, overwritten
+            assert np.array_equal(rebuilt.frame(), frame)
+            assert np.array_equal(rebuilt.codec.encode(rebuilt.symbolic_state()), info["state"])
+            rebuilt_partial = env_from_state(env_id, info["state"], obs="partial", seed=100 + seed)
+            assert np.array_equal(rebuilt_partial.frame(), partial)
+            state = env.codec.decode(info["state"])
+            kinds.add((state.carrying[0], tuple(s for *_, s in state.objects(4))))
+            checked += 1
+            action = policy.act(info["state"])
+            frame, _, terminated, truncated, info = env.step(action)
+            partial, *_ = env_partial.step(action)
+            if terminated or truncated:
+                break
+    assert checked > 50
+    assert (5, (0,)) in kinds and (1, (2,)) in kinds  # key in hand with the door open; empty hands, door locked
+
+
+def test_env_from_state_steps_like_the_original():
+    """The rebuilt env goes on as the original does (same transitions from the same state), up to
+    KeyCorridor's reward on picking up the mission's ball."""
+    from envs.make import env_from_state
+    from envs.oracle import task_for_env
+    from envs.policies import EpsilonOraclePolicy
+
+    for env_id in ("DoorKey-6x6", "KeyCorridorS3R1"):
+        env = make_env(env_id)
+        _, info = env.reset(seed=1)
+        policy = EpsilonOraclePolicy(7, env.codec, epsilon=0.2, task=task_for_env(env))
+        policy.reset(np.random.default_rng(0))
+        rewarded = False
+        for _ in range(200):
+            action = policy.act(info["state"])
+            rebuilt = env_from_state(env_id, info["state"], seed=1)  # seed 1: the same mission
+            frame, reward, terminated, _, info = env.step(action)
+            rebuilt_frame, rebuilt_reward, rebuilt_terminated, _, rebuilt_info = rebuilt.step(action)
+            assert np.array_equal(rebuilt_frame, frame) and np.array_equal(rebuilt_info["state"], info["state"])
+            assert terminated == rebuilt_terminated and (reward > 0) == (rebuilt_reward > 0)
+            if terminated:
+                rewarded = reward > 0
+                break
+        assert rewarded, f"{env_id}: the episode never reached its reward"
+
+
+def test_env_from_state_moves_dynamic_obstacles_balls():
+    """Dynamic-Obstacles moves the balls it lists: the rebuilt env lists the balls of the state."""
+    from envs.make import env_from_state
+
+    env = make_env("Dynamic-Obstacles-6x6")
+    _, info = env.reset(seed=3)
+    rebuilt = env_from_state("Dynamic-Obstacles-6x6", info["state"], seed=4)
+    assert np.array_equal(rebuilt.frame(), env.frame())
+    balls = lambda e: sorted(tuple(o.cur_pos) for o in e.unwrapped.obstacles)  # noqa: E731
+    assert balls(rebuilt) == balls(env)
+    before = balls(rebuilt)
+    rebuilt.step(0)  # turn left: the balls move all the same
+    assert balls(rebuilt) != before
+    assert sorted((x, y) for x, y, *_ in rebuilt.symbolic_state().objects(6)) == balls(rebuilt)  # 6: ball
