@@ -211,6 +211,7 @@ class ScriptedPolicy(Policy):
         self.rows: list[Any] = []
         self.oracle_failures = 0
         self._seed = 0
+        self._facts: tuple[Any, int, Any] | None = None
 
     def reset(self, batch_size: int, seed: int | None = None) -> None:
         super().reset(batch_size, seed)
@@ -218,13 +219,30 @@ class ScriptedPolicy(Policy):
             self._seed = int(seed)
         self.rows = []  # built lazily on the first act(): the codec follows the state length
 
-    def _build_rows(self, batch_size: int, state_size: int) -> None:
-        from envs.state import StateCodec
+    def _env_facts(self, state_size: int) -> tuple[Any, int, Any]:
+        """(state codec, number of actions, oracle task) of this policy's env, read off the env when
+        its id is known (a 7x3 grid, 3 actions, a pick-up mission), else guessed from the state length."""
+        if self._facts is None:
+            from envs.oracle import GOAL_TASK, task_for_env
+            from envs.state import StateCodec
 
-        codec = StateCodec.for_array_size(state_size)
+            if self.env_id:
+                from envs.make import make_env
+
+                env = make_env(self.env_id)
+                try:
+                    self._facts = (env.codec, int(env.action_space.n), task_for_env(env))
+                finally:
+                    env.close()
+            else:
+                self._facts = (StateCodec.for_array_size(state_size), NUM_ACTIONS, GOAL_TASK)
+        return self._facts
+
+    def _build_rows(self, batch_size: int, state_size: int) -> None:
+        codec, num_actions, task = self._env_facts(state_size)
         self.rows = []
         for row in range(batch_size):
-            behaviour = self.behaviour.build(NUM_ACTIONS, codec)
+            behaviour = self.behaviour.build(num_actions, codec, task)
             behaviour.reset(np.random.default_rng([self._seed, row]))
             self.rows.append(behaviour)
 
@@ -238,7 +256,7 @@ class ScriptedPolicy(Policy):
                 actions[row] = int(behaviour.act(state))
             except Exception:  # the planner choked on an impossible predicted state
                 self.oracle_failures += 1
-                actions[row] = int(behaviour.rng.integers(NUM_ACTIONS))
+                actions[row] = int(behaviour.rng.integers(self._env_facts(len(state))[1]))
         return actions
 
     def checkpoint(self) -> dict[str, Any]:
