@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from agents.evaluate import normalized_score, reference_returns, run_real
 from agents.policy import NUM_ACTIONS, save_policy
+from agents.rl import masked_whiten, ppo_loss
 from agents.vagen import (
     FIELDS,
     STRATEGIES,
@@ -36,9 +37,7 @@ from agents.vagen import (
     chance_state_accuracy,
     full_world_model_reward,
     generate,
-    masked_whiten,
     parse_response,
-    ppo_loss,
     random_well_formed,
     readout_positions,
     readout_tokens_at,

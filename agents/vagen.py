@@ -8,8 +8,7 @@ Models and pure functions only (the training loop is :mod:`agents.train_vagen`):
   sampled token ids into a :class:`ParsedResponse` (well-formed or not, fields, action).
 - :func:`state_fields` — the true fields of a symbolic state array, in the same token ids.
 - :func:`world_model_reward` — the per-turn reward for a correct estimate and prediction.
-- :func:`turn_gae`, :func:`bilevel_gae`, :func:`turn_level_advantages` — credit assignment.
-- :func:`ppo_loss` — clipped PPO on token log-probs with a token mask.
+- :func:`bilevel_gae`, :func:`turn_level_advantages` — credit assignment, on :func:`agents.rl.gae`.
 - :class:`VagenNet` — a tiny prefix-LM transformer: the frame's tiles and the turn history are the
   prefix, the response is decoded causally; one value per response position.
 - :class:`VagenAgent` — the saved policy behind the common interface of :mod:`agents.policy`.
@@ -29,7 +28,7 @@ Such a response is malformed: it earns only the format penalty and the env gets 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
+from agents.rl import gae
 from envs.state import DOOR, DOOR_CLOSED, DOOR_LOCKED, DOOR_OPEN, EMPTY, GOAL, KEY, StateCodec
 
 STRATEGIES = ("NoThink", "FreeThink", "StateEstimation", "TransitionModeling", "WorldModeling")
@@ -300,24 +300,6 @@ def random_well_formed(
 # ---------------------------------------------------------------------------------------------
 
 
-def turn_gae(
-    rewards: torch.Tensor, dones: torch.Tensor, values: torch.Tensor, last_value: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ordinary GAE along time. rewards, dones, values: (N, T); last_value: (N,) the value after
-    the last step (ignored where that step ended the episode). ``dones[:, t]`` means the episode
-    ended with step t (no bootstrap across it). Returns advantages and returns, both (N, T)."""
-    N, T = rewards.shape
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros(N, dtype=rewards.dtype)
-    for t in reversed(range(T)):
-        next_value = last_value if t == T - 1 else values[:, t + 1]
-        alive = 1.0 - dones[:, t].to(rewards.dtype)
-        delta = rewards[:, t] + gamma * next_value * alive - values[:, t]
-        running = delta + gamma * lam * alive * running
-        advantages[:, t] = running
-    return advantages, advantages + values
-
-
 def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
     lengths = mask.sum(-1).long()
     if (lengths < 1).any():
@@ -355,7 +337,7 @@ def bilevel_gae(
     mask = mask.to(values.dtype)
     last = _last_token_index(mask)
     turn_values = values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
-    turn_adv, _ = turn_gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
+    turn_adv, _ = gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
     N, T, L = values.shape
     advantages = torch.zeros_like(values)
     next_adv = torch.zeros(N, T, dtype=values.dtype)
@@ -385,84 +367,8 @@ def turn_level_advantages(
     mask = mask.to(values.dtype)
     last = _last_token_index(mask)
     turn_values = values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
-    turn_adv, turn_ret = turn_gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
+    turn_adv, turn_ret = gae(rewards, dones, turn_values, last_value, turn_gamma, turn_lambda)
     return turn_adv.unsqueeze(-1) * mask, turn_ret.unsqueeze(-1) * mask, turn_adv
-
-
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, per_position: bool = False, std_floor: float = 0.0
-) -> torch.Tensor:
-    """(values - mean) / max(std, std_floor) over the masked entries; zero off the mask. values,
-    mask: (..., L); ``per_position`` whitens each response position (last axis) on its own
-    statistics. The floor keeps a rollout with nearly equal advantages (every response right, no
-    task reward: what is left is the critic's error) from being blown up to unit scale."""
-    mask = mask.to(values.dtype)
-    dims = tuple(range(values.dim() - 1)) if per_position else tuple(range(values.dim()))
-    count = mask.sum(dims, keepdim=True).clamp_min(1.0)
-    mean = (values * mask).sum(dims, keepdim=True) / count
-    var = (((values - mean) * mask) ** 2).sum(dims, keepdim=True) / count
-    return (values - mean) * torch.rsqrt(torch.clamp(var, min=std_floor**2) + eps) * mask
-
-
-# ---------------------------------------------------------------------------------------------
-# PPO loss
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Losses:
-    """A total to minimise plus named parts (become log keys)."""
-
-    total: torch.Tensor
-    parts: dict[str, float] = field(default_factory=dict)
-
-
-def ppo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    values: torch.Tensor,
-    returns: torch.Tensor,
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip: float,
-    value_coef: float,
-    entropy_coef: float,
-    value_mask: torch.Tensor | None = None,
-    huber_delta: float = 0.0,
-) -> Losses:
-    """Clipped PPO on token log-probs; every argument is (M, L) and ``mask`` picks the response
-    tokens; means are over valid tokens (each token one decision). With several value streams
-    ``values`` and ``returns`` are (M, L, S) and ``value_mask`` (M, L, S) picks each stream's
-    tokens; the value loss is summed over the streams. ``huber_delta`` > 0: the value loss is the
-    Huber loss (squared within delta, linear beyond), so one surprising return moves the critic,
-    and a trunk it shares with the policy, no more than an error of delta would; 0: squared error."""
-    mask = mask.to(logprobs.dtype)
-    count = mask.sum().clamp_min(1.0)
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    policy_loss = -(torch.minimum(unclipped, clipped) * mask).sum() / count
-    if value_mask is None:
-        value_mask = mask if values.dim() == mask.dim() else mask.unsqueeze(-1).expand_as(values)
-    if huber_delta > 0:
-        errors = torch.nn.functional.huber_loss(values, returns, reduction="none", delta=huber_delta)
-    else:
-        errors = 0.5 * (values - returns) ** 2
-    value_loss = (errors * value_mask.to(values.dtype)).sum() / count
-    entropy_mean = (entropy * mask).sum() / count
-    total = policy_loss + value_coef * value_loss - entropy_coef * entropy_mean
-    with torch.no_grad():
-        approx_kl = (((ratio - 1) - (logprobs - old_logprobs)) * mask).sum() / count
-        clip_fraction = (((ratio - 1).abs() > clip).to(mask.dtype) * mask).sum() / count
-    return Losses(
-        total,
-        {
-            "policy": policy_loss.item(), "value": value_loss.item(), "entropy": entropy_mean.item(),
-            "approx_kl": float(approx_kl), "clip_fraction": float(clip_fraction),
-        },
-    )
 
 
 # ---------------------------------------------------------------------------------------------

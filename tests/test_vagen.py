@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.rl import gae
 from agents.vagen import (
     FIELDS,
     NOOP_ACTION,
@@ -18,7 +19,6 @@ from agents.vagen import (
     parse_response,
     state_fields,
     template,
-    turn_gae,
     turn_level_advantages,
     world_model_reward,
 )
@@ -79,7 +79,7 @@ def test_bilevel_gae_with_one_token_per_turn_is_ordinary_gae():
     adv, ret, _ = bilevel_gae(
         rewards, dones, padded, mask, last_value, turn_gamma=0.97, turn_lambda=0.9, token_gamma=0.9, token_lambda=0.5
     )
-    ref_adv, ref_ret = turn_gae(rewards, dones, values, last_value, 0.97, 0.9)
+    ref_adv, ref_ret = gae(rewards, dones, values, last_value, 0.97, 0.9)
     # Reference: the textbook recursion written out separately.
     manual = torch.zeros(N, T)
     for n in range(N):
@@ -157,7 +157,7 @@ def test_split_credit_gives_the_world_model_reward_to_the_tokens_before_the_acti
 
 
 def test_value_loss_of_two_streams_uses_each_streams_tokens():
-    from agents.vagen import ppo_loss
+    from agents.rl import ppo_loss
 
     zeros = torch.zeros(1, 3)
     mask = torch.ones(1, 3, dtype=torch.bool)
@@ -170,7 +170,7 @@ def test_value_loss_of_two_streams_uses_each_streams_tokens():
 def test_huber_value_loss_is_squared_within_delta_and_linear_beyond():
     """A surprising return (error 10) pulls the critic with the gradient of an error of delta,
     where the squared error would pull 10 times harder; small errors are scored as before."""
-    from agents.vagen import ppo_loss
+    from agents.rl import ppo_loss
 
     zeros = torch.zeros(1, 2)
     mask = torch.ones(1, 2, dtype=torch.bool)
@@ -186,7 +186,7 @@ def test_huber_value_loss_is_squared_within_delta_and_linear_beyond():
 
 
 def test_per_position_whitening_standardises_each_response_slot():
-    from agents.vagen import masked_whiten
+    from agents.rl import masked_whiten
 
     values = torch.tensor([[[1.0, 10.0, 5.0], [3.0, 30.0, 0.0]], [[5.0, 20.0, 0.0], [7.0, 40.0, 0.0]]])  # (N=2, T=2, L=3)
     mask = torch.tensor([[[1, 1, 1], [1, 1, 0]], [[1, 1, 0], [1, 1, 0]]], dtype=torch.bool)
@@ -203,7 +203,7 @@ def test_per_position_whitening_standardises_each_response_slot():
 
 
 def test_whitening_floor_keeps_nearly_equal_advantages_small():
-    from agents.vagen import masked_whiten
+    from agents.rl import masked_whiten
 
     mask = torch.ones(1, 4, dtype=torch.bool)
     tiny = torch.tensor([[0.001, -0.001, 0.002, -0.002]])  # the critic's error, nothing to learn
