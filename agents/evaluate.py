@@ -59,6 +59,8 @@ class EvaluateConfig:
         "step_aware", "what an imagined success pays in the headline imagined return: step_aware (MiniGrid's reward "
         "1 - 0.9 t / max_steps at the imagined step t: the step count is not in the frame, so the model cannot know "
         "it) or model (the reward head's value); both are always reported", choices=IMAGINED_REWARDS)
+    trust_gap: float = param(0.1, "flag, in the report's headline, every policy whose |imagined - real| return exceeds this",
+                             min=0)
     bootstrap: int = param(1000, "bootstrap resamples of the episode seeds for the metrics' 95% intervals "
                            "(<metric>_ci; agents/metrics.py)", min=100)
 
@@ -74,6 +76,26 @@ def normalized_score(value: float, random_return: float, oracle_return: float) -
     if abs(span) < 1e-12:
         return float("nan")
     return float((value - random_return) / span)
+
+
+def trust_flags(rows: list[dict], gap_limit: float, spearman: float | None = None) -> list[str]:
+    """Why the world model's figures are not to be trusted for this run, one line each (empty: no
+    reason found). A policy whose imagined return parts from its real one by more than
+    ``gap_limit`` is flagged, trained agents first (an agent trained in imagination that imagines
+    more than it gets has learned the model's errors); a negative rank correlation means the model
+    orders the policies backwards."""
+    flags = []
+    trained = [r for r in rows if r["policy"] in ("dreamer", "vagen") or r.get("training_step") is not None]
+    others = [r for r in rows if r not in trained]
+    for row in trained + others:
+        gap = row["imagined_return"] - row["real_return"]
+        if math.isfinite(gap) and abs(gap) > gap_limit:
+            kind = "imagines more than the real env pays" if gap > 0 else "gets more than it imagines"
+            flags.append(f"{row['policy']} {kind}: imagined {row['imagined_return']:.3f}, real "
+                         f"{row['real_return']:.3f} (gap {abs(gap):.3f} > evaluate.trust_gap {gap_limit:g})")
+    if spearman is not None and math.isfinite(spearman) and spearman < 0:
+        flags.append(f"the imagined ranking of the policies is inverted (spearman {spearman:.3f} < 0)")
+    return flags
 
 
 def _json_number(value: float) -> float | None:
@@ -390,6 +412,8 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         for suffix in ("", "_model", "_step_aware"):
             headline[f"imagined_return{suffix}"] = agent[f"imagined_return{suffix}"]
             headline[f"return_gap{suffix}"] = abs(agent[f"return_gap{suffix}"])
+    headline["flags"] = trust_flags(rows, float(stage.trust_gap), headline.get("spearman"))
+    headline["trusted"] = not headline["flags"]
     headline["eval_seconds"] = round(time.perf_counter() - started, 2)
 
     # ------------------------------------------------------------------ artifacts
@@ -503,12 +527,19 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         f"{cfg.evaluate.seed}..{cfg.evaluate.seed + headline['episodes'] - 1}; imagined episodes start from the same "
         "first frames in the world model.",
         "",
+    ]
+    if headline.get("flags"):
+        lines += ["**Do not trust this run's imagined figures**: the world model and the real env disagree.", ""]
+        lines += [f"- {flag}" for flag in headline["flags"]]
+        lines += ["", "A score imagined but not obtained in the real env is a model error the agent found, not a "
+                  "result. More data where the agent goes, or a larger model, are the usual remedies.", ""]
+    lines += [
         "## Headline",
         "",
         "| measure | value |",
         "|---|---|",
     ]
-    for key in ("normalized_score", "real_return", "imagined_return", "return_gap", *METRICS,
+    for key in ("trusted", "normalized_score", "real_return", "imagined_return", "return_gap", *METRICS,
                 "imagined_reward", "imagined_return_model", "return_gap_model", "spearman_model", "kendall_model",
                 "imagined_return_step_aware", "return_gap_step_aware", "spearman_step_aware", "kendall_step_aware",
                 "num_policies", "random_return", "oracle_return"):

@@ -49,6 +49,11 @@ def run(cfg, run_dir: RunDir) -> dict:
     return run_stage(STAGE, cfg, run_dir)
 
 
+def warnings(metrics: dict) -> str:
+    """The evaluation's trust flags as lines to print (empty when the model and the real env agree)."""
+    return "".join(f"WARNING: {flag}\n" for flag in metrics.get("flags", []))
+
+
 def headline(metrics: dict) -> str:
     """One line of the numbers that matter."""
     keys = ("normalized_score", "real_return", "imagined_return", "return_gap", "spearman", "kendall", "mae",
@@ -60,6 +65,7 @@ def headline(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     def show(cfg, metrics) -> None:
         print(f"evaluate: {headline(metrics)}")
+        print(warnings(metrics), end="")
         print(f"report: {run_path(cfg) / REPORT_NAME}")
 
     return main_for(STAGE, argv, after=show)

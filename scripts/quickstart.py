@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_card(read_card(collect_folder(cfg))))
     metrics = json.loads((run_dir / "metrics.json").read_text()).get("evaluate", {})
     print(f"\nagent vs world model: {evaluate.headline(metrics)}")
+    print(evaluate.warnings(metrics), end="")
     print(f"report: {run_dir / 'report.md'}")
     print(f"\nresults: {run_dir.path}")
     return {"run_dir": str(run_dir.path), "evaluate": metrics}

@@ -381,3 +381,44 @@ def test_kill_9_anywhere_then_rerun_gives_the_uninterrupted_result(built, tmp_pa
     assert all(contents(folder)[name] for name in STAGE_NAMES if name != "evaluate")
     assert not list(folder.rglob("*.tmp"))
     assert json.loads((folder / "metrics.json").read_text())["evaluate"]["num_policies"] >= 8
+
+
+def test_a_model_that_pays_what_the_real_env_does_not_is_flagged(run, capsys):
+    """The exploitation flag: a world model that pays a success on every first step (the real env
+    pays nothing so early) must put "do not trust" in the report's headline, the metrics and the
+    printed summary; on the honest model of the same run the agent's figures are not flagged."""
+    from agents.evaluate import evaluate
+    from common.config import cli_config
+    from common.runs import RunDir
+    from scripts.config import Config
+    from scripts.evaluate import warnings
+    from worldmodel.imagine import ImagineStep, load_world_model
+
+    folder, argv = run
+    cfg = cli_config(Config, [*argv, "evaluate.episodes=4", "evaluate.bootstrap=100", "evaluate.gif_policies=dreamer",
+                              "evaluate.policies=dreamer,random,oracle"])
+    honest = load_world_model(run_dir=folder)
+
+    class Lying:
+        """The run's world model, except that every step succeeds: reward 1, episode over."""
+
+        def __getattr__(self, name):
+            return getattr(honest, name)
+
+        def step(self, actions, sampling=None):
+            real = honest.step(actions, sampling)
+            return ImagineStep(tokens=real.tokens, reward=torch.ones_like(real.reward),
+                               terminated=torch.ones_like(real.terminated), state_fn=lambda: real.state)
+
+    import torch
+
+    run_dir = RunDir(cfg, "evaluate", argv)
+    metrics = evaluate(cfg, run_dir, world_model=Lying())
+    assert metrics["trusted"] is False
+    assert any(flag.startswith("dreamer imagines more than the real env pays") for flag in metrics["flags"])
+    assert "Do not trust this run's imagined figures" in (folder / "report.md").read_text()
+    assert "WARNING: dreamer imagines more than the real env pays" in warnings(metrics)
+    honest_metrics = evaluate(cfg, run_dir, world_model=load_world_model(run_dir=folder))
+    gaps = {row["policy"]: abs(row["return_gap"]) for row in honest_metrics["policies"]}
+    assert honest_metrics["trusted"] == all(gap <= 0.1 for gap in gaps.values())
+    assert not any(flag.startswith("random") for flag in honest_metrics["flags"])
