@@ -30,6 +30,7 @@ from common.config import param
 from common.runs import RunDir, write_gif, write_png
 from common.seeding import derive_seed, seed_everything
 from envs.native_obs import native_observations
+from worldmodel.imagine import step_aware_reward
 from worldmodel.tokenizer import encode_frames
 
 REPORT_NAME = "report.md"
@@ -243,7 +244,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
         returns += np.where(alive, reward, 0.0)
         # MiniGrid pays 1 - 0.9 * step_count / max_steps on success: the step count is not in the
         # frame, so a model can only guess it, but from a real first frame it is exactly known.
-        step_aware += np.where(alive & (reward > 0), 1.0 - 0.9 * (step_index + 1) / env_max_steps, 0.0)
+        step_aware += np.where(alive, step_aware_reward(reward, step_index + 1, env_max_steps), 0.0)
         lengths += alive
         success |= alive & (reward > 0)
         tokens = torch.as_tensor(step.tokens).cpu().numpy().astype(np.int64)
