@@ -119,12 +119,13 @@ class TokenEncoder(nn.Module):
 
 
 class Actor(nn.Module):
-    """Tokens (B, h, w) -> action logits (B, NUM_ACTIONS)."""
+    """Tokens (B, h, w) -> action logits (B, num_actions): the env's action count."""
 
-    def __init__(self, encoder: TokenEncoder, hidden_dim: int):
+    def __init__(self, encoder: TokenEncoder, hidden_dim: int, num_actions: int = NUM_ACTIONS):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, NUM_ACTIONS))
+        self.num_actions = int(num_actions)
+        self.head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, self.num_actions))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(tokens))
@@ -142,9 +143,9 @@ class Critic(nn.Module):
         return self.head(self.encoder(tokens)).squeeze(-1)
 
 
-def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]) -> Actor:
+def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int], num_actions: int = NUM_ACTIONS) -> Actor:
     encoder = TokenEncoder(vocab_size, grid_shape[0], grid_shape[1], cfg.embed_dim, cfg.channels, cfg.hidden_dim)
-    return Actor(encoder, cfg.hidden_dim)
+    return Actor(encoder, cfg.hidden_dim, num_actions)
 
 
 def build_critic(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]) -> Critic:
@@ -332,14 +333,14 @@ class DreamerAgent(nn.Module):
     and its token grid (one token per env tile).
     """
 
-    def __init__(self, cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int]):
+    def __init__(self, cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int], num_actions: int = NUM_ACTIONS):
         super().__init__()
         if cfg.actor_update not in ACTOR_UPDATES:
             raise ValueError(f"dreamer.actor_update must be one of {ACTOR_UPDATES}, got '{cfg.actor_update}'")
         self.cfg = cfg
         self.vocab_size = int(vocab_size)
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
-        self.actor = build_actor(cfg, vocab_size, self.grid_shape)
+        self.actor = build_actor(cfg, vocab_size, self.grid_shape, num_actions)
         self.critic = build_critic(cfg, vocab_size, self.grid_shape)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.prior: Actor | None = None
@@ -386,7 +387,7 @@ class DreamerAgent(nn.Module):
         self.return_norm.update(returns, weights)
         scale = self.return_norm.scale()
         advantages = ((returns - values) / scale).detach()
-        logits = self.actor(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, NUM_ACTIONS)
+        logits = self.actor(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, -1)
         log_probs = F.log_softmax(logits, dim=-1).gather(-1, trajectory.actions.unsqueeze(-1)).squeeze(-1)
         policy_entropy = entropy(logits)
         if cfg.actor_update == "pmpo":
@@ -399,7 +400,7 @@ class DreamerAgent(nn.Module):
         if self.prior is not None or cfg.actor_update == "pmpo":
             if self.prior is not None:
                 with torch.no_grad():
-                    prior_logits = self.prior(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, NUM_ACTIONS)
+                    prior_logits = self.prior(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, -1)
             else:  # PMPO without a behaviour prior: KL to the uniform policy
                 prior_logits = torch.zeros_like(logits)
             kl = weighted_mean(kl_divergence(logits, prior_logits), weights)
@@ -460,7 +461,7 @@ class DreamerPolicy(Policy):
 
     @torch.no_grad()
     def logits(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, h, w) tokens -> (B, NUM_ACTIONS) logits as float64 NumPy."""
+        """(B, h, w) tokens -> (B, num_actions) logits as float64 NumPy."""
         tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
         if tuple(tensor.shape[1:]) != self.grid_shape:
             raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, got {tuple(tensor.shape[1:])}")
@@ -478,6 +479,7 @@ class DreamerPolicy(Policy):
             "config": asdict(self.config),
             "vocab_size": self.actor.encoder.vocab_size,
             "grid_shape": list(self.grid_shape),
+            "num_actions": self.actor.num_actions,
             "actor": {k: v.cpu() for k, v in self.actor.state_dict().items()},
             "mode": self.mode,
             "tokenizer_identity": self.tokenizer_identity,
@@ -493,7 +495,8 @@ class DreamerPolicy(Policy):
         known = {f for f in DreamerConfig.__dataclass_fields__}
         config = DreamerConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
         grid_shape = tuple(checkpoint["grid_shape"])
-        actor = build_actor(config, int(checkpoint["vocab_size"]), grid_shape)  # type: ignore[arg-type]
+        actor = build_actor(config, int(checkpoint["vocab_size"]), grid_shape,  # type: ignore[arg-type]
+                            int(checkpoint.get("num_actions", NUM_ACTIONS)))
         actor.load_state_dict(checkpoint["actor"])
         return cls(
             actor, config, grid_shape, mode=checkpoint.get("mode", config.act_mode),  # type: ignore[arg-type]

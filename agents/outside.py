@@ -98,19 +98,24 @@ def outside_identity(spec: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_actions(actions: Any, batch_size: int, who: str) -> np.ndarray:
+def check_actions(actions: Any, batch_size: int, who: str, num_actions: int = NUM_ACTIONS) -> np.ndarray:
     """``actions`` as (B,) int64, or a :class:`PolicyError` naming the policy: what came back must be (B,)
-    integers (a NumPy array, a tensor or a list) in ``[0, NUM_ACTIONS)``."""
+    integers (a NumPy array, a tensor or a list) in ``[0, num_actions)`` (the env's action count), or
+    (B, num_actions) float logits, of which the greedy action is taken."""
     if hasattr(actions, "detach"):  # a torch tensor
         actions = actions.detach().cpu().numpy()
     array = np.asarray(actions)
+    if array.ndim == 2 and np.issubdtype(array.dtype, np.floating):
+        if array.shape[1] != num_actions:
+            raise PolicyError(f"policy '{who}' returned logits of shape {array.shape}, expected (B, {num_actions})")
+        array = array.argmax(axis=1)
     if array.shape != (batch_size,):
         raise PolicyError(f"policy '{who}' returned actions of shape {array.shape}, expected ({batch_size},)")
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise PolicyError(f"policy '{who}' returned actions of dtype {array.dtype}, expected integers")
-    if array.size and (array.min() < 0 or array.max() >= NUM_ACTIONS):
+    if array.size and (array.min() < 0 or array.max() >= num_actions):
         raise PolicyError(f"policy '{who}' returned action {int(array.min() if array.min() < 0 else array.max())}, "
-                         f"outside Discrete({NUM_ACTIONS})")
+                         f"outside Discrete({num_actions})")
     return array.astype(np.int64)
 
 
@@ -133,6 +138,8 @@ class OutsidePolicy(Policy):
     ``act_fn(observation) -> actions`` is the outside code's act (``obj.act``, the callable itself,
     a TorchScript module's forward, SB3's ``predict``); ``reset_fn(batch_size, seed)`` is called at
     episode starts if given; ``field`` is the one input it declared (:data:`OUTSIDE_INPUTS`).
+    ``num_actions``: the env's action count its actions are checked against (``make_policy`` sets
+    it from the env id: Dynamic-Obstacles has 3).
     """
 
     kind = "outside"
@@ -146,6 +153,7 @@ class OutsidePolicy(Policy):
         self.field = field
         self.act_fn = act_fn
         self.reset_fn = reset_fn
+        self.num_actions = NUM_ACTIONS
 
     def reset(self, batch_size: int, seed: int | None = None) -> None:
         super().reset(batch_size, seed)
@@ -154,7 +162,7 @@ class OutsidePolicy(Policy):
 
     def act(self, inp: PolicyInput) -> np.ndarray:
         observation = observation_for(inp, self.field, self.name)
-        return check_actions(self.act_fn(observation), inp.batch_size, self.name)
+        return check_actions(self.act_fn(observation), inp.batch_size, self.name, self.num_actions)
 
 
 def declared_input(*sources: Any, who: str) -> str:
@@ -264,11 +272,7 @@ def load_torchscript_policy(path: str | os.PathLike) -> OutsidePolicy:
             out = module(torch.as_tensor(observation))
         if not isinstance(out, torch.Tensor):
             raise PolicyError(f"policy '{who}' returned a {type(out).__name__}, expected a tensor of logits or actions")
-        if out.ndim == 2 and out.is_floating_point():
-            if out.shape[1] != NUM_ACTIONS:
-                raise PolicyError(f"policy '{who}' returned logits of shape {tuple(out.shape)}, expected (B, {NUM_ACTIONS})")
-            return out.argmax(dim=1)
-        return out
+        return out  # logits (B, num_actions) or actions (B,): check_actions takes either
 
     return OutsidePolicy(act, field, name=Path(path).stem)
 
@@ -306,13 +310,13 @@ def load_sb3_policy(path: str | os.PathLike) -> OutsidePolicy:
     return OutsidePolicy(lambda obs: model.predict(convert(obs), deterministic=True)[0], field, name=Path(path).stem)
 
 
-def load_outside_policy(spec: str) -> OutsidePolicy:
-    """An outside policy from ``package.module:attr`` or a TorchScript / stable-baselines3 file."""
-    if is_object_path(spec):
-        return load_object_policy(spec)
-    kind = outside_file_kind(spec)
-    if kind == "torchscript":
-        return load_torchscript_policy(spec)
-    if kind == "sb3":
-        return load_sb3_policy(spec)
+def load_outside_policy(spec: str, num_actions: int = NUM_ACTIONS) -> OutsidePolicy:
+    """An outside policy from ``package.module:attr`` or a TorchScript / stable-baselines3 file,
+    whose actions are checked against ``num_actions`` (the env's)."""
+    kind = "object" if is_object_path(spec) else outside_file_kind(spec)
+    loaders = {"object": load_object_policy, "torchscript": load_torchscript_policy, "sb3": load_sb3_policy}
+    if kind in loaders:
+        policy = loaders[kind](spec)
+        policy.num_actions = int(num_actions)
+        return policy
     raise ValueError(f"policy '{spec}' is neither package.module:attr nor a TorchScript or stable-baselines3 file")

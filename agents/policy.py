@@ -31,6 +31,7 @@ Outside policies (``package.module:attr``, TorchScript and stable-baselines3 fil
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -267,6 +268,18 @@ class ScriptedPolicy(Policy):
         return cls(checkpoint["spec"], env_id=checkpoint.get("env_id", ""))
 
 
+@functools.lru_cache(maxsize=None)
+def env_action_count(env_id: str) -> int:
+    """The action count of env ``env_id`` (``Discrete(n)``): 7 in most of MiniGrid, 3 in Dynamic-Obstacles."""
+    from envs.make import make_env
+
+    env = make_env(env_id)
+    try:
+        return int(env.action_space.n)
+    finally:
+        env.close()
+
+
 def make_policy(spec: str, env_id: str = "", device: str = "cpu") -> Policy:
     """A policy from a spec: a scripted name (``random``, ``oracle``, ``epsilon_oracle@0.1``,
     ``sticky_random@0.8``), the path of a saved policy checkpoint (anything ending in ``.pt``), or
@@ -275,7 +288,7 @@ def make_policy(spec: str, env_id: str = "", device: str = "cpu") -> Policy:
     from agents.outside import is_outside, load_outside_policy
 
     if is_outside(spec):
-        return load_outside_policy(spec)
+        return load_outside_policy(spec, num_actions=env_action_count(env_id) if env_id else NUM_ACTIONS)
     if spec.endswith(".pt") or os.sep in spec or Path(spec).is_file():
         return load_policy(spec, device=device)
     return ScriptedPolicy(spec, env_id=env_id)

@@ -159,7 +159,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     starts = StartFrames.from_dataset(dataset, tokens, stage.context_length,
                                       reward_window=stage.horizon if stage.near_reward_starts > 0 else 0)
     grid_shape = tuple(tokens.shape[1:])
-    agent = DreamerAgent(stage, tokenizer.vocab_size, grid_shape).to(device)  # type: ignore[arg-type]
+    agent = DreamerAgent(stage, tokenizer.vocab_size, grid_shape, world_model.num_actions).to(device)  # type: ignore[arg-type]
     optimizer = optimizer_for(agent, stage)
     rng = np.random.default_rng(cfg.run.seed)
     generator = torch.Generator().manual_seed(int(cfg.run.seed))
