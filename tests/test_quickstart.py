@@ -116,3 +116,25 @@ def test_quickstart_report_metrics_and_videos(tiny_quickstart):
     policy.reset(2, seed=0)
     grid = tuple(policy.grid_shape)
     assert policy.act(PolicyInput(tokens=np.zeros((2, *grid), dtype=np.int64))).shape == (2,)
+
+
+def test_a_three_action_env_runs_through_every_stage(tmp_path):
+    """Dynamic-Obstacles has 3 actions (left, right, forward) and pays -1 for a collision: every
+    stage takes its action count from the env (card, dynamics, agent, evaluation) and the -1 is
+    counted in the returns."""
+    import torch
+
+    from scripts import quickstart
+
+    root = tmp_path / "runs"
+    out = quickstart.main(["--preset", "tiny", "--env", "dynamic-obstacles-6x6", f"run.root={root}", *FAST])
+    run = Path(out["run_dir"])
+    card = __import__("json").loads((run / "dataset" / "card.json").read_text())
+    assert card["num_actions"] == 3
+    assert torch.load(run / "dynamics.pt", weights_only=False)["model_config"]["num_actions"] == 3
+    from agents.policy import load_policy
+
+    agent = load_policy(run / "dreamer.pt")
+    assert agent.actor.num_actions == 3
+    rows = {row["policy"]: row for row in out["evaluate"]["policies"]}
+    assert rows["random"]["real_return"] < 0  # random walks into walls and balls: -1, counted
