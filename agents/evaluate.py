@@ -125,6 +125,8 @@ class Rollouts:
     returns, lengths: (N,); success: (N,) bool (a positive reward was collected); frames: (T, H, W, 3).
     returns_step_aware (imagination only): the model's predicted successes paid at MiniGrid's reward
     for the step they happen at, ``1 - 0.9 * step / max_steps`` (see :func:`run_imagined`).
+    uncertainty (imagination only, where the world model has the signal): (N,) the model's mean
+    doubt per step along each episode (:func:`worldmodel.uncertainty.step_uncertainty`).
     """
 
     returns: np.ndarray
@@ -133,6 +135,7 @@ class Rollouts:
     frames: np.ndarray | None = None
     returns_step_aware: np.ndarray | None = None
     first_states: np.ndarray | None = None  # (N, S) the real episodes' first symbolic states
+    uncertainty: np.ndarray | None = None
 
 
 StepObserver = Callable[[int, np.ndarray, np.ndarray], None]
@@ -226,6 +229,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
     alive = np.ones(count, dtype=bool)
     returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
     step_aware = np.zeros(count)
+    doubt = np.zeros(count) if hasattr(world_model, "uncertainty") else None
     recorded = [np.asarray(tokenizer.decode(tokens[:1]).cpu())[0]] if record_first else []
     policy.reset(count, seed=policy_seed)
     for step_index in range(max_steps):
@@ -238,6 +242,8 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
             minigrid=native_observations(states) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
+        if doubt is not None:
+            doubt += np.where(alive, world_model.uncertainty(torch.as_tensor(actions, dtype=torch.long)).cpu().numpy(), 0.0)
         step = world_model.step(torch.as_tensor(actions, dtype=torch.long))
         reward = torch.as_tensor(step.reward).float().cpu().numpy()
         terminated = torch.as_tensor(step.terminated).bool().cpu().numpy()
@@ -253,7 +259,8 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
         if record_first and alive[0] and len(recorded) < max_record:
             recorded.append(np.asarray(tokenizer.decode(tokens[:1]).cpu())[0])
         alive &= ~terminated
-    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None, step_aware)
+    return Rollouts(returns, lengths, success, np.stack(recorded) if record_first else None, step_aware,
+                    uncertainty=None if doubt is None else doubt / np.maximum(lengths, 1))
 
 
 def side_by_side(real: np.ndarray, imagined: np.ndarray, gap: int = 4) -> np.ndarray:
@@ -374,6 +381,7 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
             "imagined_return_model_std": float(imagined.returns.std()),
             "imagined_return_step_aware": float(imagined.returns_step_aware.mean()),
             "imagined_return_step_aware_std": float(imagined.returns_step_aware.std()),
+            "uncertainty": None if imagined.uncertainty is None else float(imagined.uncertainty.mean()),
         })
         rows[-1]["imagined_return"] = rows[-1][f"imagined_return_{chosen}"]
         rows[-1]["imagined_return_std"] = rows[-1][f"imagined_return_{chosen}_std"]
@@ -407,6 +415,9 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         ranks = rank_agreement([r[f"imagined_return{suffix}"] for r in rows], [r["real_return"] for r in rows])
         headline.update({f"{k}{suffix}": v for k, v in ranks.items()})
     headline.update(random_return=random_return, oracle_return=oracle_return)
+    if all(row["uncertainty"] is not None for row in rows):  # does the model's doubt predict its gap?
+        headline["trust_gap_spearman"] = rank_agreement([r["uncertainty"] for r in rows],
+                                                        [abs(r["return_gap"]) for r in rows])["spearman"]
     agent = by_name.get("dreamer")
     if agent is not None:
         headline.update(normalized_score=agent["normalized_score"], real_return=agent["real_return"])
@@ -543,7 +554,7 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
     for key in ("trusted", "normalized_score", "real_return", "imagined_return", "return_gap", *METRICS,
                 "imagined_reward", "imagined_return_model", "return_gap_model", "spearman_model", "kendall_model",
                 "imagined_return_step_aware", "return_gap_step_aware", "spearman_step_aware", "kendall_step_aware",
-                "num_policies", "random_return", "oracle_return"):
+                "trust_gap_spearman", "num_policies", "random_return", "oracle_return"):
         if key in headline:
             interval = headline.get(f"{key}_ci")
             shown = _fmt(headline[key]) + (f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
@@ -562,13 +573,17 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "mae / (R_oracle - R_random); `pearson`, `spearman`, `kendall` (tau-b) between I and R; `regret_at_k` = "
         "(max R - max R over imagination's top k) / (R_oracle - R_random) (ties in I broken against the model); "
         "`mmrv` = mean_i max_j |R_i - R_j| [(I_i < I_j) != (R_i < R_j)]; `success_calibration_error` = "
-        "mean |imagined success rate - real success rate|. See docs/evaluation.md.",
+        "mean |imagined success rate - real success rate|. `model doubt / step`: the world model's mean "
+        "doubt about each imagined step of the policy (the expected number of wrong tokens of its most likely "
+        "frame, plus the reward and termination doubts); `trust_gap_spearman`: its rank correlation with the "
+        "policies' gaps. See docs/evaluation.md.",
         "",
         "## Policies",
         "",
         "| policy | real return | imagined return | gap | imagined (model reward) | imagined (step-aware) | "
-        "normalised score | real success | imagined success | real length | imagined length | success gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "normalised score | real success | imagined success | real length | imagined length | success gap | "
+        "model doubt / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -576,7 +591,8 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
             f"{_fmt(row['imagined_return'])} ± {_fmt(row['imagined_return_std'])} | {_fmt(row['return_gap'])} | "
             f"{_fmt(row.get('imagined_return_model'))} | {_fmt(row.get('imagined_return_step_aware'))} | "
             f"{_fmt(row['normalized_score'])} | {_fmt(row['real_success'])} | {_fmt(row['imagined_success'])} | "
-            f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} | {_fmt(row.get('success_gap'))} |"
+            f"{_fmt(row['real_length'])} | {_fmt(row['imagined_length'])} | {_fmt(row.get('success_gap'))} | "
+            f"{_fmt(row.get('uncertainty'))} |"
         )
     lines += ["", "## Plots", "", "![imagined vs real](media/evaluate_scatter.png)", "",
               "![learning curve](media/evaluate_learning_curve.png)", "", "## Rollouts (real | imagined)", ""]

@@ -148,6 +148,16 @@ class WorldModel:
         """Seed the sampling generator (only matters with temperature > 0)."""
         self.generator.manual_seed(int(seed))
 
+    @torch.no_grad()
+    def uncertainty(self, actions: Any) -> torch.Tensor:
+        """(B,) the model's doubt about the next step from the current frames under ``actions`` (B,),
+        without taking it (:func:`worldmodel.uncertainty.step_uncertainty`)."""
+        from worldmodel.uncertainty import step_uncertainty
+
+        if self._cache is None:
+            raise RuntimeError("WorldModel.uncertainty: call reset first")
+        return step_uncertainty(self.dynamics, self._cache, _as_long(actions, self.device).reshape(-1))
+
     # ---------------------------------------------------------------- tokenizer
     @torch.no_grad()
     def encode(self, frames: Any) -> torch.Tensor:
