@@ -51,6 +51,8 @@ class DreamerConfig:
     near_reward_starts: float = param(0.25, "share of each batch started from dataset frames whose episode collected a "
                                       "reward within `horizon` steps (random data holds a handful of successes: "
                                       "without them, sparse-reward imagination rarely sees one)", min=0, max=1)
+    doubt_penalty: float = param(0.0, "imagined reward minus this times the world model's doubt about the step "
+                                 "(worldmodel.uncertainty; 0: off)", min=0)
     # --- returns and advantages
     discount: float = param(0.985, "discount per step (MiniGrid's reward already falls with steps; this adds pressure for short paths)",
                             min=0, max=1)
@@ -268,12 +270,14 @@ class ImaginationModel(Protocol):
 
 @dataclass
 class Trajectory:
-    """An imagined batch. tokens (T + 1, B, h, w); actions, rewards, continues (T, B)."""
+    """An imagined batch. tokens (T + 1, B, h, w); actions, rewards, continues (T, B); doubt (T, B)
+    the world model's doubt about each step (None when it was not asked: no penalty)."""
 
     tokens: torch.Tensor
     actions: torch.Tensor
     rewards: torch.Tensor
     continues: torch.Tensor
+    doubt: torch.Tensor | None = None
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -290,26 +294,36 @@ def imagine(
     context_actions: torch.Tensor,
     horizon: int,
     generator: torch.Generator | None = None,
+    doubt_penalty: float = 0.0,
 ) -> Trajectory:
     """Roll the (frozen) world model ``horizon`` steps with actions sampled from ``actor``.
 
     context_tokens (B, T0, h, w) int64 real frames' tokens; context_actions (B, T0 - 1) int64.
     No gradient flows through the model (its outputs are discrete): the actor learns from
-    log-probabilities recomputed on the returned tokens.
+    log-probabilities recomputed on the returned tokens. ``doubt_penalty`` > 0: each step's reward
+    loses that much per unit of the model's doubt about it (``world_model.uncertainty``), so a
+    policy gains nothing by going where the model is unsure (MOPO's penalised reward).
     """
+    penalise = doubt_penalty > 0 and hasattr(world_model, "uncertainty")
     tokens = torch.as_tensor(world_model.reset(context_tokens, context_actions)).long()
-    all_tokens, all_actions, all_rewards, all_continues = [tokens], [], [], []
+    all_tokens, all_actions, all_rewards, all_continues, all_doubt = [tokens], [], [], [], []
     for _ in range(horizon):
         actions = sample_actions(actor(tokens), generator)
+        doubt = torch.as_tensor(world_model.uncertainty(actions)).float() if penalise else None
         step = world_model.step(actions)
         tokens = torch.as_tensor(step.tokens).long()
         all_tokens.append(tokens)
         all_actions.append(actions)
-        all_rewards.append(torch.as_tensor(step.reward).float())
+        reward = torch.as_tensor(step.reward).float()
+        if doubt is not None:
+            all_doubt.append(doubt)
+            reward = reward - doubt_penalty * doubt
+        all_rewards.append(reward)
         all_continues.append(1.0 - torch.as_tensor(step.terminated).float())
     return Trajectory(
         tokens=torch.stack(all_tokens), actions=torch.stack(all_actions),
         rewards=torch.stack(all_rewards), continues=torch.stack(all_continues),
+        doubt=torch.stack(all_doubt) if all_doubt else None,
     )
 
 

@@ -105,8 +105,11 @@ def imagination_update(
 ) -> Losses:
     """One update: imagine from ``context`` (tokens (B, T0, h, w), actions (B, T0 - 1)), then one
     gradient step on actor and critic and one slow-critic EMA step. ``progress`` in [0, 1]."""
-    trajectory = imagine(world_model, agent.actor, context[0], context[1], agent.cfg.horizon, generator)
+    trajectory = imagine(world_model, agent.actor, context[0], context[1], agent.cfg.horizon, generator,
+                         doubt_penalty=agent.cfg.doubt_penalty)
     losses = agent.compute_loss(trajectory, progress)
+    if trajectory.doubt is not None:
+        losses.parts["imagined_doubt"] = float(trajectory.doubt.mean())
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     # Clip each network on its own: a large critic gradient must not shrink the actor's step.

@@ -240,3 +240,41 @@ def test_entropy_weight_decays_linearly():
     agent = DreamerAgent(DreamerConfig(entropy_coef=0.01, entropy_coef_final=0.001, hidden_dim=8, channels=2, embed_dim=2),
                          vocab_size=3, grid_shape=(1, 3))
     assert [agent.entropy_coef(p) for p in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([0.01, 0.0055, 0.001, 0.001])
+
+
+class _LyingCorridor(ToyCorridorModel):
+    """The corridor, except that the model pays a success for "left" at the left wall, where the
+    real corridor pays nothing: a model error one step away, against the real goal five steps away.
+    The model is unsure of exactly that transition (doubt 1, else 0)."""
+
+    def _lie(self, actions: torch.Tensor) -> torch.Tensor:
+        return (self.position == 0) & (torch.as_tensor(actions) == 0)
+
+    def uncertainty(self, actions: torch.Tensor) -> torch.Tensor:
+        return self._lie(actions).float()
+
+    def step(self, actions: torch.Tensor):
+        lie = self._lie(actions)
+        step = super().step(actions)
+        step.reward = torch.where(lie, torch.ones_like(step.reward), step.reward)
+        step.terminated = step.terminated | lie
+        return step
+
+
+@pytest.mark.parametrize("penalty", [0.0, 2.0])
+def test_doubt_penalty_keeps_the_agent_off_a_model_error(penalty):
+    torch.manual_seed(0)
+    model = _LyingCorridor(length=6)
+    cfg = DreamerConfig(horizon=6, batch_size=32, hidden_dim=16, channels=4, actor_lr=3e-3, critic_lr=3e-3,
+                        entropy_coef=3e-3, doubt_penalty=penalty)
+    agent = DreamerAgent(cfg, model.vocab_size, (1, model.length))
+    optimizer = optimizer_for(agent, cfg)
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.zeros(cfg.batch_size, dtype=torch.long)
+    for _ in range(60):
+        losses = imagination_update(agent, optimizer, model, (model.start_tokens(starts), torch.zeros(cfg.batch_size, 0, dtype=torch.long)), generator)
+    probs = torch.softmax(agent.actor(model.start_tokens(torch.zeros(1, dtype=torch.long))[:, 0]), -1)[0]
+    if penalty == 0:  # the unpenalised agent takes the model's free reward
+        assert probs[0] > 0.6 and "imagined_doubt" not in losses.parts
+    else:
+        assert probs[0] < 0.1 and losses.parts["imagined_doubt"] < 0.05  # off the error (seeds 0-2: p(left) <= 0.001)
