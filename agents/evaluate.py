@@ -79,24 +79,47 @@ def normalized_score(value: float, random_return: float, oracle_return: float) -
     return float((value - random_return) / span)
 
 
-def trust_flags(rows: list[dict], gap_limit: float, spearman: float | None = None) -> list[str]:
-    """Why the world model's figures are not to be trusted for this run, one line each (empty: no
-    reason found). A policy whose imagined return parts from its real one by more than
-    ``gap_limit`` is flagged, trained agents first (an agent trained in imagination that imagines
-    more than it gets has learned the model's errors); a negative rank correlation means the model
-    orders the policies backwards."""
-    flags = []
-    trained = [r for r in rows if r["policy"] in ("dreamer", "vagen") or r.get("training_step") is not None]
-    others = [r for r in rows if r not in trained]
-    for row in trained + others:
+TRAINED_NAMES = ("dreamer", "vagen", "ppo")
+
+
+def is_trained(row: dict) -> bool:
+    """A policy trained by the sandbox (the agents and their checkpoints), as opposed to a reference."""
+    return row["policy"].split("@")[0] in TRAINED_NAMES or row.get("training_step") is not None
+
+
+def trust_flags(rows: list[dict], gap_limit: float, spearman: float | None = None) -> tuple[list[str], bool]:
+    """Which imagined figures not to trust, one line each, and whether the run's agent figures can
+    be trusted. A policy is flagged when its imagined return parts from its real one by more than
+    ``gap_limit`` and, where the row carries its 95% interval (``return_gap_ci``), by more than
+    noise (the interval excludes 0). Trained agents come first: one of them flagged (an agent
+    trained in imagination that imagines more than it gets has learned the model's errors), or a
+    negative rank correlation (the model orders the policies backwards), makes the run untrusted."""
+    flags, trusted = [], True
+    for row in sorted(rows, key=lambda r: not is_trained(r)):
         gap = row["imagined_return"] - row["real_return"]
-        if math.isfinite(gap) and abs(gap) > gap_limit:
+        interval = row.get("return_gap_ci")
+        beyond_noise = interval is None or not (interval[0] <= 0 <= interval[1])
+        if math.isfinite(gap) and abs(gap) > gap_limit and beyond_noise:
             kind = "imagines more than the real env pays" if gap > 0 else "gets more than it imagines"
+            noise = f", 95% interval [{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None else ""
             flags.append(f"{row['policy']} {kind}: imagined {row['imagined_return']:.3f}, real "
-                         f"{row['real_return']:.3f} (gap {abs(gap):.3f} > evaluate.trust_gap {gap_limit:g})")
+                         f"{row['real_return']:.3f} (gap {abs(gap):.3f} > evaluate.trust_gap {gap_limit:g}{noise})")
+            trusted &= not is_trained(row)
     if spearman is not None and math.isfinite(spearman) and spearman < 0:
         flags.append(f"the imagined ranking of the policies is inverted (spearman {spearman:.3f} < 0)")
-    return flags
+        trusted = False
+    return flags, trusted
+
+
+def gap_intervals(imagined: np.ndarray, real: np.ndarray, num_resamples: int, seed: int,
+                  level: float = 0.95) -> np.ndarray:
+    """(P, 2) percentile bootstrap intervals of each policy's mean imagined - real return, from
+    per-episode returns (P, N) paired by episode seed (the resampling unit, as in the metrics)."""
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, imagined.shape[1], size=(int(num_resamples), imagined.shape[1]))
+    gaps = (imagined[:, index] - real[:, index]).mean(-1)  # (P, B)
+    tail = 100 * (1 - level) / 2
+    return np.percentile(gaps, [tail, 100 - tail], axis=1).T
 
 
 def _json_number(value: float) -> float | None:
@@ -126,7 +149,8 @@ class Rollouts:
     returns_step_aware (imagination only): the model's predicted successes paid at MiniGrid's reward
     for the step they happen at, ``1 - 0.9 * step / max_steps`` (see :func:`run_imagined`).
     uncertainty (imagination only, where the world model has the signal): (N,) the model's mean
-    doubt per step along each episode (:func:`worldmodel.uncertainty.step_uncertainty`).
+    doubt per step along each episode (:func:`worldmodel.uncertainty.step_uncertainty`, plus
+    :func:`~worldmodel.uncertainty.state_uncertainty` for a policy that reads the state head).
     """
 
     returns: np.ndarray
@@ -192,6 +216,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
 
 
 REFERENCE_POLICIES = ("random", "oracle")
+GAP_STREAM = 0x6A9  # the per-policy gap intervals' stream
 BOOTSTRAP_STREAM = 0xB0075  # derive_seed(run.seed, evaluate.seed, this): the bootstrap's own stream, apart from
 # the policies' (derive_seed(run.seed, evaluate.seed, policy index))
 
@@ -230,6 +255,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
     returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
     step_aware = np.zeros(count)
     doubt = np.zeros(count) if hasattr(world_model, "uncertainty") else None
+    reads_state = bool({"states", "minigrid"} & set(policy.inputs)) and hasattr(world_model, "state_uncertainty")
     recorded = [np.asarray(tokenizer.decode(tokens[:1]).cpu())[0]] if record_first else []
     policy.reset(count, seed=policy_seed)
     for step_index in range(max_steps):
@@ -242,8 +268,11 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
             minigrid=native_observations(states) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
-        if doubt is not None:
-            doubt += np.where(alive, world_model.uncertainty(torch.as_tensor(actions, dtype=torch.long)).cpu().numpy(), 0.0)
+        if doubt is not None:  # the model's doubt about the step, and about the state the policy read
+            step_doubt = world_model.uncertainty(torch.as_tensor(actions, dtype=torch.long)).cpu().numpy()
+            if reads_state:
+                step_doubt = step_doubt + world_model.state_uncertainty().cpu().numpy()
+            doubt += np.where(alive, step_doubt, 0.0)
         step = world_model.step(torch.as_tensor(actions, dtype=torch.long))
         reward = torch.as_tensor(step.reward).float().cpu().numpy()
         terminated = torch.as_tensor(step.terminated).bool().cpu().numpy()
@@ -424,8 +453,11 @@ def evaluate(cfg: Any, run: RunDir, world_model: Any | None = None) -> dict[str,
         for suffix in ("", "_model", "_step_aware"):
             headline[f"imagined_return{suffix}"] = agent[f"imagined_return{suffix}"]
             headline[f"return_gap{suffix}"] = abs(agent[f"return_gap{suffix}"])
-    headline["flags"] = trust_flags(rows, float(stage.trust_gap), headline.get("spearman"))
-    headline["trusted"] = not headline["flags"]
+    intervals = gap_intervals(np.stack(episodes["imagined"]), np.stack(episodes["real"]), int(stage.bootstrap),
+                              derive_seed(int(cfg.run.seed), int(stage.seed), GAP_STREAM))
+    for row, interval in zip(rows, intervals):
+        row["return_gap_ci"] = [float(interval[0]), float(interval[1])]
+    headline["flags"], headline["trusted"] = trust_flags(rows, float(stage.trust_gap), headline.get("spearman"))
     headline["eval_seconds"] = round(time.perf_counter() - started, 2)
 
     # ------------------------------------------------------------------ artifacts
@@ -540,11 +572,15 @@ def format_report(cfg: Any, headline: dict, rows: list[dict], gif_names: list[st
         "first frames in the world model.",
         "",
     ]
-    if headline.get("flags"):
+    if not headline.get("trusted", True):
         lines += ["**Do not trust this run's imagined figures**: the world model and the real env disagree.", ""]
         lines += [f"- {flag}" for flag in headline["flags"]]
         lines += ["", "A score imagined but not obtained in the real env is a model error the agent found, not a "
                   "result. More data where the agent goes, or a larger model, are the usual remedies.", ""]
+    elif headline.get("flags"):
+        lines += ["The world model gets these imagined returns wrong (beyond `evaluate.trust_gap` and beyond "
+                  "noise); the agent's figures are not among them:", ""]
+        lines += [f"- {flag}" for flag in headline["flags"]] + [""]
     lines += [
         "## Headline",
         "",

@@ -51,7 +51,10 @@ def run(cfg, run_dir: RunDir) -> dict:
 
 def warnings(metrics: dict) -> str:
     """The evaluation's trust flags as lines to print (empty when the model and the real env agree)."""
-    return "".join(f"WARNING: {flag}\n" for flag in metrics.get("flags", []))
+    lines = [f"WARNING: {flag}\n" for flag in metrics.get("flags", [])]
+    if not metrics.get("trusted", True):
+        lines.insert(0, "WARNING: do not trust this run's imagined figures: the world model and the real env disagree\n")
+    return "".join(lines)
 
 
 def headline(metrics: dict) -> str:

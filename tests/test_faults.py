@@ -420,5 +420,6 @@ def test_a_model_that_pays_what_the_real_env_does_not_is_flagged(run, capsys):
     assert "WARNING: dreamer imagines more than the real env pays" in warnings(metrics)
     honest_metrics = evaluate(cfg, run_dir, world_model=load_world_model(run_dir=folder))
     gaps = {row["policy"]: abs(row["return_gap"]) for row in honest_metrics["policies"]}
-    assert honest_metrics["trusted"] == all(gap <= 0.1 for gap in gaps.values())
-    assert not any(flag.startswith("random") for flag in honest_metrics["flags"])
+    flagged = {flag.split(" ")[0] for flag in honest_metrics["flags"]}
+    assert all(gaps[name] > 0.1 for name in flagged)  # only gaps beyond evaluate.trust_gap are flagged
+    assert honest_metrics["trusted"] == (not flagged & {"dreamer", "dreamer@10", "dreamer@20"})

@@ -46,6 +46,10 @@ def test_step_uncertainty_is_a_bounded_per_row_doubt():
     assert doubt.shape == (3,) and torch.isfinite(doubt).all()
     assert (doubt >= 0).all() and (doubt <= 25 + 2).all()  # at most every token wrong plus both outcomes
     assert doubt.min() > 1.0  # an untrained model is unsure of many tokens
+    from worldmodel.uncertainty import state_uncertainty
+
+    state_doubt = state_uncertainty(model, cache)
+    assert state_doubt.shape == (3,) and (state_doubt > 0).all() and (state_doubt <= model.config.state_size).all()
 
 
 def test_world_model_uncertainty_needs_a_reset():

@@ -158,6 +158,16 @@ class WorldModel:
             raise RuntimeError("WorldModel.uncertainty: call reset first")
         return step_uncertainty(self.dynamics, self._cache, _as_long(actions, self.device).reshape(-1))
 
+    @torch.no_grad()
+    def state_uncertainty(self) -> torch.Tensor:
+        """(B,) the state head's doubt about the current frames' state
+        (:func:`worldmodel.uncertainty.state_uncertainty`)."""
+        from worldmodel.uncertainty import state_uncertainty
+
+        if self._cache is None:
+            raise RuntimeError("WorldModel.state_uncertainty: call reset first")
+        return state_uncertainty(self.dynamics, self._cache)
+
     # ---------------------------------------------------------------- tokenizer
     @torch.no_grad()
     def encode(self, frames: Any) -> torch.Tensor:

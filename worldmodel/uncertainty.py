@@ -5,6 +5,8 @@ signals that say where imagined figures are not to be trusted.
   distribution: the sum over the N positions of ``1 - p_max`` (for a calibrated model, the
   expected number of wrong tokens in the most likely next frame) plus ``min(p, 1 - p)`` of the
   reward and termination probabilities. Free of extra models; 0 where every prediction is certain.
+- :func:`state_uncertainty`: the same for the state head's reading of the current frame (a
+  scripted policy in imagination acts on it, so its errors move the policy's imagined return).
 - :class:`NoveltyIndex`: the fraction of the next frame's positions whose local context (the
   3x3 token neighbourhood around the position, with the action) never occurs in the training
   data. The full-view decoder is local (a token's prediction depends on its neighbourhood), so a
@@ -41,6 +43,14 @@ def step_uncertainty(dynamics: DynamicsModel, cache: DynamicsCache, actions: tor
         p = torch.sigmoid(outcome[:, column].float())
         doubt = doubt + torch.minimum(p, 1.0 - p)
     return doubt
+
+
+@torch.no_grad()
+def state_uncertainty(dynamics: DynamicsModel, cache: DynamicsCache) -> torch.Tensor:
+    """(B,) float: the state head's doubt about the current frames' symbolic state, the sum over
+    its fields of ``1 - p_max`` (what a policy reading the state head in imagination may misread)."""
+    logits = dynamics.state_logits(cache.features, dynamics.memory_of(cache))
+    return (1.0 - torch.softmax(logits.float(), dim=-1).max(-1).values).sum(-1)
 
 
 def _contexts(tokens: np.ndarray, actions: np.ndarray, vocab: int) -> np.ndarray:
