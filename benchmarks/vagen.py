@@ -54,7 +54,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from agents.train_vagen import train
+    from agents.vagen.train import train
     from common.runs import RunDir
 
     folder = Path(job["root"]) / job["name"]
