@@ -715,3 +715,11 @@ def test_the_action_vocabulary_is_the_envs():
     assert Vocab(5, 5).noop_action == 6 and Vocab(5, 5).names[-1] == "act_done"
     assert parse_response([int(Vocab(5, 5).action_ids[2])], "NoThink", Vocab(5, 5)).action == 2
 
+
+
+def test_steps_to_0_9_is_the_first_evaluation_that_reaches_it_and_stays():
+    from benchmarks.vagen import steps_to
+
+    assert steps_to([[1000, 0.5], [2000, 0.92], [3000, 0.8], [4000, 0.95], [5000, 0.9]]) == 4000  # 2000 fell back
+    assert steps_to([[1000, 0.5], [2000, 0.91]]) == 2000  # the last evaluation counts alone
+    assert steps_to([[1000, 0.95], [2000, 0.5]]) is None and steps_to([]) is None

@@ -106,6 +106,7 @@ class VagenConfig:
     eval_episodes: int = param(32, "real-env episodes of the final evaluation", min=1)
     eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)", min=0)
     eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)", min=0)
+    eval_every: int = param(0, "updates between real-env evaluations during training, for the learning curve (0: the final one only)", min=0)
     log_every: int = param(1, "updates between scalar logs", min=1)
     checkpoint_every: int = param(10, "updates between resume checkpoints (0: never)", min=0)
 
@@ -416,6 +417,13 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     elif vcfg.format_warmup_steps > 0:
         format_warmup(net, vcfg, vocab, collector.frames, generator)
 
+    def make_agent() -> VagenAgent:
+        return VagenAgent(
+            net, vcfg.strategy, vocab, vcfg.free_think_len, vcfg.eval_temperature,
+            config=OmegaConf.to_container(cfg, resolve=True), name=f"vagen-{vcfg.strategy}",
+        )
+
+    curve: list[list[float]] = list(saved.get("curve", [])) if saved is not None else []  # [env steps, normalized score]
     started = time.time()
     for update in range(start_update, num_updates):
         # --- the algorithm: collect, credit, update ---------------------------------------------------
@@ -429,22 +437,24 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         if (update + 1) % vcfg.log_every == 0 or update + 1 == num_updates:
             _log(logger, cfg, rollout, collector, parts, return_name, env_steps, update, num_updates,
                  speed=(env_steps - start_update * steps_per_update) / (time.time() - started))
+        if vcfg.eval_every > 0 and (update + 1) % vcfg.eval_every == 0 and update + 1 < num_updates:
+            score = evaluate(make_agent(), cfg, vcfg.eval_episodes, vcfg.eval_seed)["normalized_score"]  # its own generator
+            curve.append([env_steps, score])
+            logger.scalars(env_steps, {"curve/normalized_score": score})
         if vcfg.checkpoint_every > 0 and (update + 1) % vcfg.checkpoint_every == 0 and update + 1 < num_updates:
             atomic_torch_save(resume_path, {
                 "net": net.state_dict(), "value_norms": [n.state_dict() for n in value_norms], "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "update": update + 1, "stage_identity": run.stage_identity,
+                "generator": generator.get_state(), "update": update + 1, "stage_identity": run.stage_identity, "curve": curve,
             })
 
     # --- evaluate and save ---------------------------------------------------------------------------
-    agent = VagenAgent(
-        net, vcfg.strategy, vocab, vcfg.free_think_len, vcfg.eval_temperature,
-        config=OmegaConf.to_container(cfg, resolve=True), name=f"vagen-{vcfg.strategy}",
-    )
+    agent = make_agent()
     metrics = evaluate(agent, cfg, vcfg.eval_episodes, vcfg.eval_seed)
     metrics.update({
         "strategy": vcfg.strategy, "advantage": vcfg.advantage, "world": vcfg.world, "env_id": cfg.env.id,
         "env_steps": num_updates * steps_per_update, "train_seconds": time.time() - started,
         "chance_state_accuracy": chance_state_accuracy(vocab, dict(vcfg.field_weights)), "truth": truth_source,
+        "curve": curve + [[num_updates * steps_per_update, metrics["normalized_score"]]],
     })
     logger.scalars(num_updates * steps_per_update, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     logger.close()
