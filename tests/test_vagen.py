@@ -638,16 +638,17 @@ def test_dream_option_trains_on_the_world_models_state_head(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["NoThink", "WorldModeling"])
-def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch, strategy):
-    """Also the end-to-end run of one value stream (NoThink) and two (task; world-modeling)."""
+@pytest.mark.parametrize("strategy, history_len", [("NoThink", 0), ("WorldModeling", 2)])
+def test_a_killed_run_resumes_from_its_resume_checkpoint(tmp_path, monkeypatch, strategy, history_len):
+    """Also the end-to-end run of one value stream (NoThink, here without a turn history) and two
+    (task; world-modeling)."""
     import agents.vagen.train as vagen_train
     from scripts.train_vagen import main
 
     args = [
         "--preset", "tiny", f"run.root={tmp_path}", "run.name=killed", "vagen.num_envs=2", "vagen.rollout_turns=4",
         "vagen.total_env_steps=24", "vagen.minibatch_turns=8", "vagen.checkpoint_every=1", "vagen.format_warmup_steps=5",
-        "vagen.eval_episodes=1", "env.max_steps=20", f"vagen.strategy={strategy}",
+        "vagen.eval_episodes=1", "env.max_steps=20", f"vagen.strategy={strategy}", f"vagen.history_len={history_len}",
     ]
 
     def killed(*_args, **_kwargs):

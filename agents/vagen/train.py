@@ -290,7 +290,7 @@ def compute_advantages(rollout: Rollout, value_norms: list[ValueNormalizer], vcf
     for k, norm in enumerate(value_norms):
         norm.update(returns[..., k][value_mask[..., k]])
     returns = torch.stack([norm.normalize(returns[..., k]) for k, norm in enumerate(value_norms)], -1)
-    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731  (N, T, ...) -> (N * T, ...)
     return Batch(
         flat(r.frames), flat(r.history), flat(r.tokens), flat(r.mask), flat(r.logprobs), flat(advantages), flat(returns), flat(value_mask)
     )
