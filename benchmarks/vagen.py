@@ -50,6 +50,9 @@ STRATEGY_RUNS = {  # benchmark name -> (vagen.strategy, vagen.advantage)
 }
 METRICS = ("normalized_score", "return_ratio", "state_accuracy", "prediction_accuracy", "format_rate")
 RESULTS = Path(__file__).resolve().parent / "results"
+# The table's view level: the agent reads full-grid frames only (its tiles are the grid's cells); the
+# egocentric column needs a network that reads the 7x7 view.
+VIEW = "full"
 
 
 def run_one(job: dict) -> dict:
@@ -230,7 +233,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100352, help="real env steps per run (the same for every strategy); 100352 = 49 updates of the default 64 x 32 turns")
     parser.add_argument("--eval-episodes", type=int, default=64, help="evaluation episodes per run (at 16, one NoThink seed read 0.17 that read 0.31 over 128)")
-    parser.add_argument("--view", default="full", choices=("full", "partial"), help="observation: full grid or egocentric (env.obs)")
     parser.add_argument("--eval-every", type=int, default=0, help="updates between evaluations during training, for steps_to_0.9 (0: final only)")
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
     parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")
@@ -248,8 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         {
             "env_id": env_id, "label": label, "strategy": STRATEGY_RUNS[label][0], "advantage": STRATEGY_RUNS[label][1],
             "seed": seed, "steps": args.steps, "eval_episodes": args.eval_episodes, "root": args.root,
-            "view": args.view, "eval_every": args.eval_every,
-            "overrides": list(args.overrides), "fresh": args.fresh, "name": f"{env_id.replace('MiniGrid-', '')}_{args.view}_{label}_s{seed}",
+            "view": VIEW, "eval_every": args.eval_every,
+            "overrides": list(args.overrides), "fresh": args.fresh, "name": f"{env_id.replace('MiniGrid-', '')}_{VIEW}_{label}_s{seed}",
         }
         for env_id in args.envs for seed in args.seeds for label in args.strategies
     ]
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     header["run_minutes"] = sum(float(r["metrics"].get("wall_seconds", 0.0)) for r in results) / 60
     header["note"] = args.note
     header["load_after"] = load_average()
-    table = summarise(results, args.envs, args.strategies, args.view)
+    table = summarise(results, args.envs, args.strategies, VIEW)
     out = Path(args.out)
     atomic_write_text(out / "vagen.md", markdown(table, args, header))
     atomic_write_json(out / "vagen.json", table)
