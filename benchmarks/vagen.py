@@ -7,10 +7,13 @@ Every strategy gets the same number of real env steps (``--steps``) and the same
 episodes (fixed env seeds). Writes ``benchmarks/results/vagen.md`` (the table, with per-seed values,
 machine load and budget) and ``benchmarks/results/vagen.json``, and prints that JSON object last::
 
-    {env_id: {strategy: {"normalized_score", "return_ratio", "state_accuracy", "prediction_accuracy",
-                         "format_rate", "per_seed": {metric: [...]}, "std": {metric: ...}}}}
+    {env_id: {view: {strategy: {"normalized_score", "normalized_score_ci", "steps_to_0.9", "return_ratio",
+                                "state_accuracy", "prediction_accuracy", "format_rate",
+                                "per_seed": {metric: [...]}, "std": {metric: ...}}}}}
 
-Metric values are means over seeds; ``null`` where a strategy has no such part (NoThink has no
+``steps_to_0.9``: the real training steps at the first evaluation (every ``--eval-every`` updates,
+``--eval-episodes`` episodes, evaluation steps not counted) whose score reaches 0.9 and stays there
+at the next one; its mean is null unless every seed got there. Metric values are means over seeds; ``null`` where a strategy has no such part (NoThink has no
 state estimate). ``normalized_score`` is ``(R - R_random) / (R_oracle - R_random)`` of the mean real
 return, as in ``agents/evaluate.py``, with the random and BFS-oracle policies' returns on the same env
 seeds; ``return_ratio`` is the mean over episodes of the return over the BFS oracle's optimal return.
@@ -47,6 +50,9 @@ STRATEGY_RUNS = {  # benchmark name -> (vagen.strategy, vagen.advantage)
 }
 METRICS = ("normalized_score", "return_ratio", "state_accuracy", "prediction_accuracy", "format_rate")
 RESULTS = Path(__file__).resolve().parent / "results"
+# The table's view level: the agent reads full-grid frames only (its tiles are the grid's cells); the
+# egocentric column needs a network that reads the 7x7 view.
+VIEW = "full"
 
 
 def run_one(job: dict) -> dict:
@@ -54,7 +60,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from agents.train_vagen import train
+    from agents.vagen.train import train
     from common.runs import RunDir
 
     folder = Path(job["root"]) / job["name"]
@@ -88,7 +94,8 @@ def job_config(job: dict):
         f"run.name={job['name']}", f"run.root={job['root']}", f"run.seed={job['seed']}", "run.threads=1",
         "run.progress=false", f"env.id={job['env_id']}", f"vagen.strategy={job['strategy']}",
         f"vagen.advantage={job['advantage']}", f"vagen.total_env_steps={job['steps']}",
-        f"vagen.eval_episodes={job['eval_episodes']}", *job["overrides"],
+        f"vagen.eval_episodes={job['eval_episodes']}", f"vagen.eval_every={job['eval_every']}", f"env.obs={job['view']}",
+        *job["overrides"],
     ]
     # The dataclass defaults, then this job's values: no preset or env file is read, so one being
     # mid-edit by someone else cannot fail a 40-minute run.
@@ -121,10 +128,22 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
 
 
-def summarise(results: list[dict], envs: list[str], labels: list[str]) -> dict:
+def steps_to(curve: list[list[float]], threshold: float = 0.9) -> float | None:
+    """Real training steps at the first evaluation of ``curve`` ([steps, score], in order) whose score
+    reaches ``threshold`` and stays there at the next evaluation (the last one counts alone); None if none."""
+    for i, (steps, score) in enumerate(curve):
+        if score >= threshold and (i + 1 == len(curve) or curve[i + 1][1] >= threshold):
+            return steps
+    return None
+
+
+def summarise(results: list[dict], envs: list[str], labels: list[str], view: str) -> dict:
+    """{env_id: {view: {label: entry}}}: per metric the mean over seeds, its std and the seeds' values;
+    ``normalized_score_ci`` a 95% normal interval of the mean; ``steps_to_0.9`` per seed and its mean
+    over the seeds that got there."""
     table: dict = {}
     for env_id in envs:
-        table[env_id] = {}
+        table[env_id] = {view: {}}
         for label in labels:
             rows = [r["metrics"] for r in results if r["env_id"] == env_id and r["label"] == label]
             entry: dict = {"per_seed": {}, "std": {}}
@@ -134,8 +153,16 @@ def summarise(results: list[dict], envs: list[str], labels: list[str]) -> dict:
                 entry[metric] = _clean(sum(finite) / len(finite)) if finite else None
                 entry["std"][metric] = _clean(float(_std(finite))) if finite else None
                 entry["per_seed"][metric] = [_clean(v) for v in values]
+            scores = [v for v in entry["per_seed"]["normalized_score"] if v is not None]
+            half = 1.96 * _std(scores) / math.sqrt(len(scores)) if scores else float("nan")
+            entry["normalized_score_ci"] = [_clean(entry["normalized_score"] - half), _clean(entry["normalized_score"] + half)] if scores else None
+            reached = [steps_to(m.get("curve", [])) for m in rows]
+            entry["per_seed"]["steps_to_0.9"] = reached
+            got = [v for v in reached if v is not None]
+            entry["steps_to_0.9"] = _clean(sum(got) / len(got)) if got and len(got) == len(reached) else None
+            entry["std"]["steps_to_0.9"] = _clean(_std(got)) if got and len(got) == len(reached) else None
             entry["seeds"] = [r["seed"] for r in results if r["env_id"] == env_id and r["label"] == label]
-            table[env_id][label] = entry
+            table[env_id][view][label] = entry
     return table
 
 
@@ -171,10 +198,17 @@ def markdown(table: dict, args: argparse.Namespace, header: dict) -> str:
         "Truth = the real env's symbolic state.",
         "",
     ]
+    def reached(entry: dict) -> str:
+        seeds = ", ".join("—" if v is None else f"{v:.0f}" for v in entry["per_seed"]["steps_to_0.9"])
+        return "—" if entry["steps_to_0.9"] is None else f"{entry['steps_to_0.9']:.0f} ± {entry['std']['steps_to_0.9']:.0f} ({seeds})"
+
+    views = {env_id: next(iter(by_view)) for env_id, by_view in table.items()}
+    table = {env_id: by_view[views[env_id]] for env_id, by_view in table.items()}
     for env_id, rows in table.items():
-        lines += [f"## {env_id}", "", "| strategy | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        lines += [f"## {env_id} ({views[env_id]} view)", "", "| strategy | " + " | ".join(METRICS) + " | steps_to_0.9 |",
+                  "|---" * (len(METRICS) + 2) + "|"]
         for label, entry in rows.items():
-            lines.append(f"| {label} | " + " | ".join(cell(entry, m) for m in METRICS) + " |")
+            lines.append(f"| {label} | " + " | ".join(cell(entry, m) for m in METRICS) + f" | {reached(entry)} |")
         lines.append("")
     lines += ["## WorldModeling: bi-level vs turn-level-only GAE", "", "| env | metric | bi-level | turn-level only |", "|---|---|---|---|"]
     for env_id, rows in table.items():
@@ -199,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100352, help="real env steps per run (the same for every strategy); 100352 = 49 updates of the default 64 x 32 turns")
     parser.add_argument("--eval-episodes", type=int, default=64, help="evaluation episodes per run (at 16, one NoThink seed read 0.17 that read 0.31 over 128)")
+    parser.add_argument("--eval-every", type=int, default=0, help="updates between evaluations during training, for steps_to_0.9 (0: final only)")
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")
     parser.add_argument("--root", default="runs/bench_vagen", help="parent folder of the benchmark's run folders")
     parser.add_argument("--out", default=str(RESULTS), help="folder for vagen.md and vagen.json")
@@ -215,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         {
             "env_id": env_id, "label": label, "strategy": STRATEGY_RUNS[label][0], "advantage": STRATEGY_RUNS[label][1],
             "seed": seed, "steps": args.steps, "eval_episodes": args.eval_episodes, "root": args.root,
-            "overrides": list(args.overrides), "fresh": args.fresh, "name": f"{env_id.replace('MiniGrid-', '')}_{label}_s{seed}",
+            "view": VIEW, "eval_every": args.eval_every,
+            "overrides": list(args.overrides), "fresh": args.fresh, "name": f"{env_id.replace('MiniGrid-', '')}_{VIEW}_{label}_s{seed}",
         }
         for env_id in args.envs for seed in args.seeds for label in args.strategies
     ]
@@ -229,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     header["run_minutes"] = sum(float(r["metrics"].get("wall_seconds", 0.0)) for r in results) / 60
     header["note"] = args.note
     header["load_after"] = load_average()
-    table = summarise(results, args.envs, args.strategies)
+    table = summarise(results, args.envs, args.strategies, VIEW)
     out = Path(args.out)
     atomic_write_text(out / "vagen.md", markdown(table, args, header))
     atomic_write_json(out / "vagen.json", table)

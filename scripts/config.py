@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from agents.dreamer import DreamerConfig
 from agents.evaluate import EvaluateConfig
-from agents.train_vagen import VagenConfig
+from agents.vagen.train import VagenConfig
 from common.config import RunConfig, param
 from envs.collect import CollectConfig
 from envs.dataset import DataConfig
@@ -43,7 +43,7 @@ class Config:
 def validate(cfg) -> None:
     """The checks each field's bounds and choices cannot express (``cli_config`` runs those first):
     values against registries and parsers, and fields against each other. Each error names its key."""
-    from agents.train_vagen import check_config as check_vagen
+    from agents.vagen.train import check_config as check_vagen
     from envs.make import normalize_env_id
     from envs.policies import parse_policy_mix
     from worldmodel.train_tokenizer import model_config as tokenizer_model_config

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.train_vagen import train
+from agents.vagen.train import train
 from common.runs import RunDir, run_path
 from common.stage import Stage, checkpoint_content, config_fields, run_stage
 from scripts.stages import main_for

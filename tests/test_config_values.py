@@ -150,7 +150,7 @@ def test_tokenizer_script_runs_the_common_checks(run_root, capsys):
 
 
 def test_vagen_check_config_checks_the_section_for_direct_callers():
-    from agents.train_vagen import VagenConfig, check_config
+    from agents.vagen.train import VagenConfig, check_config
 
     with pytest.raises(ValueError, match="vagen.advantage: must be one of bilevel, turn"):
         check_config(OmegaConf.structured(VagenConfig(advantage="gae")))
