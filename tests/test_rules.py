@@ -172,9 +172,10 @@ def test_evaluate_counts_a_model_that_predicts_no_change():
     model = _CopyModel(TileTokenizer())
     unchanged = P.evaluate(model, _build(DOORKEY, "full", "wall_forward"))
     assert unchanged["rate"] == 1.0 and unchanged["instances"] == INSTANCES and unchanged["tokenizer_exact"] == 1.0
+    assert unchanged["no_change_baseline"] == 1.0
     for rule in ("turn", "key_pickup", "goal"):
         figures = P.evaluate(model, _build(DOORKEY, "full", rule))
-        assert figures["rate"] == 0.0 and figures["frame"] == 0.0, (rule, figures)
+        assert figures["rate"] == 0.0 and figures["frame"] == 0.0 and figures["no_change_baseline"] == 0.0, (rule, figures)
     assert P.evaluate(model, []) == {"rate": None, "instances": 0}
 
 

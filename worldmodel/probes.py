@@ -451,9 +451,10 @@ def predict(world_model: Any, probes: list[Probe], batch_size: int = 64) -> list
 
 def evaluate(world_model: Any, probes: list[Probe]) -> dict:
     """How often the model's predictions obey the probes' rule: ``rate`` (all parts), ``instances``,
-    the parts' rates (``frame``, ``outcome``, ``carrying``) and ``tokenizer_exact`` (the share of
+    the parts' rates (``frame``, ``outcome``, ``carrying``), ``tokenizer_exact`` (the share of
     probes whose real next frame the tokenizer reconstructs exactly on the judged tiles: below 1,
-    the token comparison is blind to what the tokenizer confuses)."""
+    the token comparison is blind to what the tokenizer confuses) and ``no_change_baseline`` (the
+    rate of a predictor of "nothing happens": current frame, no reward, no end, same hands)."""
     if not probes:
         return {"rate": None, "instances": 0}
     verdicts = [judge(p, prediction, reference) for p, (prediction, reference) in zip(probes, predict(world_model, probes))]
@@ -461,11 +462,15 @@ def evaluate(world_model: Any, probes: list[Probe]) -> dict:
     tokenizer_exact = [np.array_equal(frame_cells(d, p.tile_size)[p.judged], frame_cells(p.next_frame, p.tile_size)[p.judged])
                        for d, p in zip(decoded, probes)]
 
+    # What a model that predicts nothing happens would score: the rules where nothing changes need it.
+    unchanged = [judge(p, Prediction(frame_cells(p.frames[-1], p.tile_size), 0.0, False, carried(p.state))).obeys
+                 for p in probes]
+
     def rate(values: list[bool]) -> float:
         return round(float(np.mean(values)), 4)
 
     return {"rate": rate([v.obeys for v in verdicts]), "instances": len(verdicts),
             "frame": rate([v.frame for v in verdicts]), "outcome": rate([v.outcome for v in verdicts]),
             "carrying": rate([bool(v.carrying) for v in verdicts]),
-            "tokenizer_exact": rate(tokenizer_exact),
+            "tokenizer_exact": rate(tokenizer_exact), "no_change_baseline": rate(unchanged),
             "judged_tiles_mean": round(float(np.mean([p.judged.sum() for p in probes])), 1)}
