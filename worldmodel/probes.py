@@ -224,9 +224,12 @@ def _pose(state: SymbolicState) -> tuple[int, int, int]:
 
 def _walk_to(walk: _Walk, facing: Callable[[tuple[int, int, int]], bool], rng: np.random.Generator,
              max_steps: int = 120) -> bool:
-    """Walk to a random reachable pose facing what ``facing`` accepts (moving obstacles: the nearest,
-    re-planned every step around the balls where they are). False if none is reached."""
+    """Walk to a random reachable pose facing what ``facing`` accepts (moving obstacles: a few random
+    moves, then the nearest, re-planned every step around the balls where they are). False if none
+    is reached."""
     if walk.task.moving_obstacles:
+        if not _random_start(walk, rng):  # a few random moves first: the nearest pose then varies
+            return False
         for _ in range(max_steps):
             state = walk.state
             targets = set(_poses(state, facing))
@@ -270,8 +273,18 @@ def _facing_kind(state: SymbolicState, kind: int, door_state: int | None = None)
 
 
 def _random_start(walk: _Walk, rng: np.random.Generator) -> bool:
-    """A random reachable pose first, so that oracle-driven probes do not all start alike."""
-    return _walk_to(walk, lambda front: True, rng)
+    """A random reachable pose first, so that oracle-driven probes do not all start alike (moving
+    obstacles: up to 8 random moves, forward only into an empty cell, which never ends the episode)."""
+    if not walk.task.moving_obstacles:
+        return _walk_to(walk, lambda front: True, rng)
+    for _ in range(int(rng.integers(0, 9))):
+        state = walk.state
+        _, _, front = _front(state, *_pose(state))
+        clear = front is not None and front[0] == EMPTY
+        walk.step(int(rng.choice([LEFT, RIGHT, FORWARD] if clear else [LEFT, RIGHT])))
+        if walk.over:
+            return False
+    return True
 
 
 def _wall_forward(walk: _Walk, rng: np.random.Generator) -> Probe | None:
