@@ -188,7 +188,8 @@ def test_probes_run_on_a_tiny_preset_world_model(tmp_path):
 
     torch.set_num_threads(1)
     cfg = load_config(Config, ["--preset", "tiny", f"run.root={tmp_path}", "run.name=rules", "tokenizer.steps=20",
-                               "dynamics.steps=20", "run.threads=1"])
+                               "dynamics.steps=20", "run.threads=1", "collect.num_envs=1",
+                               "collect.num_episodes=4", "collect.policy_mix=epsilon_oracle@0.2:1"])
     for stage in (collect, train_tokenizer, train_dynamics):
         run_dir = RunDir(cfg, "test", []).lock()
         try:
