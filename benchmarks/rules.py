@@ -11,8 +11,8 @@ contract), or reuse the run folder given by ``--run``; then build the probes of
 let the model predict each probe's next step from the probe's real history and judge it.
 
 Prints progress, then ONE JSON object as the last line,
-``{env_id: {view: {rule: {"rate", "instances", ...}}}}`` (plus a ``"setup"`` entry per view: the
-dataset, training time and seeds), and writes ``benchmarks/results/rules.json``.
+``{env_id: {view: {rule: {"rate", "instances", ...}}}, "setup": {env_id: {view: {...}}}, "machine": {...}}``
+(setup: the dataset, training time and seeds), merged into ``benchmarks/results/rules.json``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def build_run(cfg) -> dict:
     return timing
 
 
-def bench_one(env_id: str, view: str, args: argparse.Namespace) -> dict:
+def bench_one(env_id: str, view: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """One env and view: (per-rule figures, how the model and the probes were made)."""
     from worldmodel.imagine import SamplingConfig, load_world_model
 
     cfg = make_cfg(env_id, view, args, args.run)
@@ -113,7 +114,7 @@ def bench_one(env_id: str, view: str, args: argparse.Namespace) -> dict:
             f"(frame {result[rule].get('frame')}, outcome {result[rule].get('outcome')}, "
             f"carrying {result[rule].get('carrying')}), load {load_average()}")
     trained = json.loads((run_path / "metrics.json").read_text())
-    result["setup"] = {
+    setup = {
         "run": str(run_path), "reused": bool(args.run), "dataset_steps": card["steps"],
         "dataset_episodes": card["episodes"], "dataset_seeds": card["seeds"],
         "policy_mix": [spec["label"] + f":{spec['weight']:g}" for spec in card["policy_mix"]],
@@ -124,7 +125,7 @@ def bench_one(env_id: str, view: str, args: argparse.Namespace) -> dict:
         "probe_seeds": [seeds.start, seeds.stop - 1], "probe_seconds": round(time.perf_counter() - started, 1),
         "load_average": load_average(), "this_run_stage_seconds": timing,
     }
-    return result
+    return result, setup
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = json.loads(output.read_text()) if output.is_file() else {}
     for env_id in envs:
         for view in views:
-            results.setdefault(env_id, {})[view] = bench_one(env_id, view, args)
+            figures, setup = bench_one(env_id, view, args)
+            results.setdefault(env_id, {})[view] = figures
+            results.setdefault("setup", {}).setdefault(env_id, {})[view] = setup
             results["machine"] = machine()
             atomic_write_json(output, results)  # kept if a later env is stopped
     print(json.dumps(results, sort_keys=True), flush=True)
