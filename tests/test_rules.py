@@ -205,3 +205,30 @@ def test_probes_run_on_a_tiny_preset_world_model(tmp_path):
         for key in ("rate", "frame", "outcome", "carrying", "tokenizer_exact"):
             assert 0.0 <= figures[key] <= 1.0, (rule, key, figures)
         assert figures["rate"] <= min(figures["frame"], figures["outcome"], figures["carrying"])
+
+
+def test_a_second_code_for_a_known_tile_is_made_canonical():
+    from types import SimpleNamespace
+
+    from tests.test_dynamics import TileTokenizer
+
+    probes = _build(DOORKEY, "full", "key_pickup")
+    tokenizer = TileTokenizer()
+    tokens = tokenizer.encode(np.concatenate([p.frames for p in probes])).numpy()
+    seen = sorted(np.unique(tokens).tolist())
+    key_token = int(tokens[-1][_front(_states(probes[-1])[0])[::-1]])  # the key's tile, in front of the agent
+    tokenizer.tiles.append(tokenizer.tiles[key_token])  # one more code decoding to the very same tile
+    duplicate = len(tokenizer.tiles) - 1
+
+    class TwoCodes(_CopyModel):
+        def encode(self, frames):
+            ids = self.tokenizer.encode(frames)
+            return torch.where(ids == key_token, duplicate, ids)
+
+    model = TwoCodes(tokenizer)
+    model.dynamics = SimpleNamespace(output_tokens=torch.tensor(seen))
+    histories, references, remapped = P.tokenize(model, probes)
+    assert remapped == 1.0 and all(key_token in h for h in histories) and duplicate not in np.concatenate(histories)
+    model.dynamics = SimpleNamespace(output_tokens=torch.tensor(seen + [duplicate]))  # a code the model knows stays
+    histories, _, remapped = P.tokenize(model, probes)
+    assert remapped == 0.0 and all(duplicate in h for h in histories)

@@ -434,12 +434,63 @@ def build_probes(env_id: str, view: str, rule: str, seeds: Iterable[int], instan
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(world_model: Any, probes: list[Probe], batch_size: int = 64) -> list[tuple[Prediction, np.ndarray]]:
+def tokenize(world_model: Any, probes: list[Probe]) -> tuple[list[np.ndarray], np.ndarray, float]:
+    """Every probe's history (T0, h, w) and next frame (h, w) in tokens, and the share of probes
+    whose tokens had to be made canonical.
+
+    Canonical: a token the dynamics model never saw as a target (not in ``dynamics.output_tokens``)
+    whose decoded tile is pixel for pixel that of a token it saw is replaced by that token. A
+    tokenizer with two codes for one tile (a near tie in its codebook, settled by float rounding
+    that depends on the batch) otherwise hands the model tokens it was not trained on for frames
+    it knows; the share measures that tokenizer defect apart from what the model knows.
+    """
+    lengths = [len(p.frames) for p in probes]
+    frames = np.concatenate([p.frames for p in probes] + [np.stack([p.next_frame for p in probes])])
+    tokens = torch_numpy(world_model.encode(frames)).astype(np.int64)
+    canonical = _canonical_tokens(world_model, tokens)
+    offsets = np.cumsum([0] + lengths)
+    remapped = [not np.array_equal(canonical[a:b], tokens[a:b]) or
+                not np.array_equal(canonical[offsets[-1] + i], tokens[offsets[-1] + i])
+                for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
+    histories = [canonical[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return histories, canonical[offsets[-1]:], round(float(np.mean(remapped)), 4)
+
+
+def _canonical_tokens(world_model: Any, tokens: np.ndarray) -> np.ndarray:
+    known = getattr(getattr(world_model, "dynamics", None), "output_tokens", None)
+    if known is None:
+        return tokens
+    known = sorted(torch_numpy(known).tolist())
+    unknown = sorted(set(np.unique(tokens).tolist()) - set(known))
+    if not unknown:
+        return tokens
+    patch = int(world_model.tokenizer.patch_size)
+
+    def tiles(ids: list[int]) -> np.ndarray:  # (K,) per-tile bytes of the decoded tokens
+        return frame_cells(torch_numpy(world_model.decode(np.array(ids, dtype=np.int64)[None, :])), patch)[0]
+
+    known_tiles = tiles(known)
+    mapping = np.arange(int(tokens.max()) + 1)
+    for token, tile in zip(unknown, tiles(unknown)):
+        same = np.nonzero(known_tiles == tile)[0]
+        if len(same):
+            mapping[token] = known[int(same[0])]
+    return mapping[tokens]
+
+
+def torch_numpy(values: Any) -> np.ndarray:
+    return values.cpu().numpy() if hasattr(values, "cpu") else np.asarray(values)
+
+
+def predict(world_model: Any, probes: list[Probe], batch_size: int = 64,
+            tokens: tuple[list[np.ndarray], np.ndarray] | None = None) -> list[tuple[Prediction, np.ndarray]]:
     """The world model's prediction for every probe (in token cells) and the real next frame's tokens.
 
     ``world_model``: a :class:`worldmodel.imagine.WorldModel` (its sampling decides greedy or not);
-    each probe's whole history is its context, probes of one history length run as one batch.
+    each probe's whole history is its context (tokenised by :func:`tokenize`), probes of one history
+    length run as one batch. ``tokens``: :func:`tokenize`'s result, if already computed.
     """
+    histories, references = tokenize(world_model, probes)[:2] if tokens is None else tokens
     out: list[tuple[Prediction, np.ndarray] | None] = [None] * len(probes)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, probe in enumerate(probes):
@@ -447,18 +498,13 @@ def predict(world_model: Any, probes: list[Probe], batch_size: int = 64) -> list
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            tokens = world_model.encode(np.stack([probes[i].frames for i in chunk]))  # (B, T0, h, w)
-            actions = np.stack([probes[i].actions for i in chunk])  # (B, T0 - 1)
-            world_model.reset(tokens, actions)
+            world_model.reset(np.stack([histories[i] for i in chunk]), np.stack([probes[i].actions for i in chunk]))
             step = world_model.step(np.array([probes[i].action for i in chunk]))
-            predicted = step.tokens.cpu().numpy()
-            reward = step.reward.cpu().numpy()
-            terminated = step.terminated.cpu().numpy()
-            state = step.state.cpu().numpy()
-            reference = world_model.encode(np.stack([probes[i].next_frame for i in chunk])).cpu().numpy()
+            predicted, reward = torch_numpy(step.tokens), torch_numpy(step.reward)
+            terminated, state = torch_numpy(step.terminated), torch_numpy(step.state)
             for j, i in enumerate(chunk):
                 out[i] = (Prediction(cells=predicted[j], reward=float(reward[j]), terminated=bool(terminated[j]),
-                                     carrying=carried(state[j])), reference[j])
+                                     carrying=carried(state[j])), references[i])
     return out  # type: ignore[return-value]
 
 
@@ -466,12 +512,16 @@ def evaluate(world_model: Any, probes: list[Probe]) -> dict:
     """How often the model's predictions obey the probes' rule: ``rate`` (all parts), ``instances``,
     the parts' rates (``frame``, ``outcome``, ``carrying``), ``tokenizer_exact`` (the share of
     probes whose real next frame the tokenizer reconstructs exactly on the judged tiles: below 1,
-    the token comparison is blind to what the tokenizer confuses) and ``no_change_baseline`` (the
+    the token comparison is blind to what the tokenizer confuses), ``tokens_made_canonical`` (the
+    share of probes whose tokens :func:`tokenize` had to make canonical: above 0, the tokenizer
+    gives one tile two codes) and ``no_change_baseline`` (the
     rate of a predictor of "nothing happens": current frame, no reward, no end, same hands)."""
     if not probes:
         return {"rate": None, "instances": 0}
-    verdicts = [judge(p, prediction, reference) for p, (prediction, reference) in zip(probes, predict(world_model, probes))]
-    decoded = world_model.decode(world_model.encode(np.stack([p.next_frame for p in probes])))
+    histories, references, remapped = tokenize(world_model, probes)
+    predictions = predict(world_model, probes, tokens=(histories, references))
+    verdicts = [judge(p, prediction, reference) for p, (prediction, reference) in zip(probes, predictions)]
+    decoded = torch_numpy(world_model.decode(references))
     tokenizer_exact = [np.array_equal(frame_cells(d, p.tile_size)[p.judged], frame_cells(p.next_frame, p.tile_size)[p.judged])
                        for d, p in zip(decoded, probes)]
 
@@ -485,5 +535,6 @@ def evaluate(world_model: Any, probes: list[Probe]) -> dict:
     return {"rate": rate([v.obeys for v in verdicts]), "instances": len(verdicts),
             "frame": rate([v.frame for v in verdicts]), "outcome": rate([v.outcome for v in verdicts]),
             "carrying": rate([bool(v.carrying) for v in verdicts]),
-            "tokenizer_exact": rate(tokenizer_exact), "no_change_baseline": rate(unchanged),
+            "tokenizer_exact": rate(tokenizer_exact), "tokens_made_canonical": remapped,
+            "no_change_baseline": rate(unchanged),
             "judged_tiles_mean": round(float(np.mean([p.judged.sum() for p in probes])), 1)}
