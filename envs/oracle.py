@@ -310,3 +310,35 @@ class Oracle:
 
     def reset(self) -> None:
         self._expected, self._remaining = None, []
+
+
+def plan_to_pose(state: SymbolicState, poses: set[tuple[int, int, int]]) -> list[int] | None:
+    """The shortest list of moves (left, right, forward) from ``state`` to any of ``poses``
+    ((x, y, direction) triples), or None if none is reachable ([] when already there).
+
+    Doors, keys and the carried object stay as they are; the agent never enters lava or a goal
+    tile (either would end the episode) and treats balls as walls where they stand now. Probes and
+    scripted walks use it to put the agent where a rule applies.
+    """
+    # Only the layout matters here (no action completes the task): any task the state supports will do.
+    layout, start = _layout_and_node(state, GOAL_TASK if state.goal_positions else Task("pickup", BALL))
+    targets = {(int(x), int(y), int(d)) for x, y, d in poses}
+    if start[:3] in targets:
+        return []
+    parents: dict[Node, tuple[Node, int] | None] = {start: None}
+    frontier = deque([start])
+    while frontier:
+        node = frontier.popleft()
+        for action in (FORWARD, LEFT, RIGHT):
+            child, success = _step(layout, node, action)
+            if child is None or success or child in parents:
+                continue
+            parents[child] = (node, action)
+            if child[:3] in targets:
+                actions = []
+                while parents[child] is not None:
+                    child, previous = parents[child]  # type: ignore[misc]
+                    actions.append(previous)
+                return actions[::-1]
+            frontier.append(child)
+    return None
