@@ -50,6 +50,27 @@ def test_encode_decode_shapes_dtypes_and_determinism(fresh):
     assert torch.equal(fresh.decode_network(tokens.reshape(6, 5, 5)), decoded.reshape(6, 40, 40, 3))
 
 
+def test_encoder_sees_one_block_shape_whatever_the_batch(fresh, monkeypatch):
+    """A matrix product's rounding depends on its shape: a tile near a quantisation boundary got
+    one code alone and another in a 4096-frame batch (egocentric DoorKey-5x5's key tile). Every
+    encoder pass now has ENCODE_BLOCK rows, so what else is in the batch cannot move a tile's code."""
+    from worldmodel import tokenizer as module
+
+    shapes = []
+    original = type(fresh).encode_latents
+
+    def recording(self, patches):
+        shapes.append(tuple(patches.shape[:3]))
+        return original(self, patches)
+
+    monkeypatch.setattr(type(fresh), "encode_latents", recording)
+    frames = random_frames("MiniGrid-DoorKey-5x5-v0", list(range(30)), steps=30)
+    many = fresh.encode(frames)
+    one = fresh.encode(frames[7])
+    assert shapes and set(shapes) == {(1, 1, module.ENCODE_BLOCK)}
+    assert torch.equal(one, many[7])
+
+
 def test_decode_table_follows_weight_changes(fresh):
     model = Tokenizer(fresh.config)
     model.load_state_dict(fresh.state_dict())
