@@ -33,7 +33,7 @@ class PPOConfig:
     channels: int = param(32, "conv channels of the token encoder", min=1)
     hidden_dim: int = param(128, "MLP width of actor and critic", min=1)
     # --- rollouts
-    total_env_steps: int = param(40_000, "real env steps to train for, summed over envs and ranks", min=1)
+    total_env_steps: int = param(30_000, "real env steps to train for, summed over envs and ranks", min=1)
     num_envs: int = param(8, "envs in each process's gymnasium vector env", min=1)
     rollout_steps: int = param(64, "steps per env between updates", min=1)
     # --- returns and advantages
