@@ -48,6 +48,8 @@ class PPOConfig:
     value_coef: float = param(0.5, "weight of the value loss", min=0)
     entropy_coef: float = param(0.01, "entropy bonus weight", min=0)
     grad_clip: float = param(0.5, "global gradient-norm clip", above=0)
+    advantage_std_floor: float = param(0.05, "advantages are divided by max(std, floor): a rollout without a success "
+                                       "(advantages are critic noise) is not blown up to unit scale", min=0)
     # --- tokens, evaluation, acting, saving
     tokenizer: str = param("", "run folder whose tokenizer.pt makes the tokens (default: this run)")
     eval_every: int = param(4, "evaluate the policy in the real env every N updates (0: only at the end)", min=0)
@@ -158,7 +160,8 @@ class ActorCritic(nn.Module):
         return actions, logprobs, self.critic(tokens)
 
     def compute_loss(self, batch: RolloutBatch) -> Losses:
-        """Clipped PPO loss on one minibatch; advantages are whitened over the minibatch (CleanRL)."""
+        """Clipped PPO loss on one minibatch; advantages are whitened over the minibatch (CleanRL), with
+        a floor under their spread."""
         cfg = self.cfg
         logits = self.actor(batch.tokens)
         log_probs = F.log_softmax(logits, dim=-1)
@@ -166,7 +169,7 @@ class ActorCritic(nn.Module):
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         values = self.critic(batch.tokens)
         mask = torch.ones_like(logprobs)
-        advantages = masked_whiten(batch.advantages, mask)
+        advantages = masked_whiten(batch.advantages, mask, std_floor=cfg.advantage_std_floor)
         return ppo_loss(logprobs[None], batch.old_logprobs[None], advantages[None], values[None], batch.returns[None],
                         entropy[None], mask[None], clip=cfg.clip, value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef)
 
