@@ -47,7 +47,7 @@ NUM_ACTIONS = 7  # MiniGrid: left, right, forward, pickup, drop, toggle, done
 CHECKPOINT_FORMAT = 1
 
 # Kinds whose module load_policy imports when a checkpoint does not name its own module.
-_KNOWN_KIND_MODULES = {"dreamer": "agents.dreamer", "vagen": "agents.vagen"}
+_KNOWN_KIND_MODULES = {"dreamer": "agents.dreamer", "vagen": "agents.vagen", "ppo": "agents.ppo"}
 _REGISTRY: dict[str, type["Policy"]] = {}
 
 

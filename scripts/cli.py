@@ -21,6 +21,7 @@ COMMANDS = {
     "train-tokenizer": ("train_tokenizer", "train the frame tokenizer on the dataset"),
     "train-dynamics": ("train_dynamics", "train the dynamics model (world model) on the tokenised dataset"),
     "train-dreamer": ("train_dreamer", "train the Dreamer-style agent in imagination only"),
+    "train-ppo": ("train_ppo", "train the model-free PPO baseline on the real env"),
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),
     "evaluate": ("evaluate", "evaluate policies in the real env and in the world model"),
     "compare": ("compare", "several evaluated runs in one table and one scatter"),

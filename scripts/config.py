@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from agents.dreamer import DreamerConfig
 from agents.evaluate import EvaluateConfig
+from agents.ppo import PPOConfig
 from agents.vagen.train import VagenConfig
 from common.config import RunConfig, param
 from envs.collect import CollectConfig
@@ -35,6 +36,7 @@ class Config:
     tokenizer: TokenizerStageConfig = param(default_factory=TokenizerStageConfig, help="frame tokenizer: frames <-> one token per tile")
     dynamics: DynamicsConfig = param(default_factory=DynamicsConfig, help="action-conditioned dynamics model (world model)")
     dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
+    ppo: PPOConfig = param(default_factory=PPOConfig, help="model-free PPO baseline on the real env")
     evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")
     vagen: VagenConfig = param(default_factory=VagenConfig, help="VAGEN-style agent: state estimation, transition modelling")
     quickstart: QuickstartConfig = param(default_factory=QuickstartConfig, help="the stages the quickstart chains")
@@ -43,6 +45,7 @@ class Config:
 def validate(cfg) -> None:
     """The checks each field's bounds and choices cannot express (``cli_config`` runs those first):
     values against registries and parsers, and fields against each other. Each error names its key."""
+    from agents.ppo import check_config as check_ppo
     from agents.vagen.train import check_config as check_vagen
     from envs.make import normalize_env_id
     from envs.policies import parse_policy_mix
@@ -67,3 +70,4 @@ def validate(cfg) -> None:
             raise ValueError(f"evaluate.policies: must include '{required}' (the normalised score is relative to it), "
                              f"got '{cfg.evaluate.policies}'")
     check_vagen(cfg.vagen)
+    check_ppo(cfg.ppo)
