@@ -24,6 +24,12 @@ prev action a_{t-1} ──embed──────────────┴─�
   and classifier-free action guidance ``logits_uncond + g * (logits_cond - logits_uncond)`` is a
   sampling option (Vid2World).
 
+- Egocentric view (``memory="map"``): the rollout also carries an allocentric map of the last token
+  seen at every cell and the agent's dead-reckoned pose (:mod:`worldmodel.memory`); the decoder reads
+  the map under the next pose (``unknown`` where never seen) instead of the current frame, so what was
+  seen comes back as it was. Whether a step forward moved, the reward and the termination come from
+  the cell in front of the agent and the action (one small head); training uses the true poses.
+
 Token grids are (h, w) = (H / patch, W / patch); N = h * w. ``S`` is the symbolic state length.
 """
 

@@ -72,7 +72,7 @@ class DynamicsConfig:
     decoder_context: str = param("auto", "what the next-frame decoder and reward/termination heads see: global (the "
                                  "memory too, whole-frame pooling), local (a neighbourhood of decoder_layers tiles; "
                                  "events read cell by cell off the transition: generalises from a single success), "
-                                 "auto (local where the memory is the frame alone, i.e. the full view; else global)",
+                                 "auto (local with a frame or map memory; global with a recurrent one)",
                                  choices=("auto", *DECODER_CONTEXTS))
     presence: bool = param(True, "local decoding: every cell also sees which tiles the frame holds anywhere "
                            "(max-pooled, position-free: whether the key is carried or on the floor)")
