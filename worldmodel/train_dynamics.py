@@ -420,9 +420,11 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     # The decoder outputs the tokens the training frames use (a tile never seen cannot be learned).
     output_tokens = np.unique(train_set.extras["tokens"]).tolist()
     # Positions no training frame ever changes (the outer wall) are copied, not predicted.
-    hidden = hidden_token_of(tokenizer, int(cfg.env.tile_size), token_shape)  # type: ignore[arg-type]
-    if resolve_memory(section.memory, token_shape, codec) == "map" and hidden < 0:  # type: ignore[arg-type]
-        raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
+    hidden = -1
+    if resolve_memory(section.memory, token_shape, codec) == "map":  # type: ignore[arg-type]
+        hidden = hidden_token_of(tokenizer, int(cfg.env.tile_size), token_shape)  # type: ignore[arg-type]
+        if hidden < 0:
+            raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
     model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens,  # type: ignore[arg-type]
                              constant_cells(train_set.extras["tokens"]), hidden_token=hidden)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
