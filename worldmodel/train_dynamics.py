@@ -120,8 +120,11 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
                  num_actions: int, output_tokens: list[int] | None = None,
                  static_cells: list[int] | None = None, hidden_token: int = -1) -> DynamicsModelConfig:
     """The model's shape from the config section and the data it will read (``hidden_token``: the
-    token of an occluded view cell, :func:`hidden_token_of`; the map memory needs it)."""
+    token of an occluded view cell, :func:`hidden_token_of`; the map memory needs it, and ``auto``
+    falls back to ``recurrent`` without it)."""
     memory = resolve_memory(section.memory, token_shape, codec)
+    if memory == "map" and section.memory == "auto" and hidden_token < 0:
+        memory = "recurrent"  # no token per tile (a patch that is not one tile): no map to write
     if memory == "map":
         static_cells = []  # a position of the egocentric view is no fixed world cell
     return DynamicsModelConfig(
@@ -423,7 +426,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     hidden = -1
     if resolve_memory(section.memory, token_shape, codec) == "map":  # type: ignore[arg-type]
         hidden = hidden_token_of(tokenizer, int(cfg.env.tile_size), token_shape)  # type: ignore[arg-type]
-        if hidden < 0:
+        if hidden < 0 and section.memory == "map":
             raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
     model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens,  # type: ignore[arg-type]
                              constant_cells(train_set.extras["tokens"]), hidden_token=hidden)
