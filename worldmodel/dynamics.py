@@ -24,6 +24,12 @@ prev action a_{t-1} ──embed──────────────┴─�
   and classifier-free action guidance ``logits_uncond + g * (logits_cond - logits_uncond)`` is a
   sampling option (Vid2World).
 
+- Egocentric view (``memory="map"``): the rollout also carries an allocentric map of the last token
+  seen at every cell and the agent's dead-reckoned pose (:mod:`worldmodel.memory`); the decoder reads
+  the map under the next pose (``unknown`` where never seen) instead of the current frame, so what was
+  seen comes back as it was. Whether a step forward moved, the reward and the termination come from
+  the cell in front of the agent and the action (one small head); training uses the true poses.
+
 Token grids are (h, w) = (H / patch, W / patch); N = h * w. ``S`` is the symbolic state length.
 """
 
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 from common.atomic import ArtifactError
 from common.checkpoints import read_checkpoint
 from envs.state import NUM_COLORS, NUM_OBJECTS, NUM_STATES, StateCodec
+from worldmodel import memory as token_map
 
 # ---------------------------------------------------------------------------------------------
 # Config and typed inputs / outputs
@@ -73,7 +80,10 @@ class DynamicsModelConfig:
     # Markov in the frame). With a few dozen goal steps in the data, a recurrent memory lets the heads
     # tie rare events to the histories they happened after (measured on DoorKey-5x5 random data:
     # the goal step right from a one-frame context, wrong after any longer one); where the frame is
-    # the whole state (full view), "frame" generalises from those few.
+    # the whole state (full view), "frame" generalises from those few. "map" (egocentric view): an
+    # allocentric token map written at a dead-reckoned pose (worldmodel/memory.py); the decoder reads
+    # the map under the next pose, so what was seen comes back as it was (object permanence by
+    # construction); the GRU stays for the state head.
     memory: str
     # What the next-frame decoder and the reward/termination heads see: "global" (every token also
     # gets the memory; the heads read the pooled decoder features and the memory) or "local" (no
@@ -96,6 +106,10 @@ class DynamicsModelConfig:
     # work (MLP, output layer) on the others only: imagination ~1.3x faster (docs/dynamics.md).
     # Empty: every position is predicted.
     static_cells: list[int] = field(default_factory=list)
+    # memory="map": the token of a hidden (occluded, drawn black) view cell, never written into the
+    # map, and the map's side (cells). -1 / 0 for the other memories.
+    hidden_token: int = -1
+    map_size: int = 0
     reward_weight: float = 1.0
     termination_weight: float = 1.0
     state_weight: float = 1.0
@@ -112,6 +126,17 @@ class DynamicsModelConfig:
         for name in ("vocab_size", "grid_height", "grid_width", "state_width", "state_height", "num_actions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dynamics {name} must be positive, got {getattr(self, name)}")
+        if self.memory == "map":
+            if self.grid_height != self.grid_width:
+                raise ValueError("dynamics memory 'map' needs a square egocentric view (one token per tile)")
+            if not 0 <= self.hidden_token < self.vocab_size:
+                raise ValueError(f"dynamics memory 'map' needs hidden_token in [0, {self.vocab_size}), got {self.hidden_token}")
+            if self.map_size < 2 * self.grid_height - 1:
+                raise ValueError(f"dynamics map_size ({self.map_size}) must be at least 2 * view - 1 = {2 * self.grid_height - 1}")
+            if self.decoder_context != "local":
+                raise ValueError("dynamics memory 'map' decodes locally: the map, not the GRU, is what the decoder reads")
+            if self.static_cells:
+                raise ValueError("dynamics memory 'map': an egocentric view has no static cells")
         if any(not 0 <= int(v) < self.num_tokens for v in self.static_cells):
             raise ValueError(f"dynamics static_cells must lie in [0, {self.num_tokens})")
         if len(set(int(v) for v in self.static_cells)) >= self.num_tokens:
@@ -176,6 +201,7 @@ class DynamicsOutput:
     reward_value: torch.Tensor  # (B, T): its value, where non-zero
     termination_logit: torch.Tensor  # (B, T)
     state_logits: torch.Tensor  # (B, T, S, K): symbolic state of frame t
+    moved_logit: torch.Tensor | None = None  # (B, T): memory="map": did actions[t] move the agent
 
 
 @dataclass
@@ -187,6 +213,17 @@ class DynamicsCache:
     # (B, m): GRU state c_t (frames <= t, actions < t). None with ``memory="frame"``: then it is a
     # function of the features alone, computed only when read (DynamicsModel.memory_of).
     memory: torch.Tensor | None
+    # memory="map" only (else None): the token map and the agent's pose (worldmodel/memory.py).
+    map: torch.Tensor | None = None  # (B, M * M + 1) int64
+    pose: torch.Tensor | None = None  # (B, 3) int64
+
+    def replace_rows(self, index: torch.Tensor, other: "DynamicsCache", other_memory: torch.Tensor | None) -> "DynamicsCache":
+        """A new cache whose rows ``index`` (R,) come from ``other`` (R rows; ``other_memory`` its memory)."""
+        def put(mine, theirs):
+            return None if mine is None else mine.index_copy(0, index, theirs)
+        return DynamicsCache(tokens=put(self.tokens, other.tokens), features=put(self.features, other.features),
+                             memory=put(self.memory, other_memory), map=put(self.map, other.map),
+                             pose=put(self.pose, other.pose))
 
 
 @dataclass
@@ -282,7 +319,7 @@ def _bounding_box(rows: torch.Tensor, width: int) -> tuple[tuple[int, int, int, 
 
 
 BLOCK_TYPES = ("conv", "mix", "attention")
-MEMORY_TYPES = ("recurrent", "frame")
+MEMORY_TYPES = ("recurrent", "frame", "map")
 DECODER_CONTEXTS = ("global", "local")
 STATIC_LOGIT = -30.0  # logit of every token but the current one at a static position (probability ~1e-13)
 
@@ -379,6 +416,16 @@ class DynamicsModel(nn.Module):
             self.outcome_after = nn.Embedding(c.vocab_size, d)
             self.outcome_action = nn.Embedding(c.num_actions + 1, d)
             self.outcome_unchanged = nn.Parameter(torch.zeros(d))
+        self.map_memory = c.memory == "map"
+        if self.map_memory:
+            self.unknown_token = c.vocab_size  # a map cell never seen (the decoder's input only)
+            self.unknown_embedding = nn.Parameter(torch.zeros(d))
+            # The cell in front and the action decide all a step does besides what the view draws:
+            # whether the agent moves (the pose), the reward and the termination. One head reads
+            # them: [reward non-zero, reward value, termination, moved] logits.
+            self.front_token = nn.Embedding(c.vocab_size, d)
+            self.front_action = nn.Embedding(c.num_actions + 1, d)
+            self.front_head = nn.Sequential(nn.Linear(d, c.state_hidden // 2), nn.GELU(), nn.Linear(c.state_hidden // 2, 4))
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -387,6 +434,13 @@ class DynamicsModel(nn.Module):
             nn.init.normal_(embedding.weight, std=1.0)
         for linear in (self.decoder_memory, self.summary):
             nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        if self.map_memory:
+            for embedding in (self.front_token, self.front_action):
+                nn.init.normal_(embedding.weight, std=1.0)
+            # Events come from the front head: the per-cell transition reading goes unused.
+            self.outcome_head = self.outcome_before = self.outcome_after = None  # type: ignore[assignment]
+            self.outcome_action = None  # type: ignore[assignment]
+            self.outcome_unchanged = None  # type: ignore[assignment]
         if self.local:
             # Local decoding reads no memory. Built and initialised above all the same, so that a
             # seed draws the same weights whatever decoder_context; dropped so that no parameter
@@ -487,7 +541,10 @@ class DynamicsModel(nn.Module):
             condition = condition + self.decoder_memory(memory)
         elif self.presence is not None:
             # A linear map of each token's embedding: computed once per vocabulary entry, then looked up.
-            condition = condition + F.embedding(tokens, self.presence(self.token_embedding.weight)).amax(dim=1)
+            table = self.presence(self.token_embedding.weight)
+            if self.map_memory:  # a map cell never seen holds no tile: it never wins the max
+                table = torch.cat([table, table.new_full((1, table.shape[1]), -1e4)])
+            condition = condition + F.embedding(tokens, table).amax(dim=1)
         if next_tokens is None:  # nothing of the next frame known: one "mask" embedding for all
             x = features + (condition + self.next_token_embedding.weight[self.mask_token])[:, None]
         else:
@@ -508,7 +565,10 @@ class DynamicsModel(nn.Module):
     def transition_outcome(self, tokens: torch.Tensor, next_tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """``decoder_context="local"``: [reward non-zero logit, reward value, termination logit] (M, 3)
         of the transition tokens (M, N) -> next_tokens (M, N) under actions (M,), read cell by cell
-        over the cells that changed: the most confident cell's logit, the value at the cell that fires."""
+        over the cells that changed: the most confident cell's logit, the value at the cell that fires.
+        ``memory="map"``: read off the cell in front and the action (:meth:`front_outcome`)."""
+        if self.map_memory:
+            return self.front_outcome(tokens, actions)[:, :3]
         action = self.outcome_action(self._action_index(actions))  # (M, d)
         # Only cells that changed can carry an event (the agent entering the goal or lava); a frame
         # where nothing changed has one candidate, the action alone. With a single success in the
@@ -528,6 +588,74 @@ class DynamicsModel(nn.Module):
         value = per_cell[..., 1].gather(1, where[:, None])[:, 0]
         return torch.stack([reward_logit, value, per_cell[..., 2].max(dim=1).values], dim=-1)
 
+    # ----------------------------------------------------------------- token map (memory="map")
+    def front_outcome(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """tokens (M, N) of frame t, actions (M,) -> (M, 4) logits [reward non-zero, reward value,
+        termination, moved] from the token in front of the agent (always visible) and the action."""
+        v = self.config.grid_width
+        front = tokens[:, (v - 2) * v + v // 2]
+        return self.front_head(self.front_token(front) + self.front_action(self._action_index(actions)))
+
+    def encode_prior(self, prior: torch.Tensor) -> torch.Tensor:
+        """prior view tokens (M, N) (``unknown_token`` where the map never saw the cell) -> features (M, N, d)."""
+        unknown = prior == self.unknown_token
+        x = torch.where(unknown[..., None], self.unknown_embedding,
+                        self.token_embedding(prior.clamp_max(self.config.vocab_size - 1))) + self.position
+        for block in self.encoder:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def _agent_cell(self) -> int:
+        v = self.config.grid_width
+        return (v - 1) * v + v // 2
+
+    def prior_view(self, state: token_map.MapState, tokens: torch.Tensor) -> torch.Tensor:
+        """The map read at ``state.pose`` (B, N), the agent's cell from the current frame tokens (B, N)
+        (it draws what the agent carries, which only the action in front can change)."""
+        prior = token_map.read_view(state, self.config.grid_width)
+        agent = self._agent_cell()
+        prior[:, agent] = tokens[:, agent]
+        return prior
+
+    def _step_pose(self, pose: torch.Tensor, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The next pose (B, 3) after actions (B,) from frame tokens (B, N): the front head says whether it moved."""
+        return token_map.next_pose(pose, actions, self.front_outcome(tokens, actions)[:, 3] > 0)
+
+    def _map_window(self, tokens: torch.Tensor, actions: torch.Tensor,
+                    poses: torch.Tensor | None) -> tuple[torch.Tensor, token_map.MapState]:
+        """Write frames (B, T, N) one by one into a fresh map -> prior views (B, T, N) of frames
+        1..T (each from the map of frames <= t read at pose t+1) and the map state after frame T-1.
+        actions (B, T): actions[t] leads from frame t to t+1; poses (B, T, 3): the true poses relative
+        to frame 0 (teacher forcing), or None: dead-reckoned with the front head (what a rollout does)."""
+        b, t, _ = tokens.shape
+        c = self.config
+        state = token_map.empty_map(b, c.map_size, self.unknown_token, tokens.device)
+        pose = state.pose if poses is None else poses[:, 0]
+        priors = []
+        for i in range(t):
+            state = token_map.MapState(token_map.write_view(token_map.MapState(state.map, pose), tokens[:, i],
+                                                            c.hidden_token, self.unknown_token), pose)
+            if i == t - 1:
+                break
+            pose = poses[:, i + 1] if poses is not None else self._step_pose(pose, tokens[:, i], actions[:, i])
+            priors.append(self.prior_view(token_map.MapState(state.map, pose), tokens[:, i]))
+        # The last frame's prior (its successor is not in the window) from the dead-reckoned pose.
+        priors.append(self.prior_view(token_map.MapState(state.map, self._step_pose(pose, tokens[:, -1], actions[:, -1])),
+                                      tokens[:, -1]))
+        return torch.stack(priors, dim=1), state
+
+    def _map_decode(self, cache: DynamicsCache, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's inputs for the next frame of a cached rollout: prior tokens (B, N), features (B, N, d)."""
+        assert cache.map is not None and cache.pose is not None, "memory 'map' needs a cache made by start/observe"
+        pose = self._step_pose(cache.pose, cache.tokens, actions)
+        prior = self.prior_view(token_map.MapState(cache.map, pose), cache.tokens)
+        return prior, self.encode_prior(prior)
+
+    def true_poses(self, states: torch.Tensor) -> torch.Tensor:
+        """states (B, T, S) -> the agent's poses (B, T, 3) relative to frame 0 (:func:`memory.relative_poses`)."""
+        grid = 3 * self.config.state_width * self.config.state_height
+        return token_map.relative_poses(states[..., grid:grid + 2].long(), states[..., grid + 2].long())
+
     # ----------------------------------------------------------------- teacher-forced pass
     def forward(
         self,
@@ -535,13 +663,15 @@ class DynamicsModel(nn.Module):
         actions: torch.Tensor,
         next_tokens_given: torch.Tensor | None = None,
         memory_actions: torch.Tensor | None = None,
+        poses: torch.Tensor | None = None,
     ) -> DynamicsOutput:
         """Teacher-forced predictions over a window.
 
         tokens (B, T, h, w), actions (B, T) (actions[t] leads from frame t to t+1; -1 = none);
         next_tokens_given (B, T, N): the decoder's view of frame t+1 (``mask_token`` where
         unknown; None: all unknown); memory_actions (B, T): the actions the memory sees (default
-        ``actions``; training passes the same dropped actions to both).
+        ``actions``; training passes the same dropped actions to both); poses (B, T, 3)
+        (``memory="map"``: the true poses relative to frame 0, :meth:`true_poses`; None: dead-reckoned).
         """
         b, t = actions.shape
         memory_actions = actions if memory_actions is None else memory_actions
@@ -551,7 +681,15 @@ class DynamicsModel(nn.Module):
         state = self.state_logits(features, memory)  # (B, T, S, K)
         given = None if next_tokens_given is None else next_tokens_given.reshape(b * t, -1)
         flat_tokens = tokens.reshape(b * t, -1)
-        logits, outcome = self.decode(flat_tokens, features.flatten(0, 1), memory.flatten(0, 1), actions.reshape(-1), given)
+        moved_logit = None
+        if self.map_memory:  # the decoder reads the map under the next pose, not frame t
+            priors, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses)
+            prior = priors.reshape(b * t, -1)
+            logits, outcome = self.decode(prior, self.encode_prior(prior), None, actions.reshape(-1), given)
+            moved_logit = self.front_outcome(flat_tokens, actions.reshape(-1))[:, 3].view(b, t)
+        else:
+            logits, outcome = self.decode(flat_tokens, features.flatten(0, 1), memory.flatten(0, 1), actions.reshape(-1),
+                                          given)
         if outcome is None:  # local: read off the true transition (the last frame's has none: masked out)
             after = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1).reshape(b * t, -1)
             outcome = self.transition_outcome(flat_tokens, after, actions.reshape(-1))
@@ -562,6 +700,7 @@ class DynamicsModel(nn.Module):
             reward_value=outcome[..., 1],
             termination_logit=outcome[..., 2],
             state_logits=state,
+            moved_logit=moved_logit,
         )
 
     # ----------------------------------------------------------------- training objective
@@ -590,7 +729,8 @@ class DynamicsModel(nn.Module):
         unknown = ~refine | hidden  # (B, T, N) tokens the decoder must predict
         unknown = unknown | ~unknown.any(dim=-1, keepdim=True)  # at least one token to predict
         given = torch.where(unknown, torch.full_like(next_tokens, self.mask_token), next_tokens)
-        out = self(batch.tokens, actions, next_tokens_given=given)
+        poses = self.true_poses(batch.states) if self.map_memory else None
+        out = self(batch.tokens, actions, next_tokens_given=given, poses=poses)
 
         token_mask = unknown & transition[..., None]
         target = self.token_to_output[next_tokens]  # -1: a token the decoder cannot output (ignored)
@@ -618,6 +758,18 @@ class DynamicsModel(nn.Module):
         state_loss = _masked_mean(state_ce.mean(-1), batch.mask)
         total = (token_loss + c.reward_weight * (reward_loss + value_loss) + c.termination_weight * term_loss
                  + c.state_weight * state_loss)
+        moved_parts = {}
+        if out.moved_logit is not None:  # the pose: did the step move the agent (true from the states)
+            grid = 3 * c.state_width * c.state_height
+            xy = batch.states[..., grid:grid + 2]
+            moved = torch.zeros(b, t, device=device)
+            moved[:, :-1] = (xy[:, 1:] != xy[:, :-1]).any(-1).float()
+            moved_loss = _masked_mean(F.binary_cross_entropy_with_logits(out.moved_logit, moved, reduction="none"),
+                                      transition)
+            total = total + moved_loss
+            with torch.no_grad():
+                moved_parts = {"moved": moved_loss.detach(),
+                               "moved_accuracy": _masked_mean(((out.moved_logit > 0).float() == moved).float(), transition)}
         with torch.no_grad():
             full = transition & ~refine[..., 0]  # whole-frame predictions (what a rollout does)
             correct = self.tokens_from_logits(out.token_logits) == next_tokens  # (B, T, N)
@@ -627,7 +779,7 @@ class DynamicsModel(nn.Module):
         parts = {
             "tokens": token_loss.detach(), "reward": reward_loss.detach(), "reward_value": value_loss.detach(),
             "termination": term_loss.detach(), "state": state_loss.detach(),
-            "token_accuracy": token_acc, "frame_exact": frame_exact, "state_exact": state_exact,
+            "token_accuracy": token_acc, "frame_exact": frame_exact, "state_exact": state_exact, **moved_parts,
         }
         return Losses(total=total, parts=parts)
 
@@ -648,6 +800,10 @@ class DynamicsModel(nn.Module):
         last = memory[:, -1]
         cache = DynamicsCache(tokens=tokens[:, -1].reshape(b, -1), features=features[:, -1],
                               memory=None if self.config.memory == "frame" else last)
+        if self.map_memory:
+            following = torch.cat([previous[:, 1:], torch.full_like(previous[:, :1], -1)], dim=1)
+            _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None)
+            cache.map, cache.pose = state.map, state.pose
         return cache, self.state_logits(cache.features, last)
 
     def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor,
@@ -661,6 +817,11 @@ class DynamicsModel(nn.Module):
         else:
             memory = self.memory(self.memory_input(features, actions)[:, None], self.memory_of(cache)[None].contiguous())[1][0]
         new = DynamicsCache(tokens=tokens.reshape(tokens.shape[0], -1), features=features, memory=memory)
+        if self.map_memory:  # the pose the action led to, then the new frame written there
+            assert cache.map is not None and cache.pose is not None
+            new.pose = self._step_pose(cache.pose, cache.tokens, actions)
+            new.map = token_map.write_view(token_map.MapState(cache.map, new.pose), new.tokens, self.config.hidden_token,
+                                           self.unknown_token)
         return new, self.state_logits(new.features, self.memory_of(new)) if with_state else None
 
     def _decoder_memory(self, cache: DynamicsCache) -> torch.Tensor | None:
@@ -687,13 +848,15 @@ class DynamicsModel(nn.Module):
         ``guidance`` != 1: classifier-free action guidance on the token logits,
         ``uncond + guidance * (cond - uncond)`` (the outcome stays action-conditioned).
         """
+        # memory="map": the decoder reads the map under the next pose instead of the current frame.
+        tokens, features = self._map_decode(cache, actions) if self.map_memory else (cache.tokens, cache.features)
         if guidance == 1.0:
-            return self.decode(cache.tokens, cache.features, self._decoder_memory(cache), actions, next_tokens)
+            return self.decode(tokens, features, self._decoder_memory(cache), actions, next_tokens)
         b = actions.shape[0]
         both_actions = torch.cat([actions, torch.full_like(actions, -1)])
         both_tokens = None if next_tokens is None else torch.cat([next_tokens, next_tokens])
         memory = self._decoder_memory(cache)
-        logits, outcome = self.decode(cache.tokens.repeat(2, 1), cache.features.repeat(2, 1, 1),
+        logits, outcome = self.decode(tokens.repeat(2, 1), features.repeat(2, 1, 1),
                                       None if memory is None else memory.repeat(2, 1), both_actions, both_tokens)
         cond, uncond = logits[:b], logits[b:]
         return uncond + guidance * (cond - uncond), None if outcome is None else outcome[:b]

@@ -241,10 +241,7 @@ class WorldModel:
         cache, _ = self.dynamics.start(tokens, actions)
         # New tensors, not in-place writes: an earlier ImagineStep may still compute its state from the old cache.
         old = self._cache
-        self._cache = DynamicsCache(tokens=old.tokens.index_copy(0, index, cache.tokens),
-                                    features=old.features.index_copy(0, index, cache.features),
-                                    memory=None if old.memory is None else
-                                    old.memory.index_copy(0, index, self.dynamics.memory_of(cache)))
+        self._cache = old.replace_rows(index, cache, None if old.memory is None else self.dynamics.memory_of(cache))
         self.tokens = self.tokens.index_copy(0, index, tokens[:, -1])
         self._state = None
 

@@ -42,6 +42,7 @@ from worldmodel.dynamics import (
     dynamics_checkpoint,
 )
 from worldmodel.imagine import SamplingConfig, WorldModel
+from worldmodel.memory import map_size_for
 
 CHECKPOINT_NAME = "dynamics.pt"
 RESUME_NAME = "dynamics.resume.pt"
@@ -65,13 +66,13 @@ class DynamicsConfig:
     state_hidden: int = param(256, "hidden width of the state and outcome heads", min=1)
     action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training",
                                   min=0, max=1)
-    memory: str = param("auto", "what the heads remember: recurrent (a GRU over all frames so far), frame (the current "
-                        "frame alone: Markov, generalises from few rare events), auto (frame for the full view, whose "
-                        "frame is the whole state; recurrent for the partial view)", choices=("auto", *MEMORY_TYPES))
+    memory: str = param("auto", "what the model remembers: recurrent (a GRU over all frames so far), frame (the current "
+                        "frame alone: Markov), map (egocentric view: a token map written at a dead-reckoned pose), auto "
+                        "(frame for the full view, map for the partial view)", choices=("auto", *MEMORY_TYPES))
     decoder_context: str = param("auto", "what the next-frame decoder and reward/termination heads see: global (the "
                                  "memory too, whole-frame pooling), local (a neighbourhood of decoder_layers tiles; "
                                  "events read cell by cell off the transition: generalises from a single success), "
-                                 "auto (local where the memory is the frame alone, i.e. the full view; else global)",
+                                 "auto (local with a frame or map memory; global with a recurrent one)",
                                  choices=("auto", *DECODER_CONTEXTS))
     presence: bool = param(True, "local decoding: every cell also sees which tiles the frame holds anywhere "
                            "(max-pooled, position-free: whether the key is carried or on the floor)")
@@ -117,9 +118,15 @@ MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "ml
 
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
                  num_actions: int, output_tokens: list[int] | None = None,
-                 static_cells: list[int] | None = None) -> DynamicsModelConfig:
-    """The model's shape from the config section and the data it will read."""
+                 static_cells: list[int] | None = None, hidden_token: int = -1) -> DynamicsModelConfig:
+    """The model's shape from the config section and the data it will read (``hidden_token``: the
+    token of an occluded view cell, :func:`hidden_token_of`; the map memory needs it, and ``auto``
+    falls back to ``recurrent`` without it)."""
     memory = resolve_memory(section.memory, token_shape, codec)
+    if memory == "map" and section.memory == "auto" and hidden_token < 0:
+        memory = "recurrent"  # no token per tile (a patch that is not one tile): no map to write
+    if memory == "map":
+        static_cells = []  # a position of the egocentric view is no fixed world cell
     return DynamicsModelConfig(
         vocab_size=int(vocab_size), grid_height=int(token_shape[0]), grid_width=int(token_shape[1]),
         state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
@@ -127,8 +134,24 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
         static_cells=[int(v) for v in (static_cells or [])] if section.static_cells else [],
         memory=memory,
         decoder_context=resolve_decoder_context(section.decoder_context, memory),
+        hidden_token=int(hidden_token) if memory == "map" else -1,
+        map_size=map_size_for(codec.width, codec.height, int(token_shape[0])) if memory == "map" else 0,
         **{name: getattr(section, name) for name in MODEL_FIELDS},
     )
+
+
+def hidden_token_of(tokenizer: Any, tile_size: int, token_shape: tuple[int, int]) -> int:
+    """The token of an occluded cell of the egocentric view (MiniGrid draws it as an empty tile, not
+    highlighted), or -1 when the tokenizer does not give all such tiles one token (a patch that is
+    not one tile): then there is no cell-by-cell map to write."""
+    from minigrid.core.grid import Grid
+
+    tile = np.asarray(Grid.render_tile(None, highlight=False, tile_size=tile_size)).astype(np.uint8)
+    frame = np.tile(tile, (token_shape[0], token_shape[1], 1))[None]
+    tokens = np.asarray(torch.as_tensor(tokenizer.encode(frame)).cpu()).reshape(-1)
+    if frame.shape[1:3] != tuple(int(v) * tile_size for v in token_shape) or len(np.unique(tokens)) != 1:
+        return -1
+    return int(tokens[0])
 
 
 def constant_cells(tokens: np.ndarray) -> list[int]:
@@ -142,17 +165,18 @@ def constant_cells(tokens: np.ndarray) -> list[int]:
 
 def resolve_memory(memory: str, token_shape: tuple[int, int], codec: StateCodec) -> str:
     """``auto`` -> ``frame`` where the token grid is the world grid (the full view: the frame shows the
-    whole state but the step count), else ``recurrent``."""
+    whole state but the step count), else ``map`` (the egocentric view: docs/dynamics.md measures it
+    against ``recurrent``)."""
     if memory == "auto":
-        return "frame" if tuple(token_shape) == (codec.height, codec.width) else "recurrent"
+        return "frame" if tuple(token_shape) == (codec.height, codec.width) else "map"
     return memory  # any other value is checked by DynamicsModelConfig
 
 
 def resolve_decoder_context(context: str, memory: str) -> str:
-    """``auto`` -> ``local`` with a frame memory (the frame is the state: dynamics and events are
-    local), ``global`` with a recurrent one (the egocentric view needs what the memory holds)."""
+    """``auto`` -> ``local`` with a frame or map memory (the frame, or the map under the next pose,
+    holds what the next frame needs), ``global`` with a recurrent one (the decoder reads the GRU)."""
     if context == "auto":
-        return "local" if memory == "frame" else "global"
+        return "local" if memory in ("frame", "map") else "global"
     return context  # any other value is checked by DynamicsModelConfig
 
 
@@ -265,13 +289,13 @@ def evaluate_one_step(model: DynamicsModel, dataset: EpisodeDataset, max_frames:
 
 @torch.no_grad()
 def open_loop(world_model: WorldModel, dataset: EpisodeDataset, horizon: int, num_rollouts: int,
-              seed: int = 0, context: int = 1) -> dict[str, np.ndarray]:
+              seed: int = 0, context: int = 1, with_windows: bool = False) -> dict[str, Any]:
     """Open-loop rollouts with the true actions from real contexts of ``context`` frames.
 
     Picks ``num_rollouts`` windows of ``context + horizon`` frames that lie wholly inside episodes
     (episodes too short are skipped). Returns ``real`` and ``imagined`` tokens (R, horizon, h, w),
     ``exact`` (R, horizon) bool (the imagined frame equals the real one), ``states_real`` and
-    ``states_imagined`` (R, horizon, S).
+    ``states_imagined`` (R, horizon, S); with ``with_windows`` also ``windows`` (the WindowBatch read).
     """
     length = context + horizon
     lengths = dataset.episode_lengths + 1
@@ -293,6 +317,7 @@ def open_loop(world_model: WorldModel, dataset: EpisodeDataset, horizon: int, nu
     imagined_t = torch.stack(imagined, 1)
     real = tokens[:, context:]
     return {
+        **({"windows": windows} if with_windows else {}),
         "real": real.cpu().numpy(), "imagined": imagined_t.cpu().numpy(),
         "exact": (imagined_t == real).flatten(2).all(-1).cpu().numpy(),
         "states_real": windows.states[:, context:].astype(np.int64),
@@ -398,8 +423,13 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     # The decoder outputs the tokens the training frames use (a tile never seen cannot be learned).
     output_tokens = np.unique(train_set.extras["tokens"]).tolist()
     # Positions no training frame ever changes (the outer wall) are copied, not predicted.
+    hidden = -1
+    if resolve_memory(section.memory, token_shape, codec) == "map":  # type: ignore[arg-type]
+        hidden = hidden_token_of(tokenizer, int(cfg.env.tile_size), token_shape)  # type: ignore[arg-type]
+        if hidden < 0 and section.memory == "map":
+            raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
     model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens,  # type: ignore[arg-type]
-                             constant_cells(train_set.extras["tokens"]))
+                             constant_cells(train_set.extras["tokens"]), hidden_token=hidden)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = DynamicsModel(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
