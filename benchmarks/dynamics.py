@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- partial view -------------------------------------------------------------------------
     if not args.skip_partial:
-        cfg_p, dataset_p, world_model_p, timing_p = pipeline("bench_dynamics_partial", "partial", args,
-                                                             ["dynamics.block=mix", "dynamics.window=16", "dynamics.decoder_layers=2"])
+        cfg_p, dataset_p, world_model_p, timing_p = pipeline("bench_dynamics_partial", "partial", args)
         _, val_p = dataset_p.split(cfg_p.data.val_fraction, seed=cfg_p.run.seed)
         assert val_p is not None
         log(f"[partial] evaluating, load {load_average()}")

@@ -41,7 +41,7 @@ SEED = 0
 POLICY_MIX = "random:0.5,epsilon_oracle@0.3:0.5"
 COLLECT_STEPS = 20000
 # The egocentric view needs a model that remembers: what the dynamics benchmark trains it with.
-PARTIAL_OVERRIDES = ["dynamics.block=mix", "dynamics.window=16", "dynamics.decoder_layers=2"]
+PARTIAL_OVERRIDES: list[str] = []  # the egocentric defaults (memory=map, 3 conv decoder blocks)
 
 
 def log(message: str) -> None:

@@ -58,8 +58,9 @@ class DynamicsConfig:
     block: str = param("conv", "how a frame's tokens exchange information: conv (3x3, local), mix (conv + learned "
                        "global position mixing, for the egocentric view), attention", choices=BLOCK_TYPES)
     encoder_layers: int = param(0, "blocks reading the current frame before the memory and the state head", min=0)
-    decoder_layers: int = param(1, "blocks predicting the next frame from the current one (each widens a token's "
-                                "view by one tile: 1 sees the 3x3 neighbourhood, all a full-view move needs)", min=0)
+    decoder_layers: int = param(-1, "blocks predicting the next frame (each widens a token's view by one tile); -1: "
+                                "1 for a frame memory (a full-view move is 3x3), 3 for the map (occlusion is view-wide)",
+                                min=-1)
     mlp_ratio: int = param(2, "MLP width / dim in each block", min=1)
     memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)", min=1)
     summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads", min=1)
@@ -136,8 +137,15 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
         decoder_context=resolve_decoder_context(section.decoder_context, memory),
         hidden_token=int(hidden_token) if memory == "map" else -1,
         map_size=map_size_for(codec.width, codec.height, int(token_shape[0])) if memory == "map" else 0,
-        **{name: getattr(section, name) for name in MODEL_FIELDS},
+        **{name: getattr(section, name) for name in MODEL_FIELDS if name != "decoder_layers"},
+        decoder_layers=resolve_decoder_layers(int(section.decoder_layers), memory),
     )
+
+
+def resolve_decoder_layers(layers: int, memory: str) -> int:
+    """-1 -> the depth measured for the memory (docs/dynamics.md): 3 conv blocks for the egocentric
+    map, whose decoder must work out which cells the walls hide across the view; 1 otherwise."""
+    return (3 if memory == "map" else 1) if layers < 0 else layers
 
 
 def hidden_token_of(tokenizer: Any, tile_size: int, token_shape: tuple[int, int]) -> int:
