@@ -52,6 +52,10 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: most likely token (deterministic); > 0: sample
     refine_steps: int = 1  # > 1 (with temperature > 0): MaskGIT-style refinement passes per frame
     guidance: float = 1.0  # classifier-free action guidance scale (1: plain conditional model)
+    # parallel: every token drawn at once (refined by refine_steps); sequential (with temperature > 0):
+    # a draw from the joint distribution of the next frame, cell by cell where the model is unsure
+    # (one ball's move cannot come out as zero or two balls; docs/stochastic.md)
+    order: str = "parallel"
 
 
 class ImagineStep:
@@ -241,7 +245,7 @@ class WorldModel:
             raise ValueError(f"WorldModel.step: actions must lie in [0, {self.num_actions})")
         prediction = self.dynamics.predict(
             self._cache, actions, temperature=sampling.temperature, refine_steps=sampling.refine_steps,
-            guidance=sampling.guidance, generator=self.generator,
+            guidance=sampling.guidance, generator=self.generator, order=sampling.order,
         )
         self._cache, _ = self.dynamics.observe(self._cache, prediction.tokens, actions, with_state=False)
         self.tokens = prediction.tokens
