@@ -19,7 +19,7 @@ def config(**overrides) -> DynamicsModelConfig:
     values = dict(vocab_size=3, grid_height=SIDE, grid_width=SIDE, state_width=SIDE, state_height=SIDE, num_actions=3,
                   dim=16, heads=2, block="conv", encoder_layers=0, decoder_layers=1, mlp_ratio=2, memory_dim=16,
                   summary_channels=2, state_hidden=16, action_dropout=0.0, memory="frame", decoder_context="global",
-                  presence=False, refine_fraction=0.3, change_weight=1.0, event_weight=1.0)
+                  presence=False, refine_fraction=0.3, change_weight=0.0, event_weight=1.0)
     values.update(overrides)
     return DynamicsModelConfig(**values)
 
@@ -100,6 +100,19 @@ def test_far_apart_choices_share_a_pass_and_stay_jointly_uniform():
     model, conditionals = fake_model([left, right], block="attention")
     draw(model, 64, seed=2, order="sequential")
     assert conditionals.calls == 3
+
+
+def test_sampling_undoes_the_change_weight_of_the_loss():
+    """Trained with changed targets weighted 1 + c, the loss's minimiser is q * weight renormalised:
+    sampling must draw from q again."""
+    model = DynamicsModel(config(change_weight=10.0)).eval()
+    q = torch.tensor([0.75, 0.25, 0.0])  # stay empty 0.75, become a ball 0.25
+    weighted = q * torch.tensor([1.0, 11.0, 11.0])
+    logits = torch.log((weighted / weighted.sum()).clamp_min(1e-12)).expand(1, SIDE * SIDE, 3)
+    current = torch.zeros(1, SIDE * SIDE, dtype=torch.long)  # every cell empty now
+    assert torch.softmax(logits, -1)[0, 0, BALL] == pytest.approx(0.786, abs=1e-3)  # what training leaves
+    recovered = torch.softmax(model._unweighted_logits(logits, current), -1)
+    assert torch.allclose(recovered, q.expand_as(recovered), atol=1e-5)
 
 
 class NullTokenizer:

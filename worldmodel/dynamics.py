@@ -760,7 +760,7 @@ class DynamicsModel(nn.Module):
             if temperature <= 0:
                 known = self.tokens_from_logits(logits)
                 break
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            probs = torch.softmax(self._unweighted_logits(logits, cache.tokens).float() / temperature, dim=-1)
             drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(b, n)  # output index
             unknown = known == self.mask_token
             sampled = torch.where(unknown, self.output_tokens[drawn], known)
@@ -800,6 +800,7 @@ class DynamicsModel(nn.Module):
             part = DynamicsCache(tokens=cache.tokens[rows], features=cache.features[rows],
                                  memory=None if cache.memory is None else cache.memory[rows])
             logits, step_outcome = self.predict_logits(part, actions[rows], None if step == 0 else known[rows], guidance)
+            logits = self._unweighted_logits(logits, part.tokens)
             if outcome is None:
                 outcome = step_outcome  # from the first pass, as in _sample_frame
             current = known[rows]
@@ -831,6 +832,20 @@ class DynamicsModel(nn.Module):
                 break
             rows = rows[left]
         return known, outcome
+
+    def _unweighted_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Token logits (B, N, K) of frame t+1 -> the distribution of the data, for sampling.
+
+        The loss weighs a target that differs from the current token (B, N) by 1 + ``change_weight``:
+        its minimiser is the data's distribution times that weight, renormalised (a ball that moves
+        to one of 4 cells: 0.79 on each instead of 0.25, with weight 11). Adding log(1 + weight) to
+        the current token's logit undoes it. The greedy frame keeps the weighted argmax it trained for."""
+        weight = float(self.config.change_weight)
+        if weight <= 0:
+            return logits
+        current = self.token_to_output[tokens]  # (B, N); -1: no output, every output then weighs the same
+        bonus = (current >= 0).to(logits.dtype)[..., None] * math.log1p(weight)
+        return logits.scatter_add(-1, current.clamp_min(0)[..., None], bonus)
 
     def _sampling_conflicts(self, device: torch.device) -> torch.Tensor:
         """(N, N) bool: cell j's predicted distribution can depend on the next token given at cell i
