@@ -64,6 +64,7 @@ SAMPLING_MODES = {
     "sequential": SamplingConfig(temperature=1.0, order="sequential"),
     "parallel": SamplingConfig(temperature=1.0),
     "maskgit4": SamplingConfig(temperature=1.0, refine_steps=4),
+    "objects": SamplingConfig(temperature=1.0, order="objects"),
 }
 
 

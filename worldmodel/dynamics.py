@@ -284,7 +284,7 @@ def _bounding_box(rows: torch.Tensor, width: int) -> tuple[tuple[int, int, int, 
 BLOCK_TYPES = ("conv", "mix", "attention")
 MEMORY_TYPES = ("recurrent", "frame")
 DECODER_CONTEXTS = ("global", "local")
-SAMPLING_ORDERS = ("parallel", "sequential")
+SAMPLING_ORDERS = ("parallel", "sequential", "objects")
 # Sequential sampling takes a cell's most likely token without drawing when it is at least this
 # likely: the deterministic cells of a frame cost one pass, and their long tail is cut.
 SURE_PROBABILITY = 0.99
@@ -730,6 +730,8 @@ class DynamicsModel(nn.Module):
         else:
             if order == "sequential" and temperature > 0:
                 known, outcome = self._sample_sequential(cache, actions, temperature, guidance, generator)
+            elif order == "objects" and temperature > 0:
+                known, outcome = self._sample_objects(cache, actions, temperature, guidance, generator)
             else:
                 known, outcome = self._sample_frame(cache, actions, temperature, refine_steps, guidance, generator)
             if self.dynamic_cells is not None:  # static positions keep their token, whatever it is
@@ -831,6 +833,53 @@ class DynamicsModel(nn.Module):
             if not left.any():
                 break
             rows = rows[left]
+        return known, outcome
+
+    def _sample_objects(self, cache: DynamicsCache, actions: torch.Tensor, temperature: float, guidance: float,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s frame with moving objects conserved: (tokens (B, N), outcome).
+
+        Needs only the decoder's marginals (one pass): cells it is sure of take their most likely
+        token; then each cell whose token leaves it (a source, in position order) puts that token
+        on one neighbouring cell (one tile a step, as everything moves in a gridworld) that is not
+        fixed yet, drawn in proportion to the marginal of that token there. A second pass, given
+        all that, fixes the cells left by their most likely token. An object moved by the env
+        appears exactly once, never on another one's cell.
+        """
+        n, w = self.config.num_tokens, self.config.grid_width
+        logits, outcome = self.predict_logits(cache, actions, None, guidance)
+        probs = torch.softmax(self._unweighted_logits(logits, cache.tokens).float() / temperature, dim=-1)  # (B, N, K)
+        top_p, top = probs.max(dim=-1)
+        known = torch.where(top_p >= SURE_PROBABILITY, self.output_tokens[top], torch.full_like(top, self.mask_token))
+        current = self.token_to_output[cache.tokens]  # (B, N) output index, -1: none
+        stays = probs.gather(-1, current.clamp_min(0)[..., None])[..., 0]
+        source = (current >= 0) & (stays < 0.5)  # (B, N): the token here leaves
+        position = torch.arange(n, device=actions.device)
+        r, c = position // w, position % w
+        near = (torch.maximum((r[:, None] - r[None]).abs(), (c[:, None] - c[None]).abs()) == 1)  # (N, N)
+        sure = known.clone()
+        for s in range(n):
+            rows = source[:, s].nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            token = current[rows, s]  # (R,) output index of the leaving token
+            free = known[rows] == self.mask_token  # (R, N)
+            already = (sure[rows] == self.output_tokens[token][:, None]) & near[s]  # a sure cell took it (an agent's step)
+            weight = probs[rows, :, :].gather(-1, token[:, None, None].expand(-1, n, 1))[..., 0] * (free & near[s])
+            place = (weight.sum(dim=1) > 1e-6) & ~already.any(dim=1)
+            if not place.any():
+                continue
+            rows, token, weight = rows[place], token[place], weight[place]
+            target = torch.multinomial(weight / weight.sum(dim=1, keepdim=True), 1, generator=generator)[:, 0]
+            known[rows, target] = self.output_tokens[token]
+        left = known == self.mask_token
+        if left.any():
+            # The objects that moved are placed: the cells left take their most likely other token.
+            moved = torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)  # (B, K)
+            moved.scatter_(1, current.clamp_min(0), source)
+            rest, _ = self.predict_logits(cache, actions, known, guidance)
+            rest = self._unweighted_logits(rest, cache.tokens).masked_fill(moved[:, None, :], float("-inf"))
+            known = torch.where(left, self.tokens_from_logits(rest), known)
         return known, outcome
 
     def _unweighted_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
