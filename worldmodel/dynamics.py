@@ -866,7 +866,10 @@ class DynamicsModel(nn.Module):
             free = known[rows] == self.mask_token  # (R, N)
             already = (sure[rows] == self.output_tokens[token][:, None]) & near[s]  # a sure cell took it (an agent's step)
             weight = probs[rows, :, :].gather(-1, token[:, None, None].expand(-1, n, 1))[..., 0] * (free & near[s])
-            place = (weight.sum(dim=1) > 1e-6) & ~already.any(dim=1)
+            # Only a token the marginals expect next door moves (mass >= 0.2, measured against 0.5:
+            # ball count right 0.99 vs 0.86): a turning agent's old token or a picked-up key is
+            # nowhere near, and a tail of 1e-3 must not draw a second agent.
+            place = (weight.sum(dim=1) >= 0.2) & ~already.any(dim=1)
             if not place.any():
                 continue
             rows, token, weight = rows[place], token[place], weight[place]
