@@ -52,9 +52,10 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: most likely token (deterministic); > 0: sample
     refine_steps: int = 1  # > 1 (with temperature > 0): MaskGIT-style refinement passes per frame
     guidance: float = 1.0  # classifier-free action guidance scale (1: plain conditional model)
-    # parallel: every token drawn at once (refined by refine_steps); sequential (with temperature > 0):
-    # a draw from the joint distribution of the next frame, cell by cell where the model is unsure
-    # (one ball's move cannot come out as zero or two balls; docs/stochastic.md)
+    # With temperature > 0: parallel (every token drawn at once, refined by refine_steps), sequential
+    # (unsure cells one at a time, each given those drawn: the joint next frame as far as the
+    # decoder's conditionals go) or objects (a token leaving its cell lands on one neighbour: a
+    # moved ball never comes out as zero or two; docs/stochastic.md)
     order: str = "parallel"
 
 
