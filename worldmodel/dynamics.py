@@ -321,6 +321,10 @@ def _bounding_box(rows: torch.Tensor, width: int) -> tuple[tuple[int, int, int, 
 BLOCK_TYPES = ("conv", "mix", "attention")
 MEMORY_TYPES = ("recurrent", "frame", "map")
 DECODER_CONTEXTS = ("global", "local")
+SAMPLING_ORDERS = ("parallel", "sequential", "objects")
+# Sequential sampling takes a cell's most likely token without drawing when it is at least this
+# likely: the deterministic cells of a frame cost one pass, and their long tail is cut.
+SURE_PROBABILITY = 0.99
 STATIC_LOGIT = -30.0  # logit of every token but the current one at a static position (probability ~1e-13)
 
 
@@ -869,20 +873,30 @@ class DynamicsModel(nn.Module):
         refine_steps: int = 1,
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
+        order: str = "parallel",
     ) -> StepPrediction:
         """Sample the next frame for actions (B,).
 
         ``temperature`` 0: the most likely token everywhere (deterministic). Otherwise tokens are
-        sampled; ``refine_steps`` > 1 fixes the most confident tokens first (MaskGIT schedule) and
-        re-predicts the rest given them, so that uncertain regions come out mutually consistent.
+        sampled. ``order="parallel"``: all at once, or with ``refine_steps`` > 1 the most confident
+        first (MaskGIT schedule), re-predicting the rest given them. ``order="sequential"``: a draw
+        from the joint distribution of the next frame (:meth:`_sample_sequential`): the cells the
+        model is sure of are taken at once, the others drawn one at a time, each given those fixed.
         """
+        if order not in SAMPLING_ORDERS:
+            raise ValueError(f"unknown sampling order '{order}': choose one of {SAMPLING_ORDERS}")
         b = actions.shape[0]
         if temperature <= 0 and guidance == 1.0 and self.dynamic_cells is not None:
             # Greedy: the moving positions' most likely tokens, the static ones copied (no full logits).
             logits, outcome = self._decode_moving(cache.tokens, cache.features, self._decoder_memory(cache), actions, None)
             known = cache.tokens.index_copy(1, self.dynamic_cells, self.tokens_from_logits(logits))
         else:
-            known, outcome = self._sample_frame(cache, actions, temperature, refine_steps, guidance, generator)
+            if order == "sequential" and temperature > 0:
+                known, outcome = self._sample_sequential(cache, actions, temperature, guidance, generator)
+            elif order == "objects" and temperature > 0:
+                known, outcome = self._sample_objects(cache, actions, temperature, guidance, generator)
+            else:
+                known, outcome = self._sample_frame(cache, actions, temperature, refine_steps, guidance, generator)
             if self.dynamic_cells is not None:  # static positions keep their token, whatever it is
                 known = torch.where(self.static_mask, cache.tokens, known)
         if self.local:  # read off the imagined transition
@@ -911,7 +925,7 @@ class DynamicsModel(nn.Module):
             if temperature <= 0:
                 known = self.tokens_from_logits(logits)
                 break
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            probs = torch.softmax(self._unweighted_logits(logits, cache.tokens).float() / temperature, dim=-1)
             drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(b, n)  # output index
             unknown = known == self.mask_token
             sampled = torch.where(unknown, self.output_tokens[drawn], known)
@@ -928,6 +942,137 @@ class DynamicsModel(nn.Module):
             keep_unknown = torch.zeros_like(unknown).scatter(1, order[:, :remaining], True)
             known = torch.where(keep_unknown, torch.full_like(sampled, self.mask_token), sampled)
         return known, outcome
+
+    def _sample_sequential(self, cache: DynamicsCache, actions: torch.Tensor, temperature: float, guidance: float,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s frame drawn cell by cell from the model's conditionals: (tokens (B, N), outcome).
+
+        Each pass predicts the unknown cells given the ones fixed so far (the decoder trains with
+        random parts of the next frame given: ``refine_fraction``). Cells whose most likely token
+        has probability >= :data:`SURE_PROBABILITY` take it; of the others, the least sure is drawn,
+        and with it every other one no drawn cell's value can reach through the decoder (conv
+        blocks: farther apart than ``decoder_layers`` cells; the model's conditional of each is
+        then the same as after the others were drawn). Passes repeat, for the rows with cells
+        left only, until every cell is fixed: a deterministic frame costs one pass, a frame with
+        k independent random choices about k + 1 (Dynamic-Obstacles: one per ball it moves).
+        """
+        b, n = actions.shape[0], self.config.num_tokens
+        known = torch.full((b, n), self.mask_token, dtype=torch.long, device=actions.device)
+        conflict = self._sampling_conflicts(actions.device)  # (N, N): drawing one changes the other's conditional
+        rows = torch.arange(b, device=actions.device)  # rows with cells left
+        outcome = None
+        for step in range(n + 1):
+            part = DynamicsCache(tokens=cache.tokens[rows], features=cache.features[rows],
+                                 memory=None if cache.memory is None else cache.memory[rows])
+            logits, step_outcome = self.predict_logits(part, actions[rows], None if step == 0 else known[rows], guidance)
+            logits = self._unweighted_logits(logits, part.tokens)
+            if outcome is None:
+                outcome = step_outcome  # from the first pass, as in _sample_frame
+            current = known[rows]
+            unknown = current == self.mask_token  # (R, N)
+            probs = torch.softmax(logits.float() / temperature, dim=-1)  # (R, N, K)
+            top_p, top = probs.max(dim=-1)
+            sure = unknown & (top_p >= SURE_PROBABILITY)
+            current = torch.where(sure, self.output_tokens[top], current)
+            open_cells = unknown & ~sure
+            if open_cells.any():
+                # The least sure open cell first, then the next that no chosen cell reaches, and so on.
+                order = top_p.masked_fill(~open_cells, float("inf")).argsort(dim=-1)  # (R, N)
+                chosen = torch.zeros_like(open_cells)
+                blocked = ~open_cells
+                for rank in range(n):
+                    cell = order[:, rank]  # (R,)
+                    take = ~blocked.gather(1, cell[:, None])[:, 0]
+                    if not take.any():
+                        if bool(blocked.all()):
+                            break
+                        continue
+                    chosen[take, cell[take]] = True
+                    blocked = blocked | (take[:, None] & conflict[cell])
+                drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:2])
+                current = torch.where(chosen, self.output_tokens[drawn], current)
+            known[rows] = current
+            left = (current == self.mask_token).any(dim=1)
+            if not left.any():
+                break
+            rows = rows[left]
+        return known, outcome
+
+    def _sample_objects(self, cache: DynamicsCache, actions: torch.Tensor, temperature: float, guidance: float,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s frame with moving objects conserved: (tokens (B, N), outcome).
+
+        Needs only the decoder's marginals (one pass): cells it is sure of take their most likely
+        token; then each cell whose token leaves it (a source, in position order) puts that token
+        on one neighbouring cell (one tile a step, as everything moves in a gridworld) that is not
+        fixed yet, drawn in proportion to the marginal of that token there. A second pass, given
+        all that, fixes the cells left by their most likely token. An object moved by the env
+        appears exactly once, never on another one's cell.
+        """
+        n, w = self.config.num_tokens, self.config.grid_width
+        logits, outcome = self.predict_logits(cache, actions, None, guidance)
+        probs = torch.softmax(self._unweighted_logits(logits, cache.tokens).float() / temperature, dim=-1)  # (B, N, K)
+        top_p, top = probs.max(dim=-1)
+        known = torch.where(top_p >= SURE_PROBABILITY, self.output_tokens[top], torch.full_like(top, self.mask_token))
+        current = self.token_to_output[cache.tokens]  # (B, N) output index, -1: none
+        stays = probs.gather(-1, current.clamp_min(0)[..., None])[..., 0]
+        source = (current >= 0) & (stays < 0.5)  # (B, N): the token here leaves
+        position = torch.arange(n, device=actions.device)
+        r, c = position // w, position % w
+        near = (torch.maximum((r[:, None] - r[None]).abs(), (c[:, None] - c[None]).abs()) == 1)  # (N, N)
+        sure = known.clone()
+        for s in range(n):
+            rows = source[:, s].nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            token = current[rows, s]  # (R,) output index of the leaving token
+            free = known[rows] == self.mask_token  # (R, N)
+            already = (sure[rows] == self.output_tokens[token][:, None]) & near[s]  # a sure cell took it (an agent's step)
+            weight = probs[rows, :, :].gather(-1, token[:, None, None].expand(-1, n, 1))[..., 0] * (free & near[s])
+            # Only a token the marginals expect next door moves (mass >= 0.2, measured against 0.5:
+            # ball count right 0.99 vs 0.86): a turning agent's old token or a picked-up key is
+            # nowhere near, and a tail of 1e-3 must not draw a second agent.
+            place = (weight.sum(dim=1) >= 0.2) & ~already.any(dim=1)
+            if not place.any():
+                continue
+            rows, token, weight = rows[place], token[place], weight[place]
+            target = torch.multinomial(weight / weight.sum(dim=1, keepdim=True), 1, generator=generator)[:, 0]
+            known[rows, target] = self.output_tokens[token]
+        left = known == self.mask_token
+        if left.any():
+            # The objects that moved are placed: the cells left take their most likely other token.
+            moved = torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)  # (B, K)
+            moved.scatter_(1, current.clamp_min(0), source)
+            rest, _ = self.predict_logits(cache, actions, known, guidance)
+            rest = self._unweighted_logits(rest, cache.tokens).masked_fill(moved[:, None, :], float("-inf"))
+            known = torch.where(left, self.tokens_from_logits(rest), known)
+        return known, outcome
+
+    def _unweighted_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Token logits (B, N, K) of frame t+1 -> the distribution of the data, for sampling.
+
+        The loss weighs a target that differs from the current token (B, N) by 1 + ``change_weight``:
+        its minimiser is the data's distribution times that weight, renormalised (a ball that moves
+        to one of 4 cells: 0.79 on each instead of 0.25, with weight 11). Adding log(1 + weight) to
+        the current token's logit undoes it. The greedy frame keeps the weighted argmax it trained for."""
+        weight = float(self.config.change_weight)
+        if weight <= 0:
+            return logits
+        current = self.token_to_output[tokens]  # (B, N); -1: no output, every output then weighs the same
+        bonus = (current >= 0).to(logits.dtype)[..., None] * math.log1p(weight)
+        return logits.scatter_add(-1, current.clamp_min(0)[..., None], bonus)
+
+    def _sampling_conflicts(self, device: torch.device) -> torch.Tensor:
+        """(N, N) bool: cell j's predicted distribution can depend on the next token given at cell i
+        (conv decoder blocks: within ``decoder_layers`` cells, Chebyshev; other blocks: everywhere)."""
+        c = self.config
+        n = c.num_tokens
+        if c.block != "conv":
+            return torch.ones(n, n, dtype=torch.bool, device=device)
+        position = torch.arange(n, device=device)
+        r, col = position // c.grid_width, position % c.grid_width
+        distance = torch.maximum((r[:, None] - r[None]).abs(), (col[:, None] - col[None]).abs())
+        return distance <= max(1, c.decoder_layers)
 
     def tokens_from_logits(self, token_logits: torch.Tensor) -> torch.Tensor:
         """(..., K) logits over the output tokens -> (...) int64 token ids of the most likely."""

@@ -52,6 +52,11 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: most likely token (deterministic); > 0: sample
     refine_steps: int = 1  # > 1 (with temperature > 0): MaskGIT-style refinement passes per frame
     guidance: float = 1.0  # classifier-free action guidance scale (1: plain conditional model)
+    # With temperature > 0: parallel (every token drawn at once, refined by refine_steps), sequential
+    # (unsure cells one at a time, each given those drawn: the joint next frame as far as the
+    # decoder's conditionals go) or objects (a token leaving its cell lands on one neighbour: a
+    # moved ball never comes out as zero or two; docs/stochastic.md)
+    order: str = "parallel"
 
 
 class ImagineStep:
@@ -258,7 +263,7 @@ class WorldModel:
             raise ValueError(f"WorldModel.step: actions must lie in [0, {self.num_actions})")
         prediction = self.dynamics.predict(
             self._cache, actions, temperature=sampling.temperature, refine_steps=sampling.refine_steps,
-            guidance=sampling.guidance, generator=self.generator,
+            guidance=sampling.guidance, generator=self.generator, order=sampling.order,
         )
         self._cache, _ = self.dynamics.observe(self._cache, prediction.tokens, actions, with_state=False)
         self.tokens = prediction.tokens

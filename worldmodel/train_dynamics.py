@@ -35,6 +35,7 @@ from worldmodel.dynamics import (
     BLOCK_TYPES,
     DECODER_CONTEXTS,
     MEMORY_TYPES,
+    SAMPLING_ORDERS,
     DynamicsBatch,
     DynamicsModel,
     DynamicsModelConfig,
@@ -111,6 +112,9 @@ class DynamicsConfig:
     temperature: float = param(0.0, "sampling temperature of imagined tokens (0: most likely)", min=0)
     refine_steps: int = param(1, "MaskGIT refinement passes per imagined frame (with temperature > 0)", min=1)
     guidance: float = param(1.0, "classifier-free action guidance scale (1: off)", min=0)
+    sampling_order: str = param("parallel", "with temperature > 0: parallel (all tokens at once), sequential (unsure "
+                                "cells one at a time, each given those drawn) or objects (moving tokens conserved)",
+                                choices=SAMPLING_ORDERS)
 
 
 MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "mlp_ratio", "memory_dim", "summary_channels",
@@ -190,7 +194,7 @@ def resolve_decoder_context(context: str, memory: str) -> str:
 
 def sampling_config(section: Any) -> SamplingConfig:
     return SamplingConfig(temperature=float(section.temperature), refine_steps=int(section.refine_steps),
-                          guidance=float(section.guidance))
+                          guidance=float(section.guidance), order=str(section.sampling_order))
 
 
 # ---------------------------------------------------------------------------------------------
