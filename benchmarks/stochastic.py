@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "termination_f1": one_step["termination_f1"],
         "train_seconds": round(train_seconds, 1),
     }}, "details": info}
-    # The required object last, the details on the line before it.
+    # One object, printed last: the figures per env and view, and how they were made ("details").
     finish("stochastic", result)
     return result
 
