@@ -84,7 +84,8 @@ class DynamicsConfig:
                                    min=0, max=1)
     change_weight: float = param(10.0, "extra loss weight of tokens that change between frames (they carry the dynamics)",
                                  min=0)
-    event_weight: float = param(5.0, "loss weight of the rare positive reward / termination steps", min=0)
+    event_weight: float = param(1.0, "loss weight of the positive reward / termination steps (docs/dynamics.md)",
+                                min=0)
     event_fraction: float = param(0.125, "share of each batch's windows drawn around a reward or termination step "
                                   "(random-policy data holds a few dozen; 0: uniform windows only)", min=0, max=1)
     # ---- optimisation
