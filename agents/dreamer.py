@@ -23,12 +23,11 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.policy import NUM_ACTIONS, Policy, PolicyInput, register_policy
+from agents.policy import NUM_ACTIONS, TokenActorPolicy, register_policy
 from common.config import param
 
 ACTOR_UPDATES = ("reinforce", "pmpo")
@@ -445,7 +444,7 @@ class DreamerAgent(nn.Module):
 
 
 @register_policy("dreamer")
-class DreamerPolicy(Policy):
+class DreamerPolicy(TokenActorPolicy):
     """The trained actor as a :class:`~agents.policy.Policy`: acts on ``tokens`` (B, h, w).
 
     ``mode``: ``sample`` draws from the actor's distribution (with the policy's own generator, so
@@ -453,8 +452,6 @@ class DreamerPolicy(Policy):
     ``tokenizer_identity`` names the tokenizer whose tokens the actor was trained on; the
     evaluator refuses to feed it tokens from another one.
     """
-
-    inputs = ("tokens",)
 
     def __init__(
         self, actor: Actor, config: DreamerConfig, grid_shape: tuple[int, int], mode: str = "sample",
@@ -472,21 +469,6 @@ class DreamerPolicy(Policy):
         self.env_id = env_id
         self.training_step = int(training_step)
         self.device = device
-
-    @torch.no_grad()
-    def logits(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, h, w) tokens -> (B, num_actions) logits as float64 NumPy."""
-        tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
-        if tuple(tensor.shape[1:]) != self.grid_shape:
-            raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, got {tuple(tensor.shape[1:])}")
-        return self.actor(tensor).double().cpu().numpy()
-
-    def act(self, inp: PolicyInput) -> np.ndarray:
-        logits = self.logits(inp.require("tokens", self.name))
-        if self.mode == "greedy":
-            return logits.argmax(-1).astype(np.int64)
-        gumbel = -np.log(-np.log(self.rng.uniform(1e-12, 1.0, size=logits.shape)))
-        return (logits + gumbel).argmax(-1).astype(np.int64)
 
     def checkpoint(self) -> dict[str, Any]:
         return {

@@ -126,6 +126,33 @@ class Policy:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+class TokenActorPolicy(Policy):
+    """A policy acting with a network ``self.actor`` on the current frame's tokens (B, h, w):
+    ``mode`` ``sample`` draws from its distribution with the policy's own generator (Gumbel-max),
+    ``greedy`` takes the most likely action. Subclasses set ``actor``, ``grid_shape``, ``mode``
+    and ``device`` (the Dreamer and PPO agents)."""
+
+    inputs = ("tokens",)
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """(B, h, w) tokens -> (B, num_actions) logits as float64 NumPy."""
+        import torch
+
+        with torch.no_grad():
+            tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+            if tuple(tensor.shape[1:]) != self.grid_shape:
+                raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, "
+                                 f"got {tuple(tensor.shape[1:])}")
+            return self.actor(tensor).double().cpu().numpy()
+
+    def act(self, inp: PolicyInput) -> np.ndarray:
+        logits = self.logits(inp.require("tokens", self.name))
+        if self.mode == "greedy":
+            return logits.argmax(-1).astype(np.int64)
+        gumbel = -np.log(-np.log(self.rng.uniform(1e-12, 1.0, size=logits.shape)))
+        return (logits + gumbel).argmax(-1).astype(np.int64)
+
+
 def register_policy(kind: str) -> Callable[[type[Policy]], type[Policy]]:
     """Class decorator: make ``load_policy`` build checkpoints of ``kind`` with this class."""
 

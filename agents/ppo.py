@@ -13,13 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agents.dreamer import TokenEncoder
-from agents.policy import Policy, PolicyInput, register_policy
+from agents.policy import TokenActorPolicy, register_policy
 from agents.rl import Losses, masked_whiten, ppo_loss
 from common.config import param
 
@@ -197,7 +196,7 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @register_policy("ppo")
-class PPOPolicy(Policy):
+class PPOPolicy(TokenActorPolicy):
     """The trained PPO actor as a :class:`~agents.policy.Policy`: acts on ``tokens`` (B, h, w).
 
     ``mode``: ``sample`` draws from the actor's distribution with the policy's own generator (so
@@ -205,8 +204,6 @@ class PPOPolicy(Policy):
     ``tokenizer_identity`` names the tokenizer whose tokens it was trained on (the evaluator
     refuses tokens from another one).
     """
-
-    inputs = ("tokens",)
 
     def __init__(self, actor: TokenActor, config: PPOConfig, grid_shape: tuple[int, int], mode: str = "sample",
                  tokenizer_identity: str = "", env_id: str = "", name: str = "ppo", training_step: int = 0,
@@ -223,21 +220,6 @@ class PPOPolicy(Policy):
         self.training_step = int(training_step)
         self.env_steps = int(env_steps)
         self.device = device
-
-    @torch.no_grad()
-    def logits(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, h, w) tokens -> (B, num_actions) logits as float64 NumPy."""
-        tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
-        if tuple(tensor.shape[1:]) != self.grid_shape:
-            raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, got {tuple(tensor.shape[1:])}")
-        return self.actor(tensor).double().cpu().numpy()
-
-    def act(self, inp: PolicyInput) -> np.ndarray:
-        logits = self.logits(inp.require("tokens", self.name))
-        if self.mode == "greedy":
-            return logits.argmax(-1).astype(np.int64)
-        gumbel = -np.log(-np.log(self.rng.uniform(1e-12, 1.0, size=logits.shape)))
-        return (logits + gumbel).argmax(-1).astype(np.int64)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
