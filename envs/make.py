@@ -164,11 +164,18 @@ def env_from_state(
     Dynamic-Obstacles' ``obstacles`` (its balls) and KeyCorridor's ``obj`` (the ball of the
     mission's colour, carried or on the grid).
     """
+    env = make_env(env_id, obs=obs, tile_size=tile_size, max_steps=max_steps)
+    env.reset(seed=seed)
+    return put_state(env, state_array)
+
+
+def put_state(env: FrameObservation, state_array: np.ndarray) -> FrameObservation:
+    """Overwrite a reset ``make_env`` env with the symbolic state ``state_array`` (what
+    :func:`env_from_state` does after its reset; about 10x cheaper than building a new env, so a
+    search that tries every action from many states reuses one env)."""
     from minigrid.core.grid import Grid
     from minigrid.core.world_object import WorldObj
 
-    env = make_env(env_id, obs=obs, tile_size=tile_size, max_steps=max_steps)
-    env.reset(seed=seed)
     base = env.unwrapped
     state = env.codec.decode(state_array)
     grid, _ = Grid.decode(state.grid)

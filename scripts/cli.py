@@ -20,6 +20,7 @@ COMMANDS = {
     "collect": ("collect", "roll the behaviour-policy mix and write the offline dataset"),
     "train-tokenizer": ("train_tokenizer", "train the frame tokenizer on the dataset"),
     "train-dynamics": ("train_dynamics", "train the dynamics model (world model) on the tokenised dataset"),
+    "train-inverse": ("train_inverse", "train the inverse dynamics model (frame pair -> actions) on the dataset"),
     "train-dreamer": ("train_dreamer", "train the Dreamer-style agent in imagination only"),
     "train-ppo": ("train_ppo", "train the model-free PPO baseline on the real env"),
     "train-vagen": ("train_vagen", "train the VAGEN-style agent"),

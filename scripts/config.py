@@ -15,6 +15,7 @@ from envs.collect import CollectConfig
 from envs.dataset import DataConfig
 from envs.make import EnvConfig
 from worldmodel.train_dynamics import DynamicsConfig
+from worldmodel.train_inverse import InverseStageConfig
 from worldmodel.train_tokenizer import TokenizerStageConfig
 
 
@@ -35,6 +36,7 @@ class Config:
     data: DataConfig = param(default_factory=DataConfig, help="reading the dataset for training")
     tokenizer: TokenizerStageConfig = param(default_factory=TokenizerStageConfig, help="frame tokenizer: frames <-> one token per tile")
     dynamics: DynamicsConfig = param(default_factory=DynamicsConfig, help="action-conditioned dynamics model (world model)")
+    inverse: InverseStageConfig = param(default_factory=InverseStageConfig, help="inverse dynamics: (frame, next frame) -> actions")
     dreamer: DreamerConfig = param(default_factory=DreamerConfig, help="Dreamer-style agent trained in imagination")
     ppo: PPOConfig = param(default_factory=PPOConfig, help="model-free PPO baseline on the real env")
     evaluate: EvaluateConfig = param(default_factory=EvaluateConfig, help="policies in the real env vs in the dream")

@@ -90,3 +90,34 @@ def main_for(stage: Stage, argv: Sequence[str] | None, after: Callable[[Any, Any
 
     return stage_main(stage, lambda: cli_config(Config, argv, validate=validate),
                       lambda cfg: RunDir(cfg, stage.name, argv), after=after)
+
+
+def distributed_main(stage: Stage, argv: Sequence[str] | None, train: Callable[[Any, Any], Any]) -> Any:
+    """``main`` of a stage whose loop runs under ``torchrun``: one process is :func:`main_for`;
+    under torchrun rank 0 decides (it checks the stage and holds the lock) and the other ranks run
+    ``train(cfg, None)`` beside it when it trains, writing nothing."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return main_for(stage, argv)
+    import torch.distributed as dist
+
+    from common.stage import guarded, run_stage, status
+    from scripts.config import Config, validate
+    from worldmodel.train_dynamics import distributed_rank, setup_distributed
+
+    cfg = cli_config(Config, argv, validate=validate)
+    setup_distributed(cfg.run.device)
+    if distributed_rank() == 0:
+        decision = [False]  # what the other ranks hear if the check fails
+        try:
+            with guarded():
+                run_dir = RunDir(cfg, stage.name, argv).lock()
+                decision = [status(stage, cfg, run_dir.path, stage.identity(cfg))[0] != "complete"]
+        finally:
+            dist.broadcast_object_list(decision, src=0)
+        with guarded():
+            return run_stage(stage, cfg, run_dir)
+    decision = [None]
+    dist.broadcast_object_list(decision, src=0)
+    return train(cfg, None) if decision[0] else {}

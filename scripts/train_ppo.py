@@ -12,7 +12,6 @@ killed run resumes from ``<run>/ppo.resume.pt``. ``--help`` lists every config k
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,10 +19,9 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents.train_ppo import FINAL_NAME, tokenizer_path, train
-from common.config import cli_config
 from common.runs import RunDir, run_path
-from common.stage import Stage, checkpoint_content, config_fields, guarded, run_stage, status
-from scripts.stages import TOKENIZER_HINT, main_for
+from common.stage import Stage, checkpoint_content, config_fields, run_stage
+from scripts.stages import TOKENIZER_HINT, distributed_main
 
 # Fields that change what is logged or where the tokenizer is read from (its content is an input).
 COSMETIC = ("ppo.log_every", "ppo.checkpoint_every", "ppo.tokenizer")
@@ -53,30 +51,7 @@ def run(cfg, run_dir: RunDir) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return main_for(STAGE, argv)
-    # Under torchrun rank 0 decides (it checks the stage and holds the lock); the other ranks
-    # roll their own envs and train beside it when it runs, and write nothing.
-    import torch.distributed as dist
-
-    from scripts.config import Config, validate
-    from worldmodel.train_dynamics import distributed_rank, setup_distributed
-
-    cfg = cli_config(Config, argv, validate=validate)
-    setup_distributed(cfg.run.device)
-    if distributed_rank() == 0:
-        decision = [False]  # what the other ranks hear if the check fails
-        try:
-            with guarded():
-                run_dir = RunDir(cfg, STAGE.name, argv).lock()
-                decision = [status(STAGE, cfg, run_dir.path, STAGE.identity(cfg))[0] != "complete"]
-        finally:
-            dist.broadcast_object_list(decision, src=0)
-        with guarded():
-            return run_stage(STAGE, cfg, run_dir)
-    decision = [None]
-    dist.broadcast_object_list(decision, src=0)
-    return train(cfg, None) if decision[0] else {}
+    return distributed_main(STAGE, argv, train)
 
 
 if __name__ == "__main__":

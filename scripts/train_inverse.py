@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Stage: train the inverse dynamics model, (frame, next frame) -> the actions consistent with the change.
+
+    python scripts/train_inverse.py [--env doorkey-6x6] [--preset tiny] [key=value ...]
+    torchrun --nproc_per_node=2 scripts/train_inverse.py --preset tiny run.name=x   # DDP, same result shape
+
+Needs the collect and tokenizer stages in the same run folder (``<run>/dataset/``,
+``<run>/tokenizer.pt``): the exact targets come from the dataset's symbolic states. Writes
+``<run>/inverse.pt`` (``worldmodel.inverse.load_inverse``) and its validation metrics
+(``accuracy_identifiable``, ``noop_set_exact``) into ``metrics.json``. ``--help`` lists every config key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: put the project root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.runs import RunDir, run_path
+from common.stage import Stage, checkpoint_content, config_fields, run_stage
+from scripts.stages import dataset_id, distributed_main, tokenizer_id
+from worldmodel.train_inverse import CHECKPOINT_NAME, train
+
+COSMETIC = ("inverse.log_every", "inverse.encode_batch")
+
+
+def inverse_id(cfg) -> str:
+    return checkpoint_content(run_path(cfg) / CHECKPOINT_NAME, "inverse dynamics", "rerun scripts/train_inverse.py")
+
+
+STAGE = Stage(
+    name="inverse",
+    outputs=lambda cfg: [run_path(cfg) / CHECKPOINT_NAME],
+    identity=lambda cfg: {
+        "config": config_fields(cfg, ["inverse"], exclude=COSMETIC)
+        | {"data.val_fraction": float(cfg.data.val_fraction), "run.seed": int(cfg.run.seed)},
+        "inputs": {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg)},
+    },
+    body=lambda cfg, run_dir: train(cfg, run_dir),
+    sections=("env", "data", "inverse"),
+    content=inverse_id,
+)
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    """The stage contract: train unless ``inverse.pt`` is complete and of this config and inputs."""
+    return run_stage(STAGE, cfg, run_dir)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return distributed_main(STAGE, argv, train)
+
+
+if __name__ == "__main__":
+    main()
