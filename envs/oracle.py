@@ -342,3 +342,33 @@ def plan_to_pose(state: SymbolicState, poses: set[tuple[int, int, int]]) -> list
                 return actions[::-1]
             frontier.append(child)
     return None
+
+
+def plan_to_state(state: SymbolicState, target: SymbolicState) -> list[int] | None:
+    """The shortest action list from ``state`` to ``target`` (the same agent pose, carried object,
+    door states and key positions; the static layout is the start's), or None if no list reaches it
+    ([] when already there). Drops count as moves here (a goal frame may show a key put down
+    elsewhere); stepping onto a goal tile or lava ends the episode, so only a target there may be
+    reached that way. The yardstick of planning to a goal frame (``agents.planner``)."""
+    layout, start = _layout_and_node(state, GOAL_TASK if state.goal_positions else Task("pickup", BALL))
+    _, goal = _layout_and_node(target, GOAL_TASK if target.goal_positions else Task("pickup", BALL))
+    if start == goal:
+        return []
+    parents: dict[Node, tuple[Node, int] | None] = {start: None}
+    frontier = deque([start])
+    while frontier:
+        node = frontier.popleft()
+        for action in _ACTION_ORDER_WITH_DROP:
+            child, ends = _step(layout, node, action)
+            if child is None or child in parents:
+                continue
+            parents[child] = (node, action)
+            if child == goal:
+                actions = []
+                while parents[child] is not None:
+                    child, previous = parents[child]  # type: ignore[misc]
+                    actions.append(previous)
+                return actions[::-1]
+            if not ends:
+                frontier.append(child)
+    return None
