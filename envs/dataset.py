@@ -44,6 +44,8 @@ class DataConfig:
 
     path: str = param("", "dataset folder to train on (default: <run folder>/dataset)")
     val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)", min=0, below=1)
+    labelled_fraction: float = param(1.0, "share of training episodes whose actions training reads (the rest are "
+                                     "action-free video; see dynamics.unlabelled)", min=0, max=1)
 
 
 def collect_folder(cfg) -> Path:
@@ -336,6 +338,25 @@ class EpisodeDataset:
         val = np.concatenate([with_event[:num_event], without[:num_other]])
         train = np.setdiff1d(order, val)
         return self.select(np.sort(train)), self.select(np.sort(val))
+
+    def labelled_episodes(self, fraction: float, seed: int = 0) -> np.ndarray:
+        """(E,) bool: the episodes whose actions count as labelled, ``round(fraction * E)`` of them
+        (at least one when ``fraction`` > 0) drawn by a seeded permutation; the same for every stage."""
+        count = int(round(fraction * self.num_episodes))
+        count = max(count, 1) if fraction > 0 else 0
+        chosen = np.zeros(self.num_episodes, dtype=bool)
+        chosen[np.random.default_rng([seed, 1]).permutation(self.num_episodes)[:count]] = True
+        return chosen
+
+    def with_actions(self, actions: np.ndarray) -> "EpisodeDataset":
+        """The same episodes with other per-frame actions (-1: none known, action-free video)."""
+        if actions.shape != self.arrays["actions"].shape:
+            raise ValueError(f"actions must be {self.arrays['actions'].shape}, got {actions.shape}")
+        return EpisodeDataset({**self.arrays, "actions": np.asarray(actions, dtype=np.int64)}, self.card, self.extras)
+
+    def frame_episodes(self) -> np.ndarray:
+        """(F,) the episode of every frame."""
+        return np.repeat(np.arange(self.num_episodes), self.episode_lengths + 1)
 
     def with_frame_array(self, name: str, array: np.ndarray) -> "EpisodeDataset":
         """Attach a per-frame array (e.g. tokens, (N_frames, h, w)); windows then carry it in extras."""

@@ -71,5 +71,8 @@ def validate(cfg) -> None:
         if required not in evaluated:
             raise ValueError(f"evaluate.policies: must include '{required}' (the normalised score is relative to it), "
                              f"got '{cfg.evaluate.policies}'")
+    if cfg.data.labelled_fraction == 0 and cfg.dynamics.unlabelled != "hidden":
+        raise ValueError(f"dynamics.unlabelled: '{cfg.dynamics.unlabelled}' needs labelled episodes, and "
+                         "data.labelled_fraction is 0 (use hidden for action-free pretraining)")
     check_vagen(cfg.vagen)
     check_ppo(cfg.ppo)

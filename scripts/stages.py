@@ -31,6 +31,10 @@ def dynamics_id(cfg: Any) -> str:
     return checkpoint_content(run_path(cfg) / "dynamics.pt", "dynamics", DYNAMICS_HINT)
 
 
+def inverse_id(cfg: Any) -> str:
+    return checkpoint_content(run_path(cfg) / "inverse.pt", "inverse dynamics", "run scripts/train_inverse.py")
+
+
 def dreamer_id(cfg: Any) -> str:
     """The final agent and every policy saved along its training."""
     from agents.train_dreamer import FINAL_NAME, checkpoints_along_training

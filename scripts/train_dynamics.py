@@ -19,20 +19,26 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.runs import RunDir, run_path
-from common.stage import Stage, config_fields, run_stage
-from scripts.stages import dataset_id, distributed_main, dynamics_id, tokenizer_id
+from common.stage import Stage, checkpoint_content, config_fields, run_stage
+from scripts.stages import dataset_id, distributed_main, dynamics_id, inverse_id, tokenizer_id
 from worldmodel.train_dynamics import CHECKPOINT_NAME, train
 
 # Fields that change what is logged or how fast, not what is trained.
-COSMETIC = ("dynamics.log_every", "dynamics.eval_every", "dynamics.eval_windows", "dynamics.video_every",
+COSMETIC = ("dynamics.init", "dynamics.log_every", "dynamics.eval_every", "dynamics.eval_windows", "dynamics.video_every",
             "dynamics.video_length", "dynamics.video_count", "dynamics.checkpoint_every", "dynamics.encode_batch")
 
 
 def identity(cfg) -> dict:
+    inputs = {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg)}
+    if cfg.dynamics.init:  # the starting weights are an input, by content
+        inputs["init"] = checkpoint_content(Path(cfg.dynamics.init), "dynamics", "dynamics.init: give a dynamics.pt")
+    if cfg.data.labelled_fraction < 1 and cfg.dynamics.unlabelled == "inverse":
+        inputs["inverse"] = inverse_id(cfg)
     return {
         "config": config_fields(cfg, ["dynamics"], exclude=COSMETIC)
-        | {"data.val_fraction": float(cfg.data.val_fraction), "run.seed": int(cfg.run.seed)},
-        "inputs": {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg)},
+        | {"data.val_fraction": float(cfg.data.val_fraction), "data.labelled_fraction": float(cfg.data.labelled_fraction),
+           "run.seed": int(cfg.run.seed)},
+        "inputs": inputs,
     }
 
 

@@ -19,15 +19,11 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.runs import RunDir, run_path
-from common.stage import Stage, checkpoint_content, config_fields, run_stage
-from scripts.stages import dataset_id, distributed_main, tokenizer_id
+from common.stage import Stage, config_fields, run_stage
+from scripts.stages import dataset_id, distributed_main, inverse_id, tokenizer_id
 from worldmodel.train_inverse import CHECKPOINT_NAME, train
 
 COSMETIC = ("inverse.log_every", "inverse.encode_batch")
-
-
-def inverse_id(cfg) -> str:
-    return checkpoint_content(run_path(cfg) / CHECKPOINT_NAME, "inverse dynamics", "rerun scripts/train_inverse.py")
 
 
 STAGE = Stage(
@@ -35,7 +31,8 @@ STAGE = Stage(
     outputs=lambda cfg: [run_path(cfg) / CHECKPOINT_NAME],
     identity=lambda cfg: {
         "config": config_fields(cfg, ["inverse"], exclude=COSMETIC)
-        | {"data.val_fraction": float(cfg.data.val_fraction), "run.seed": int(cfg.run.seed)},
+        | {"data.val_fraction": float(cfg.data.val_fraction), "data.labelled_fraction": float(cfg.data.labelled_fraction),
+           "run.seed": int(cfg.run.seed)},
         "inputs": {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg)},
     },
     body=lambda cfg, run_dir: train(cfg, run_dir),

@@ -125,3 +125,43 @@ def test_plan_to_state_is_the_shortest_path():
         real.step(action)
     assert np.array_equal(real.unwrapped.agent_pos, env_from_state("MiniGrid-DoorKey-5x5-v0", goal).unwrapped.agent_pos)
     assert torch.equal(torch.as_tensor(real.render()), torch.as_tensor(env_from_state("MiniGrid-DoorKey-5x5-v0", goal).render()))
+
+
+def test_few_label_fine_tune_runs_end_to_end(empty_run, tmp_path):
+    """Action-free pretraining, an inverse model on half the episodes, then a fine-tune whose other
+    half is labelled by it; a start model of another shape is refused by name."""
+    import shutil
+
+    from envs.dataset import EpisodeDataset
+    from scripts import train_dynamics, train_inverse
+    from scripts.config import Config
+    from common.config import cli_config
+    from worldmodel.dynamics import load_dynamics
+    from worldmodel.train_dynamics import apply_labels
+
+    run = tmp_path / "few"
+    run.mkdir()
+    shutil.copy(empty_run / "tokenizer.pt", run / "tokenizer.pt")
+    base = ["--env", "empty-5x5", "--preset", "tiny", f"run.root={tmp_path}", "run.name=few", "run.threads=1",
+            f"data.path={empty_run / 'dataset'}", "dynamics.steps=20", "dynamics.dim=32", "dynamics.memory_dim=32",
+            "dynamics.state_hidden=64", "inverse.steps=30", "inverse.batch_size=64"]
+    train_dynamics.main([*base, "data.labelled_fraction=0"])  # action-free pretraining
+    shutil.move(run / "dynamics.pt", tmp_path / "pretrained.pt")
+    train_inverse.main([*base, "data.labelled_fraction=0.5"])
+    tuned = [*base, "data.labelled_fraction=0.5", "dynamics.unlabelled=inverse", f"dynamics.init={tmp_path / 'pretrained.pt'}"]
+    metrics = train_dynamics.main(tuned)
+    assert 0 <= metrics["frame_exact_1step"] <= 1
+    model, checkpoint = load_dynamics(run / "dynamics.pt")
+    assert checkpoint["config"]["dynamics"]["unlabelled"] == "inverse"
+    pretrained, _ = load_dynamics(tmp_path / "pretrained.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), pretrained.state_dict().values()))
+
+    cfg = cli_config(Config, [*base, "data.labelled_fraction=0.5", "dynamics.unlabelled=hidden"])
+    dataset = EpisodeDataset.load(empty_run / "dataset")
+    labelled = dataset.labelled_episodes(0.5, 0)
+    hidden = apply_labels(cfg, dataset, None, run, "cpu")  # unlabelled=hidden: their actions become -1
+    steps = dataset.arrays["actions"] >= 0
+    assert np.array_equal(hidden.arrays["actions"] < 0, ~steps | ~labelled[dataset.frame_episodes()])
+    with pytest.raises(SystemExit) as failure:
+        train_dynamics.main([*tuned, "dynamics.dim=16", "run.name=few2"])
+    assert failure.value.code != 0

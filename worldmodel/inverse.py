@@ -7,9 +7,9 @@ targets are exact: :func:`consistent_actions` puts the env into each transition'
 steps every action and compares the frames. A transition is *identifiable* when exactly one action
 fits (the frame changed, and only that action changes it so); the others are reported as their set.
 
-Uses: labelling action-free video (:func:`label_actions`, VPT-style: unidentifiable steps stay
-unlabelled, ``-1``, which the dynamics model reads as "no action"), and turning imagined frames
-into the actions that make them. The training loop is :mod:`worldmodel.train_inverse`.
+Uses: labelling action-free video (:func:`label_actions`, VPT-style: where several actions fit,
+any of them is a true label for a world model), and turning imagined frames into the actions that
+make them. The training loop is :mod:`worldmodel.train_inverse`.
 
 Frames are read as the tokenizer's tokens (one per tile when the patch is a tile), like the
 dynamics model and the agents. Deterministic envs only: where the env moves things by itself
@@ -209,22 +209,24 @@ def evaluate(model: InverseDynamics, tokens: np.ndarray, next_tokens: np.ndarray
 
 
 @torch.no_grad()
-def label_actions(model: InverseDynamics, tokens: np.ndarray, actions_mask: np.ndarray,
-                  batch_size: int = 1024) -> np.ndarray:
-    """Actions for frames ``tokens`` (F, h, w) of action-free video: ``actions_mask`` (F,) is True at
-    every frame t followed by a frame t + 1 of the same episode. Returns (F,) int64: the inferred
-    action where the model finds exactly one, -1 elsewhere (no action: the dynamics model's
-    action-free input), and at every frame that has no successor."""
+def label_actions(model: InverseDynamics, tokens: np.ndarray, has_next: np.ndarray,
+                  batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Actions for the frames ``tokens`` (F, h, w) of action-free video, ``has_next`` (F,) True at
+    every frame t followed by a frame t + 1 of the same episode -> (labels (F,) int64, -1 where no
+    frame follows; identifiable (F,) bool). Where several actions fit, the label is the most likely
+    of them: any action of the set makes that transition, so it is a true label for a world model."""
     device = next(model.parameters()).device
     model.eval()
     labels = np.full(len(tokens), -1, dtype=np.int64)
-    index = np.flatnonzero(actions_mask)
+    identifiable = np.zeros(len(tokens), dtype=bool)
+    index = np.flatnonzero(has_next)
     for i in range(0, len(index), batch_size):
         part = index[i:i + batch_size]
         out = model.infer(torch.as_tensor(tokens[part], device=device).long(),
                           torch.as_tensor(tokens[part + 1], device=device).long())
-        labels[part] = np.where(out.identifiable.cpu().numpy(), out.action.cpu().numpy(), -1)
-    return labels
+        labels[part] = out.action.cpu().numpy()
+        identifiable[part] = out.identifiable.cpu().numpy()
+    return labels, identifiable
 
 
 # ---------------------------------------------------------------------------------------------

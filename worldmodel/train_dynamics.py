@@ -47,6 +47,7 @@ from worldmodel.memory import map_size_for
 
 CHECKPOINT_NAME = "dynamics.pt"
 RESUME_NAME = "dynamics.resume.pt"
+UNLABELLED = ("hidden", "inverse", "drop")
 
 
 @dataclass
@@ -88,6 +89,11 @@ class DynamicsConfig:
                                 min=0)
     event_fraction: float = param(0.125, "share of each batch's windows drawn around a reward or termination step "
                                   "(random-policy data holds a few dozen; 0: uniform windows only)", min=0, max=1)
+    # ---- labels and initialisation
+    unlabelled: str = param("hidden", "episodes beyond data.labelled_fraction: hidden (trained action-free), inverse "
+                            "(labelled by <run>/inverse.pt, trained on the labelled ones), drop (left out)",
+                            choices=UNLABELLED)
+    init: str = param("", "a dynamics.pt to start from (fine-tuning, e.g. after action-free pretraining; '': random)")
     # ---- optimisation
     steps: int = param(3000, "optimizer steps", min=1)
     time_limit_s: float = param(0.0, "if > 0: stop after this many seconds of training, the learning-rate schedule "
@@ -233,6 +239,46 @@ def sample_training_windows(dataset: EpisodeDataset, rng: np.random.Generator, b
         around = dataset.window_starts_around(rng, num_events, length, events)
         episodes, starts = np.concatenate([episodes, around[0]]), np.concatenate([starts, around[1]])
     return dataset.windows_at(episodes, starts, length)
+
+
+def apply_labels(cfg: Any, train_set: EpisodeDataset, tokenizer: Any, run_path: Path, device: Any) -> EpisodeDataset:
+    """The training episodes as ``data.labelled_fraction`` and ``dynamics.unlabelled`` say: the
+    labelled ones (:meth:`EpisodeDataset.labelled_episodes`, the inverse stage picks the same) keep
+    their actions; the others lose them (``hidden``: -1, the model's "no action"), get the inverse
+    model's labels (``inverse``), or are left out (``drop``)."""
+    fraction = float(cfg.data.labelled_fraction)
+    if fraction >= 1:
+        return train_set
+    labelled = train_set.labelled_episodes(fraction, int(cfg.run.seed))
+    mode = str(cfg.dynamics.unlabelled)
+    if mode == "drop":
+        if not labelled.any():
+            raise ValueError("data.labelled_fraction=0 with dynamics.unlabelled=drop leaves no episode to train on")
+        return train_set.select(np.flatnonzero(labelled))
+    actions = train_set.arrays["actions"].copy()
+    hidden = ~labelled[train_set.frame_episodes()] & (actions >= 0)
+    if mode == "inverse":
+        from worldmodel.inverse import label_actions, load_inverse
+
+        inverse, _ = load_inverse(run_path / "inverse.pt", tokenizer_identity=tokenizer.identity, device=device)
+        labels, _ = label_actions(inverse, train_set.extras["tokens"], actions >= 0)
+        actions[hidden] = labels[hidden]
+    else:
+        actions[hidden] = -1
+    return train_set.with_actions(actions)
+
+
+def initial_weights(path: str, model: DynamicsModel, tokenizer: Any) -> None:
+    """Load ``dynamics.init`` into ``model``; a model of another shape is refused, naming the fields."""
+    from worldmodel.dynamics import load_dynamics
+
+    start, _ = load_dynamics(path, tokenizer_identity=tokenizer.identity)
+    mine, theirs = model.config.to_dict(), start.config.to_dict()
+    differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if differ:
+        raise ValueError(f"dynamics.init: {path} is a model of another shape ({', '.join(differ)} differ): "
+                         "start from a model trained on the same dataset with the same dynamics settings")
+    model.load_state_dict(start.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +474,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         dataset.with_frame_array("tokens", encode_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     val_set = val_set or train_set
+    train_set = apply_labels(cfg, train_set, tokenizer, run_path, device)
     codec = state_codec_for(dataset)
     token_shape = tuple(dataset.extras["tokens"].shape[1:])
     num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7
@@ -445,6 +492,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
                              constant_cells(train_set.extras["tokens"]), hidden_token=hidden)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = DynamicsModel(model_cfg).to(device)
+    if section.init:
+        initial_weights(section.init, model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     start_step = 0
     resume_path = run_path / RESUME_NAME

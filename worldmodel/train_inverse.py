@@ -98,6 +98,11 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     started = time.perf_counter()
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     val_set = val_set or train_set
+    if cfg.data.labelled_fraction < 1:  # trained on the labelled episodes only: the dynamics stage labels the rest
+        labelled = train_set.labelled_episodes(float(cfg.data.labelled_fraction), int(cfg.run.seed))
+        if not labelled.any():
+            raise ValueError("data.labelled_fraction=0 leaves the inverse model no labelled episode to learn from")
+        train_set = train_set.select(np.flatnonzero(labelled))
     parts = {}
     for name, part in (("train", train_set), ("val", val_set)):
         part.with_frame_array("tokens", encode_frames(tokenizer, part.arrays["frames"], section.encode_batch))
