@@ -12,6 +12,9 @@ from the goal can be many steps away in actions (docs/planning.md has the measur
 :func:`reach_goal` closes the loop of imagine, act, verify: act the plan's first action in the
 real env, compare the real next frame with the one the model imagined, keep the rest of the plan
 when they agree and re-plan from the real frame when they do not (each such re-plan is counted).
+A mismatch is also remembered (:attr:`GoalPlanner.corrections`: that frame and action lead to
+what the env showed), and later searches take the remembered outcome over the model's: without
+it a model that walks through a closed door re-plans the same walk forever.
 
 The search reads the model as Markov (the next frame a function of the frame and the action), so
 it needs a model with ``memory="frame"``: the full view. An egocentric model's next frame depends
@@ -35,6 +38,7 @@ class Plan:
     actions: list[int]
     frames: list[torch.Tensor]  # the imagined token grid after each action
     expanded: int  # frames the search stepped
+    reaches: bool = True  # False: the goal was not found; the plan leads to the imagined frame nearest it
 
 
 @dataclass
@@ -60,6 +64,12 @@ class GoalPlanner:
         self.world_model = world_model
         self.max_depth = int(max_depth)
         self.max_frames = int(max_frames)
+        # (frame bytes, action) -> (the real next token grid, whether the env ended there)
+        self.corrections: dict[tuple[bytes, int], tuple[torch.Tensor, bool]] = {}
+
+    def correct(self, tokens: torch.Tensor, action: int, next_tokens: torch.Tensor, ended: bool) -> None:
+        """Remember that ``action`` from token grid ``tokens`` really led to ``next_tokens``."""
+        self.corrections[(tokens.cpu().numpy().tobytes(), int(action))] = (next_tokens.to(self.world_model.device), ended)
 
     # ---------------------------------------------------------------- goals
     def goal_tokens(self, goal_frame: Any, frame: Any) -> torch.Tensor:
@@ -85,10 +95,11 @@ class GoalPlanner:
 
     # ---------------------------------------------------------------- search
     @torch.no_grad()
-    def search(self, tokens: torch.Tensor, goal: torch.Tensor) -> Plan | None:
+    def search(self, tokens: torch.Tensor, goal: torch.Tensor) -> Plan:
         """A shortest action list (in the model) from token grid ``tokens`` (h, w) to ``goal``, with
-        the frames it imagines, or None when the goal is not found within ``max_depth`` steps and
-        ``max_frames`` distinct frames."""
+        the frames it imagines. When the goal is not found within ``max_depth`` steps and
+        ``max_frames`` distinct frames, the plan leads to the frame found nearest it (fewest cells
+        differing; ``reaches`` False): acting on it shows where the model is wrong."""
         dynamics = self.world_model.dynamics
         device = self.world_model.device
         num_actions = self.world_model.num_actions
@@ -98,9 +109,19 @@ class GoalPlanner:
             return Plan([], [], 0)
         frames = [tokens]  # every distinct frame found, by id
         parent, action_to = [-1], [-1]
+        distance = [int((tokens.flatten() != goal_flat).sum())]
         seen = {tokens.cpu().numpy().tobytes()}
         frontier = [0]
         expanded = 0
+
+        def path_to(node: int, last: tuple[int, torch.Tensor] | None, expanded: int, reaches: bool) -> Plan:
+            steps, frame_list = ([last[0]], [last[1]]) if last else ([], [])
+            while parent[node] >= 0:
+                steps.append(action_to[node])
+                frame_list.append(frames[node])
+                node = parent[node]
+            return Plan(steps[::-1], frame_list[::-1], expanded, reaches)
+
         for _ in range(self.max_depth):
             batch = torch.stack([frames[i] for i in frontier])  # (F, h, w)
             features = dynamics.encode(batch)
@@ -109,48 +130,54 @@ class GoalPlanner:
             actions = torch.arange(num_actions, device=device).repeat(len(frontier))
             prediction = dynamics.predict(cache, actions)
             expanded += len(frontier)
-            children = prediction.tokens.reshape(len(actions), -1)
+            next_tokens, ended_t = prediction.tokens, prediction.terminated
+            if self.corrections:
+                next_tokens, ended_t = next_tokens.clone(), ended_t.clone()
+                keys = [frames[i].cpu().numpy().tobytes() for i in frontier]
+                for row in range(len(actions)):
+                    known = self.corrections.get((keys[row // num_actions], row % num_actions))
+                    if known is not None:
+                        next_tokens[row], ended_t[row] = known[0], known[1]
+            children = next_tokens.reshape(len(actions), -1)
             hit = (children == goal_flat).all(-1).nonzero()
             if len(hit):
                 row = int(hit[0, 0])
-                steps, frame_list = [int(actions[row])], [prediction.tokens[row]]
-                node = frontier[row // num_actions]
-                while parent[node] >= 0:
-                    steps.append(action_to[node])
-                    frame_list.append(frames[node])
-                    node = parent[node]
-                return Plan(steps[::-1], frame_list[::-1], expanded)
-            ended = prediction.terminated.cpu().numpy()
-            keys = children.cpu().numpy()
+                return path_to(frontier[row // num_actions], (int(actions[row]), next_tokens[row]), expanded, True)
+            ended = ended_t.cpu().numpy()
+            keys_np = children.cpu().numpy()
+            differ = (children != goal_flat).sum(-1).cpu().numpy()
             frontier_next = []
             for row in range(len(actions)):
                 if ended[row]:
                     continue
-                key = keys[row].tobytes()
+                key = keys_np[row].tobytes()
                 if key in seen:
                     continue
                 seen.add(key)
-                frames.append(prediction.tokens[row])
+                frames.append(next_tokens[row])
                 parent.append(frontier[row // num_actions])
                 action_to.append(int(actions[row]))
+                distance.append(int(differ[row]))
                 frontier_next.append(len(frames) - 1)
             frontier = frontier_next
             if not frontier or len(frames) > self.max_frames:
-                return None
-        return None
+                break
+        nearest = int(np.argmin(distance))  # the first (shallowest) of the nearest
+        return path_to(nearest, None, expanded, False)
 
 
 def reach_goal(env: Any, planner: GoalPlanner, goal_frame: Any, frame: Any, max_steps: int = 100) -> Episode:
     """Act in the real ``env`` (whose current frame is ``frame``) until its frame equals
     ``goal_frame``: plan in the model, take the plan's next action, and re-plan from the real frame
-    whenever it differs from the imagined one. Fails when the model finds no plan, the env ends the
-    episode elsewhere, or ``max_steps`` pass."""
+    whenever it differs from the imagined one. When the model finds no way to the goal, it acts
+    towards the imagined frame nearest it and re-plans from what it learns on the way. Fails when
+    nothing imagined comes nearer, the env ends the episode elsewhere, or ``max_steps`` pass."""
     wm = planner.world_model
     goal = planner.goal_tokens(goal_frame, frame)
     goal_np = np.asarray(goal_frame)
     plan_seconds, plans, replans, taken = 0.0, 0, 0, []
 
-    def make_plan(current: Any) -> Plan | None:
+    def make_plan(current: Any) -> Plan:
         nonlocal plan_seconds, plans
         started = time.perf_counter()
         found = planner.search(wm.encode(np.asarray(current)[None])[0], goal)
@@ -160,18 +187,25 @@ def reach_goal(env: Any, planner: GoalPlanner, goal_frame: Any, frame: Any, max_
 
     if np.array_equal(np.asarray(frame), goal_np):
         return Episode(True, 0, 0, 0, 0.0)
+    current = wm.encode(np.asarray(frame)[None])[0]
     plan = make_plan(frame)
     for step in range(max_steps):
-        if plan is None or not plan.actions:
-            break
+        if not plan.actions and not plan.reaches:  # at the nearest frame the model knew: look again from here
+            plan = make_plan(frame)
+        if not plan.actions:
+            break  # nothing the model imagines comes nearer the goal
         action, expected = plan.actions.pop(0), plan.frames.pop(0)
+        before = current
         frame, _, terminated, truncated, _ = env.step(action)
         taken.append(action)
         if np.array_equal(np.asarray(frame), goal_np):
             return Episode(True, step + 1, replans, plans, plan_seconds, taken)
         if terminated or truncated:
             break
-        if not torch.equal(wm.encode(np.asarray(frame)[None])[0], expected.to(wm.device)):
-            replans += 1  # the world did not do what the model imagined: plan again from what it did
+        current = wm.encode(np.asarray(frame)[None])[0]
+        if not torch.equal(current, expected.to(wm.device)):
+            # The world did not do what the model imagined: remember what it did, plan again from there.
+            planner.correct(before, action, current, bool(terminated))
+            replans += 1
             plan = make_plan(frame)
     return Episode(False, len(taken), replans, plans, plan_seconds, taken)

@@ -4,8 +4,8 @@
     python scripts/train_inverse.py [--env doorkey-6x6] [--preset tiny] [key=value ...]
     torchrun --nproc_per_node=2 scripts/train_inverse.py --preset tiny run.name=x   # DDP, same result shape
 
-Needs the collect and tokenizer stages in the same run folder (``<run>/dataset/``,
-``<run>/tokenizer.pt``): the exact targets come from the dataset's symbolic states. Writes
+Needs a dataset (``<run>/dataset/`` or ``data.path``): the model reads its frames, and the exact
+targets come from its symbolic states (no tokenizer). Writes
 ``<run>/inverse.pt`` (``worldmodel.inverse.load_inverse``) and its validation metrics
 (``accuracy_identifiable``, ``noop_set_exact``) into ``metrics.json``. ``--help`` lists every config key.
 """
@@ -20,10 +20,10 @@ if __package__ in (None, ""):  # run as a file: put the project root on the path
 
 from common.runs import RunDir, run_path
 from common.stage import Stage, config_fields, run_stage
-from scripts.stages import dataset_id, distributed_main, inverse_id, tokenizer_id
+from scripts.stages import dataset_id, distributed_main, inverse_id
 from worldmodel.train_inverse import CHECKPOINT_NAME, train
 
-COSMETIC = ("inverse.log_every", "inverse.encode_batch")
+COSMETIC = ("inverse.log_every",)
 
 
 STAGE = Stage(
@@ -33,7 +33,7 @@ STAGE = Stage(
         "config": config_fields(cfg, ["inverse"], exclude=COSMETIC)
         | {"data.val_fraction": float(cfg.data.val_fraction), "data.labelled_fraction": float(cfg.data.labelled_fraction),
            "run.seed": int(cfg.run.seed)},
-        "inputs": {"dataset": dataset_id(cfg), "tokenizer": tokenizer_id(cfg)},
+        "inputs": {"dataset": dataset_id(cfg)},
     },
     body=lambda cfg, run_dir: train(cfg, run_dir),
     sections=("env", "data", "inverse"),

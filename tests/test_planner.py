@@ -25,7 +25,8 @@ def empty_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("planner")
     args = ["--env", "empty-5x5", "--preset", "tiny", f"run.root={root}", "run.name=empty", "run.threads=1",
             "collect.num_steps=800", "collect.policy_mix=random:1", "dynamics.steps=250", "dynamics.dim=32",
-            "dynamics.memory_dim=32", "dynamics.state_hidden=64", "inverse.steps=150", "inverse.batch_size=128"]
+            "dynamics.memory_dim=32", "dynamics.state_hidden=64", "inverse.steps=300", "inverse.batch_size=128",
+            "inverse.lr=0.01"]
     for stage in (collect, train_tokenizer, train_dynamics, train_inverse):
         stage.main(args)
     return root / "empty"
@@ -65,21 +66,19 @@ def test_consistent_sets_are_exact_for_every_action():
 
 
 def test_inverse_model_names_each_moving_action_and_the_noop_set(empty_run):
-    from worldmodel.imagine import load_world_model
     from worldmodel.inverse import load_inverse
 
-    wm = load_world_model(empty_run)
-    model, checkpoint = load_inverse(empty_run / "inverse.pt", tokenizer_identity=wm.tokenizer.identity)
+    model, checkpoint = load_inverse(empty_run / "inverse.pt")
     assert checkpoint["metrics"]["accuracy_identifiable"] >= 0.99
     # Hand-built: the agent starts at (1, 1) facing east with a free cell ahead.
     env, frame, _ = _state_after(EMPTY, [])
     for action in (LEFT, RIGHT, FORWARD):
         after = env_from_state(EMPTY, env.codec.encode(env.symbolic_state())).step(action)[0]
-        out = model.infer(wm.encode(frame[None]), wm.encode(after[None]))
+        out = model.infer(frame[None], after[None])
         assert bool(out.identifiable[0]) and int(out.action[0]) == action
     # Facing the wall (turn left: north): forward, pickup, drop, toggle and done all leave the frame as it is.
     env, frame, _ = _state_after(EMPTY, [LEFT])
-    out = model.infer(wm.encode(frame[None]), wm.encode(frame[None]))
+    out = model.infer(frame[None], frame[None])
     assert not bool(out.identifiable[0])
     assert set(np.flatnonzero(out.possible[0].numpy())) == {FORWARD, PICKUP, DROP, TOGGLE, DONE}
 
@@ -112,6 +111,11 @@ def test_goal_frames_it_cannot_use_fail_clearly(empty_run):
         planner.goal_tokens(other, frame)
     with pytest.raises(ValueError, match="Markov"):
         GoalPlanner(SimpleNamespace(config=SimpleNamespace(memory="map")))
+    from worldmodel.inverse import load_inverse
+
+    inverse, _ = load_inverse(empty_run / "inverse.pt")
+    with pytest.raises(ValueError, match="another env"):
+        inverse.infer(np.zeros((1, 48, 48, 3), np.uint8), np.zeros((1, 48, 48, 3), np.uint8))
 
 
 def test_plan_to_state_is_the_shortest_path():
@@ -132,10 +136,10 @@ def test_few_label_fine_tune_runs_end_to_end(empty_run, tmp_path):
     half is labelled by it; a start model of another shape is refused by name."""
     import shutil
 
+    from common.config import cli_config
     from envs.dataset import EpisodeDataset
     from scripts import train_dynamics, train_inverse
     from scripts.config import Config
-    from common.config import cli_config
     from worldmodel.dynamics import load_dynamics
     from worldmodel.train_dynamics import apply_labels
 
@@ -159,7 +163,7 @@ def test_few_label_fine_tune_runs_end_to_end(empty_run, tmp_path):
     cfg = cli_config(Config, [*base, "data.labelled_fraction=0.5", "dynamics.unlabelled=hidden"])
     dataset = EpisodeDataset.load(empty_run / "dataset")
     labelled = dataset.labelled_episodes(0.5, 0)
-    hidden = apply_labels(cfg, dataset, None, run, "cpu")  # unlabelled=hidden: their actions become -1
+    hidden = apply_labels(cfg, dataset, run, "cpu")  # unlabelled=hidden: their actions become -1
     steps = dataset.arrays["actions"] >= 0
     assert np.array_equal(hidden.arrays["actions"] < 0, ~steps | ~labelled[dataset.frame_episodes()])
     with pytest.raises(SystemExit) as failure:

@@ -11,8 +11,8 @@ Uses: labelling action-free video (:func:`label_actions`, VPT-style: where sever
 any of them is a true label for a world model), and turning imagined frames into the actions that
 make them. The training loop is :mod:`worldmodel.train_inverse`.
 
-Frames are read as the tokenizer's tokens (one per tile when the patch is a tile), like the
-dynamics model and the agents. Deterministic envs only: where the env moves things by itself
+The model reads frames (pixels, tile by tile), not tokens: it needs no tokenizer, so it labels
+video from any source of the env's frames. Deterministic envs only: where the env moves things by itself
 (Dynamic-Obstacles' balls) the frame after an action is not a function of the state and action,
 and the consistent set says little.
 """
@@ -34,7 +34,7 @@ CHECKPOINT_FORMAT = "inverse-dynamics/1"
 
 
 class InverseCheckpointError(ArtifactError, ValueError):
-    """An inverse-dynamics checkpoint that cannot be used (missing, damaged, foreign, other tokenizer)."""
+    """An inverse-dynamics checkpoint that cannot be used (missing, damaged, foreign)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +95,13 @@ def dataset_targets(dataset: Any, env: Any, num_actions: int) -> tuple[np.ndarra
 
 @dataclass
 class InverseConfig:
-    vocab_size: int
+    tile_size: int
     grid_height: int
     grid_width: int
     num_actions: int
     dim: int = 32
-    hidden: int = 256
+    layers: int = 2
+    hidden: int = 128
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,46 +121,65 @@ class Inference:
 
 
 class InverseDynamics(nn.Module):
-    """Both frames' token embeddings and a changed-here bit, mixed per cell, flattened, then an MLP
-    to one logit per action (is this action consistent with the pair?).
+    """Both frames' pixels, tile by tile, and a changed-here bit per tile, then 3x3 convolutions over
+    the grid, max- and mean-pooling over tiles and an MLP to one logit per action (is this action
+    consistent with the pair?).
 
-    A cell's change alone is ambiguous (the agent's old and new tile both change); its position
-    embedding and the flattened read-out let the head see the whole move, and the unchanged cells
-    in front of the agent (a wall, nothing to pick up) are what say which actions do nothing."""
+    It reads pixels, not the tokenizer's ids: the agent's triangle points the same way on a floor,
+    an open door or a goal tile, and a token id would make each of those its own case to learn (ids
+    missed left from right on tiles rare in training). What names an action is local to the agent,
+    and what makes the others do nothing is too (a wall or nothing in front), but where that is
+    differs per layout: convolutions and pooling see it anywhere, with the same weights on any grid
+    size. Max-pooling also carries the few global facts (no key left on the floor: it is carried)."""
 
     def __init__(self, config: InverseConfig):
         super().__init__()
         self.config = c = config
-        cells = c.grid_height * c.grid_width
-        self.embed = nn.Embedding(c.vocab_size, c.dim)
-        self.position = nn.Parameter(torch.zeros(cells, c.dim))
-        self.cell = nn.Sequential(nn.Linear(2 * c.dim + 1, 2 * c.dim), nn.GELU(), nn.Linear(2 * c.dim, c.dim))
-        self.head = nn.Sequential(nn.LayerNorm(cells * c.dim), nn.Linear(cells * c.dim, c.hidden), nn.GELU(),
-                                  nn.Linear(c.hidden, c.num_actions))
-        nn.init.normal_(self.position, std=0.02)
+        pixels = c.tile_size * c.tile_size * 3
+        self.tile = nn.Sequential(nn.Linear(2 * pixels + 1, 2 * c.dim), nn.GELU(), nn.Linear(2 * c.dim, c.dim))
+        self.convs = nn.ModuleList(nn.Conv2d(c.dim, c.dim, 3, padding=1) for _ in range(c.layers))
+        self.head = nn.Sequential(nn.Linear(2 * c.dim, c.hidden), nn.GELU(), nn.Linear(c.hidden, c.num_actions))
 
-    def check(self, tokens: torch.Tensor, what: str = "tokens") -> None:
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
         c = self.config
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (c.grid_height, c.grid_width):
-            raise ValueError(f"inverse dynamics: {what} must be (B, {c.grid_height}, {c.grid_width}) token grids, "
-                             f"got {tuple(tokens.shape)} (a frame of another env or view?)")
+        return c.grid_height * c.tile_size, c.grid_width * c.tile_size, 3
 
-    def forward(self, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """tokens, next_tokens (B, h, w) int64 -> logits (B, A)."""
-        self.check(tokens, "tokens")
-        self.check(next_tokens, "next_tokens")
-        now, after = tokens.flatten(1), next_tokens.flatten(1)
-        changed = (now != after).float()[..., None]
-        x = self.cell(torch.cat([self.embed(now), self.embed(after), changed], -1)) + self.position
-        return self.head(x.flatten(1))
+    def check(self, frames: torch.Tensor, what: str = "frames") -> None:
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != self.frame_shape:
+            raise ValueError(f"inverse dynamics: {what} must be (B, {', '.join(map(str, self.frame_shape))}) uint8 "
+                             f"frames, got {tuple(frames.shape)} (a frame of another env or view?)")
 
-    def loss(self, tokens: torch.Tensor, next_tokens: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
+    def _tiles(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, h, w, t * t * 3) in [0, 1]."""
+        c = self.config
+        b, t = frames.shape[0], c.tile_size
+        x = frames.reshape(b, c.grid_height, t, c.grid_width, t, 3).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, c.grid_height, c.grid_width, -1).float() / 255.0
+
+    def forward(self, frames: torch.Tensor, next_frames: torch.Tensor) -> torch.Tensor:
+        """frames, next_frames (B, H, W, 3) uint8 -> logits (B, A)."""
+        self.check(frames, "frames")
+        self.check(next_frames, "next_frames")
+        now, after = self._tiles(frames), self._tiles(next_frames)
+        changed = (now != after).any(-1, keepdim=True).float()
+        x = self.tile(torch.cat([now, after, changed], -1)).permute(0, 3, 1, 2)  # (B, d, h, w)
+        for conv in self.convs:
+            x = x + conv(F.gelu(x))
+        x = x.flatten(2)
+        return self.head(torch.cat([x.amax(-1), x.mean(-1)], -1))
+
+    def loss(self, frames: torch.Tensor, next_frames: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of every action's logit against its consistency (B, A) bool."""
-        return F.binary_cross_entropy_with_logits(self(tokens, next_tokens), possible.float())
+        return F.binary_cross_entropy_with_logits(self(frames, next_frames), possible.float())
 
     @torch.no_grad()
-    def infer(self, tokens: torch.Tensor, next_tokens: torch.Tensor) -> Inference:
-        logits = self(tokens, next_tokens)
+    def infer(self, frames: Any, next_frames: Any) -> Inference:
+        """frames, next_frames (B, H, W, 3) uint8 (arrays or tensors) -> :class:`Inference`."""
+        device = next(self.parameters()).device
+        logits = self(torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames, device=device),
+                      torch.as_tensor(np.asarray(next_frames) if not torch.is_tensor(next_frames) else next_frames,
+                                      device=device))
         action = logits.argmax(-1)
         possible = logits > 0
         possible[torch.arange(len(action)), action] = True  # the most likely action is always possible
@@ -176,22 +196,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: InverseDynamics, tokens: np.ndarray, next_tokens: np.ndarray, possible: np.ndarray,
-             batch_size: int = 1024) -> dict[str, float]:
+def evaluate(model: InverseDynamics, frames: np.ndarray, next_frames: np.ndarray, possible: np.ndarray,
+             batch_size: int = 512) -> dict[str, float]:
     """Against exact sets ``possible`` (N, A): ``accuracy_identifiable`` (the action is right where
-    exactly one fits), ``noop_set_exact`` (the predicted set is the true set where the frame did
+    exactly one fits), ``noop_set_exact`` (the predicted set is the true one where the frame did
     not change), ``set_exact`` (over all), and the share of each kind."""
     model.eval()
-    device = next(model.parameters()).device
     action, predicted = [], []
-    for i in range(0, len(tokens), batch_size):
-        out = model.infer(torch.as_tensor(tokens[i:i + batch_size], device=device).long(),
-                          torch.as_tensor(next_tokens[i:i + batch_size], device=device).long())
+    for i in range(0, len(frames), batch_size):
+        out = model.infer(frames[i:i + batch_size], next_frames[i:i + batch_size])
         action.append(out.action.cpu().numpy())
         predicted.append(out.possible.cpu().numpy())
     action_a, predicted_a = np.concatenate(action), np.concatenate(predicted)
     identifiable = possible.sum(-1) == 1
-    unchanged = (tokens == next_tokens).reshape(len(tokens), -1).all(-1)
+    unchanged = (frames == next_frames).reshape(len(frames), -1).all(-1)
     set_exact = (predicted_a == possible).all(-1)
     truth = possible.argmax(-1)
 
@@ -204,26 +222,24 @@ def evaluate(model: InverseDynamics, tokens: np.ndarray, next_tokens: np.ndarray
         "set_exact": float(set_exact.mean()) if len(set_exact) else float("nan"),
         "identifiable_fraction": float(identifiable.mean()) if len(identifiable) else float("nan"),
         "unchanged_fraction": float(unchanged.mean()) if len(unchanged) else float("nan"),
-        "transitions": int(len(tokens)),
+        "transitions": int(len(frames)),
     }
 
 
 @torch.no_grad()
-def label_actions(model: InverseDynamics, tokens: np.ndarray, has_next: np.ndarray,
-                  batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Actions for the frames ``tokens`` (F, h, w) of action-free video, ``has_next`` (F,) True at
-    every frame t followed by a frame t + 1 of the same episode -> (labels (F,) int64, -1 where no
-    frame follows; identifiable (F,) bool). Where several actions fit, the label is the most likely
-    of them: any action of the set makes that transition, so it is a true label for a world model."""
-    device = next(model.parameters()).device
+def label_actions(model: InverseDynamics, frames: np.ndarray, has_next: np.ndarray,
+                  batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Actions for the frames (F, H, W, 3) of action-free video, ``has_next`` (F,) True at every
+    frame t followed by a frame t + 1 of the same episode -> (labels (F,) int64, -1 where no frame
+    follows; identifiable (F,) bool). Where several actions fit, the label is the most likely of
+    them: any action of the set makes that transition, so it is a true label for a world model."""
     model.eval()
-    labels = np.full(len(tokens), -1, dtype=np.int64)
-    identifiable = np.zeros(len(tokens), dtype=bool)
+    labels = np.full(len(frames), -1, dtype=np.int64)
+    identifiable = np.zeros(len(frames), dtype=bool)
     index = np.flatnonzero(has_next)
     for i in range(0, len(index), batch_size):
         part = index[i:i + batch_size]
-        out = model.infer(torch.as_tensor(tokens[part], device=device).long(),
-                          torch.as_tensor(tokens[part + 1], device=device).long())
+        out = model.infer(frames[part], frames[part + 1])
         labels[part] = out.action.cpu().numpy()
         identifiable[part] = out.identifiable.cpu().numpy()
     return labels, identifiable
@@ -234,29 +250,22 @@ def label_actions(model: InverseDynamics, tokens: np.ndarray, has_next: np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 
-def inverse_checkpoint(model: InverseDynamics, tokenizer_identity: str, **extra: Any) -> dict[str, Any]:
+def inverse_checkpoint(model: InverseDynamics, **extra: Any) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
         "model_config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "tokenizer_identity": str(tokenizer_identity),
         **extra,
     }
 
 
-def load_inverse(path: Any, tokenizer_identity: str | None = None,
-                 device: str | torch.device = "cpu") -> tuple[InverseDynamics, dict[str, Any]]:
-    """Load ``inverse.pt`` -> (model in eval mode, the checkpoint dict); a tokenizer other than the
-    one it was trained on raises :class:`InverseCheckpointError` naming both."""
+def load_inverse(path: Any, device: str | torch.device = "cpu") -> tuple[InverseDynamics, dict[str, Any]]:
+    """Load ``inverse.pt`` -> (model in eval mode, the checkpoint dict)."""
     from pathlib import Path
 
     path = Path(path)
     checkpoint = read_checkpoint(path, "inverse dynamics", InverseCheckpointError, CHECKPOINT_FORMAT,
                                  "run scripts/train_inverse.py")
-    if tokenizer_identity is not None and checkpoint["tokenizer_identity"] != tokenizer_identity:
-        raise InverseCheckpointError(
-            f"inverse dynamics model {path} was trained on tokenizer {checkpoint['tokenizer_identity']}, "
-            f"but the tokenizer given is {tokenizer_identity}: retrain it for this tokenizer")
     model = InverseDynamics(InverseConfig.from_dict(checkpoint["model_config"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

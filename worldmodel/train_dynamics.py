@@ -241,7 +241,7 @@ def sample_training_windows(dataset: EpisodeDataset, rng: np.random.Generator, b
     return dataset.windows_at(episodes, starts, length)
 
 
-def apply_labels(cfg: Any, train_set: EpisodeDataset, tokenizer: Any, run_path: Path, device: Any) -> EpisodeDataset:
+def apply_labels(cfg: Any, train_set: EpisodeDataset, run_path: Path, device: Any) -> EpisodeDataset:
     """The training episodes as ``data.labelled_fraction`` and ``dynamics.unlabelled`` say: the
     labelled ones (:meth:`EpisodeDataset.labelled_episodes`, the inverse stage picks the same) keep
     their actions; the others lose them (``hidden``: -1, the model's "no action"), get the inverse
@@ -260,8 +260,8 @@ def apply_labels(cfg: Any, train_set: EpisodeDataset, tokenizer: Any, run_path: 
     if mode == "inverse":
         from worldmodel.inverse import label_actions, load_inverse
 
-        inverse, _ = load_inverse(run_path / "inverse.pt", tokenizer_identity=tokenizer.identity, device=device)
-        labels, _ = label_actions(inverse, train_set.extras["tokens"], actions >= 0)
+        inverse, _ = load_inverse(run_path / "inverse.pt", device=device)
+        labels, _ = label_actions(inverse, train_set.arrays["frames"], actions >= 0)
         actions[hidden] = labels[hidden]
     else:
         actions[hidden] = -1
@@ -474,7 +474,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         dataset.with_frame_array("tokens", encode_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     val_set = val_set or train_set
-    train_set = apply_labels(cfg, train_set, tokenizer, run_path, device)
+    train_set = apply_labels(cfg, train_set, run_path, device)
     codec = state_codec_for(dataset)
     token_shape = tuple(dataset.extras["tokens"].shape[1:])
     num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7

@@ -1,7 +1,6 @@
 """Training loop of the inverse dynamics model (:mod:`worldmodel.inverse`).
 
-Reads the run's dataset and ``tokenizer.pt``, tokenises every frame once, computes every
-transition's exact set of consistent actions from its symbolic state (the env stepped with each
+Reads the run's dataset, computes every transition's exact set of consistent actions from its symbolic state (the env stepped with each
 action), trains on random batches of transitions and writes ``<run>/inverse.pt`` with the
 validation metrics. A run takes seconds to a minute, so there is no resume checkpoint: a killed run
 starts over.
@@ -46,13 +45,13 @@ class InverseStageConfig:
     """Inverse dynamics: (frame, next frame) -> the actions consistent with the change."""
 
     dim: int = param(32, "width of the per-cell features", min=1)
-    hidden: int = param(256, "hidden width of the read-out MLP", min=1)
-    steps: int = param(800, "optimizer steps", min=1)
+    layers: int = param(2, "3x3 convolution layers over the grid (each widens a cell's view by one tile)", min=0)
+    hidden: int = param(128, "hidden width of the read-out MLP", min=1)
+    steps: int = param(1500, "optimizer steps", min=1)
     batch_size: int = param(256, "transitions per step, over all ranks", min=1)
     lr: float = param(3e-3, "peak learning rate (AdamW, cosine decay to 5%)", above=0)
     weight_decay: float = param(0.01, "AdamW weight decay", min=0)
     log_every: int = param(250, "steps between loss logs", min=1)
-    encode_batch: int = param(4096, "frames per tokenizer call when tokenising the dataset", min=1)
 
 
 def targets_for(cfg: Any, dataset: EpisodeDataset, num_actions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,13 +69,11 @@ def _learning_rate(section: Any, step: int) -> float:
     return float(section.lr * warm * cosine)
 
 
-def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokenizer: Any = None,
-          log: Any = print) -> dict[str, Any]:
+def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, log: Any = print) -> dict[str, Any]:
     """Train the inverse model of run ``run_dir`` (a :class:`common.runs.RunDir`; None on ranks > 0).
     Returns the validation metrics (rank 0; {} elsewhere)."""
     from common.runs import Logger
     from envs.dataset import training_folder
-    from worldmodel.tokenizer import encode_frames, load_tokenizer
 
     section = cfg.inverse
     rank, world, device = setup_distributed(cfg.run.device)
@@ -88,13 +85,14 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     if section.batch_size % world:
         raise ValueError(f"inverse.batch_size ({section.batch_size}) must divide among {world} ranks")
 
-    # ---- data: tokens and exact consistent sets -------------------------------------------------
+    # ---- data: frame pairs and exact consistent sets ---------------------------------------------
     if dataset is None:
         dataset = EpisodeDataset.load(training_folder(cfg))
-    if tokenizer is None:
-        tokenizer = load_tokenizer(run_path / "tokenizer.pt", tile_size=cfg.env.tile_size,
-                                   frame_shape=dataset.frame_shape, device=device)
     num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7
+    tile = int(cfg.env.tile_size)
+    height, width = dataset.frame_shape[0], dataset.frame_shape[1]
+    if height % tile or width % tile:
+        raise ValueError(f"env.tile_size ({tile}) does not divide the dataset's frames ({height}x{width})")
     started = time.perf_counter()
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     val_set = val_set or train_set
@@ -103,39 +101,36 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         if not labelled.any():
             raise ValueError("data.labelled_fraction=0 leaves the inverse model no labelled episode to learn from")
         train_set = train_set.select(np.flatnonzero(labelled))
-    parts = {}
-    for name, part in (("train", train_set), ("val", val_set)):
-        part.with_frame_array("tokens", encode_frames(tokenizer, part.arrays["frames"], section.encode_batch))
-        index, possible = targets_for(cfg, part, num_actions)
-        parts[name] = (part.extras["tokens"][index], part.extras["tokens"][index + 1], possible)
+    parts = {name: (part, *targets_for(cfg, part, num_actions)) for name, part in (("train", train_set), ("val", val_set))}
     if is_main:
-        log(f"[inverse] {len(parts['train'][0])} train / {len(parts['val'][0])} val transitions, exact sets in "
+        log(f"[inverse] {len(parts['train'][1])} train / {len(parts['val'][1])} val transitions, exact sets in "
             f"{time.perf_counter() - started:.1f} s; identifiable {(parts['train'][2].sum(-1) == 1).mean():.3f}")
 
     # ---- model ----------------------------------------------------------------------------------
-    token_shape = tuple(parts["train"][0].shape[1:])
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = InverseDynamics(InverseConfig(vocab_size=int(tokenizer.vocab_size), grid_height=int(token_shape[0]),
-                                          grid_width=int(token_shape[1]), num_actions=num_actions,
-                                          dim=int(section.dim), hidden=int(section.hidden))).to(device)
+    model = InverseDynamics(InverseConfig(tile_size=tile, grid_height=height // tile, grid_width=width // tile,
+                                          num_actions=num_actions, dim=int(section.dim), layers=int(section.layers),
+                                          hidden=int(section.hidden))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     wrapped: nn.Module = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     logger = Logger(run_dir, cfg, "inverse") if is_main and run_dir is not None else None
     if is_main:
-        log(f"[inverse] {count_parameters(model):,} parameters, tokens {token_shape}, {world} rank(s)")
+        log(f"[inverse] {count_parameters(model):,} parameters, {height // tile}x{width // tile} tiles, {world} rank(s)")
 
     # ---- loop -----------------------------------------------------------------------------------
-    now, after, possible = (torch.as_tensor(a) for a in parts["train"])
+    part, index, possible_np = parts["train"]
+    frames, index_t, possible = torch.as_tensor(part.arrays["frames"]), torch.as_tensor(index), torch.as_tensor(possible_np)
     per_rank = section.batch_size // world
     started = time.perf_counter()
     model.train()
     for step in range(section.steps):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(section, step)
-        pick = torch.as_tensor(np.random.default_rng([cfg.run.seed, rank, step]).integers(0, len(now), per_rank))
-        logits = wrapped(now[pick].to(device), after[pick].to(device))
+        pick = torch.as_tensor(np.random.default_rng([cfg.run.seed, rank, step]).integers(0, len(index_t), per_rank))
+        rows = index_t[pick]
+        logits = wrapped(frames[rows].to(device), frames[rows + 1].to(device))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, possible[pick].to(device).float())
         check_finite(loss, "inverse", step + 1, "lower inverse.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +147,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     # ---- evaluation and checkpoint (rank 0) -----------------------------------------------------
     metrics: dict[str, Any] = {}
     if is_main:
-        metrics = evaluate(model, *parts["val"])
+        part, index, possible_np = parts["val"]
+        metrics = evaluate(model, part.arrays["frames"][index], part.arrays["frames"][index + 1], possible_np)
         metrics["train_seconds"] = round(train_seconds, 2)
         if logger is not None:
             logger.scalars(section.steps, {f"val_{k}": v for k, v in metrics.items()})
@@ -160,7 +156,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         from omegaconf import OmegaConf
 
         atomic_torch_save(run_path / CHECKPOINT_NAME, inverse_checkpoint(
-            model, tokenizer.identity, metrics=metrics, step=section.steps,
+            model, metrics=metrics, step=section.steps,
             config=OmegaConf.to_container(cfg, resolve=True) if not dataclasses.is_dataclass(cfg) else dataclasses.asdict(cfg),
         ))
         if run_dir is not None:
