@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         env = make_env(str(cfg.env.id), obs=view, tile_size=int(cfg.env.tile_size))
         env.reset(seed=0)
         index, possible = dataset_targets(held, env, world_model.num_actions)
-        inverse, _ = load_inverse(run_path / "inverse.pt", tokenizer_identity=world_model.tokenizer.identity)
-        tokens = held.extras["tokens"]
-        row = evaluate(inverse, tokens[index], tokens[index + 1], possible)
+        inverse, _ = load_inverse(run_path / "inverse.pt")
+        frames = held.arrays["frames"]
+        row = evaluate(inverse, frames[index], frames[index + 1], possible)
         log(f"{name}: inverse {row}")
         row["guidance"] = guidance_table(world_model, held, env, [float(s) for s in args.scales.split(",")], args.context)
         if view in args.few_label_views.split(","):

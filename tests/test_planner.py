@@ -25,8 +25,7 @@ def empty_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("planner")
     args = ["--env", "empty-5x5", "--preset", "tiny", f"run.root={root}", "run.name=empty", "run.threads=1",
             "collect.num_steps=800", "collect.policy_mix=random:1", "dynamics.steps=250", "dynamics.dim=32",
-            "dynamics.memory_dim=32", "dynamics.state_hidden=64", "inverse.steps=300", "inverse.batch_size=128",
-            "inverse.lr=0.01"]
+            "dynamics.memory_dim=32", "dynamics.state_hidden=64", "inverse.steps=300", "inverse.batch_size=128"]
     for stage in (collect, train_tokenizer, train_dynamics, train_inverse):
         stage.main(args)
     return root / "empty"

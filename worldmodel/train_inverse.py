@@ -49,7 +49,7 @@ class InverseStageConfig:
     hidden: int = param(128, "hidden width of the read-out MLP", min=1)
     steps: int = param(1500, "optimizer steps", min=1)
     batch_size: int = param(256, "transitions per step, over all ranks", min=1)
-    lr: float = param(3e-3, "peak learning rate (AdamW, cosine decay to 5%)", above=0)
+    lr: float = param(1e-2, "peak learning rate (AdamW, cosine decay to 5%)", above=0)
     weight_decay: float = param(0.01, "AdamW weight decay", min=0)
     log_every: int = param(250, "steps between loss logs", min=1)
 
