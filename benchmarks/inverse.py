@@ -19,7 +19,9 @@ consistent sets (:func:`worldmodel.inverse.consistent_actions`):
   with f of the episodes labelled and the rest action-free (``true``) or labelled by an inverse
   model trained on the f (``inverse``), beside a model trained on the f episodes alone (``alone``):
   held-out ``frame_exact_1step`` (teacher-forced) and ``open_loop_consistent_32`` (32-step
-  open-loop rollouts right at every step). Every few-label run trains ``--few-steps`` steps.
+  open-loop rollouts right at every step), and for ``inverse`` the labelling model's own held-out
+  ``inverse_accuracy_identifiable`` and ``inverse_set_exact``. Every few-label run trains
+  ``--few-steps`` steps.
 
 Prints progress and one JSON object last (also ``benchmarks/results/inverse.json``):
 ``{env_id: {view: {"accuracy_identifiable", "noop_set_exact", "set_exact", "guidance": {...},
@@ -109,8 +111,13 @@ def guidance_table(world_model, held, env, scales: list[float], context: int, co
     return table
 
 
-def few_labels(base: list[str], root: Path, name: str, fractions: list[float], steps: int, held) -> dict:
+def few_labels(base: list[str], root: Path, name: str, fractions: list[float], steps: int, held, targets) -> dict:
+    """The few-label curve; ``targets`` (held-out transition indices, exact sets) score each inverse model."""
     from scripts import train_dynamics, train_inverse
+    from worldmodel.inverse import evaluate, load_inverse
+
+    index, possible = targets
+    frames = held.arrays["frames"]
 
     source = root / name
     short = [*base, f"data.path={source / 'dataset'}", f"dynamics.steps={steps}",
@@ -138,6 +145,9 @@ def few_labels(base: list[str], root: Path, name: str, fractions: list[float], s
             path = run_stages([*fresh(f"{name}-f{fraction}-inverse"), *tuned, "dynamics.unlabelled=inverse"],
                               [train_inverse, train_dynamics])
             row["inverse"] = held_out_metrics(path, held)
+            scores = evaluate(load_inverse(path / "inverse.pt")[0], frames[index], frames[index + 1], possible)
+            row["inverse"]["inverse_accuracy_identifiable"] = scores["accuracy_identifiable"]
+            row["inverse"]["inverse_set_exact"] = scores["set_exact"]
         path = run_stages([*fresh(f"{name}-f{fraction}-alone"), label, "dynamics.unlabelled=drop"], [train_dynamics])
         row["alone"] = held_out_metrics(path, held)
         out[str(fraction)] = row
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["guidance"] = guidance_table(world_model, held, env, [float(s) for s in args.scales.split(",")], args.context)
         if view in args.few_label_views.split(","):
             row["few_labels"] = few_labels([*base], root, name, [float(f) for f in args.fractions.split(",")],
-                                           args.few_steps, held)
+                                           args.few_steps, held, (index, possible))
         row["world_model"] = {"frame_exact_1step_held_out": held_out_metrics(run_path, held)["frame_exact_1step"]}
         out.setdefault(str(cfg.env.id), {})[view] = row
     out["machine"] = machine()
