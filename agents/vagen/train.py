@@ -88,10 +88,10 @@ class VagenConfig:
     # --- optimisation ---
     lr: float = param(1e-3, "Adam learning rate", above=0)
     readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr", min=0)
-    epochs: int = param(4, "PPO epochs over each rollout", min=1)
-    minibatch_turns: int = param(256, "turns per PPO minibatch", min=1)
+    epochs: int = param(8, "PPO epochs over each rollout", min=1)
+    minibatch_turns: int = param(128, "turns per PPO minibatch", min=1)
     clip: float = param(0.2, "PPO ratio clip", above=0)
-    target_kl: float = param(0.05, "stop an update once a minibatch's mean per-token KL exceeds 1.5x this (0: off)", min=0)
+    target_kl: float = param(0.0, "stop an update once a minibatch's mean per-token KL exceeds 1.5x this (0: off)", min=0)
     value_coef: float = param(0.5, "weight of the value loss", min=0)
     value_std_floor: float = param(0.1, "floor under the critic's return normaliser's std, in reward units", above=0)
     value_huber_delta: float = param(1.0, "Huber loss on the critic's normalised values, linear beyond this error (0: squared error)", min=0)
@@ -101,8 +101,8 @@ class VagenConfig:
     temperature: float = param(1.0, "sampling temperature while collecting rollouts", min=0)
     # --- budget, evaluation, logging ---
     total_env_steps: int = param(100_352, "env steps (turns) to train for, over all envs", min=1)
-    num_envs: int = param(64, "envs stepped together (one batched decode per turn)", min=1)
-    rollout_turns: int = param(32, "turns per env between updates", min=1)
+    num_envs: int = param(8, "envs stepped together (one batched decode per turn)", min=1)
+    rollout_turns: int = param(64, "turns per env between updates", min=1)
     eval_episodes: int = param(32, "real-env episodes of the final evaluation", min=1)
     eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)", min=0)
     eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)", min=0)
@@ -296,12 +296,17 @@ def compute_advantages(rollout: Rollout, value_norms: list[ValueNormalizer], vcf
     )
 
 
+CRITIC = ("value_head.", "value_encoder.")  # the critic's own parameters (its gradient is clipped apart)
+DIRECT = ("frame_encoder.", "action_head.", "value_encoder.", "value_head.")  # the direct frame paths: no format warm-up
+
+
 def ppo_update(net: VagenNet, optimizer: torch.optim.Optimizer, batch: Batch, vcfg: Any, entropy_mask: torch.Tensor,
                order_gen: torch.Generator, update: int) -> dict[str, list[float]]:
     """``epochs`` passes of clipped PPO over the batch in minibatches of ``minibatch_turns`` turns;
     returns each loss part per minibatch, and whether the KL stop ended the update."""
     net.train()
-    actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
+    actor_params = [p for name, p in net.named_parameters() if not name.startswith(CRITIC)]
+    critic_params = [p for name, p in net.named_parameters() if name.startswith(CRITIC)]
     parts: dict[str, list[float]] = {}
     count = len(batch.tokens)
     stopped = False
@@ -326,7 +331,7 @@ def ppo_update(net: VagenNet, optimizer: torch.optim.Optimizer, batch: Batch, vc
             losses.total.backward()
             # Clipped apart: the critic's gradient must not shrink the policy's.
             torch.nn.utils.clip_grad_norm_(actor_params, vcfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(net.value_head.parameters(), vcfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(critic_params, vcfg.max_grad_norm)
             optimizer.step()
             for k, v in losses.parts.items():
                 parts.setdefault(k, []).append(v)
@@ -340,8 +345,9 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
     A pretrained language model brings the response format to VAGEN; a network trained from
     scratch brings nothing, and with ~10^-8 odds of sampling a well-formed 15-token response every
     turn earns the same format penalty and PPO gets no signal. Random content teaches the grammar
-    and nothing about the world (every field value, every action equally likely)."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    and nothing about the world (every field value, every action equally likely). The frame
+    encoders sit it out: fitting random responses would teach them that the frame does not matter."""
+    optimizer = torch.optim.Adam([p for name, p in net.named_parameters() if not name.startswith(DIRECT)], lr=3e-3)
     frames_t = torch.from_numpy(frames)
     net.train()
     for _ in range(vcfg.format_warmup_steps):
