@@ -86,7 +86,8 @@ class VagenConfig:
     heads: int = param(4, "attention heads", min=1)
     history_len: int = param(2, "previous actions the agent sees (its turn history)", min=0)
     # --- optimisation ---
-    lr: float = param(1e-3, "Adam learning rate", above=0)
+    lr: float = param(1e-3, "Adam learning rate at the first update (linear decay to lr_final)", above=0)
+    lr_final: float = param(1e-4, "learning rate at the last update (the PPO baseline's schedule)", min=0)
     readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr", min=0)
     epochs: int = param(8, "PPO epochs over each rollout", min=1)
     minibatch_turns: int = param(128, "turns per PPO minibatch", min=1)
@@ -116,6 +117,8 @@ def check_config(vcfg: Any) -> None:
     what those cannot express; each error names its key. ``scripts.config.validate`` runs it for every
     script; ``train`` again, for callers that build their config another way."""
     check_values(VagenConfig, vcfg, prefix="vagen.")
+    if vcfg.lr_final > vcfg.lr:
+        raise ValueError(f"vagen.lr_final: must not exceed vagen.lr ({vcfg.lr}), got {vcfg.lr_final}")
     if vcfg.d_model % vcfg.heads:
         raise ValueError(f"vagen.d_model: must be a multiple of vagen.heads ({vcfg.heads}), got {vcfg.d_model}")
     unknown = set(vcfg.field_weights) - set(FIELDS)
@@ -433,6 +436,9 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     started = time.time()
     for update in range(start_update, num_updates):
         # --- the algorithm: collect, credit, update ---------------------------------------------------
+        progress = update / max(1, num_updates - 1)
+        for group, scale in zip(optimizer.param_groups, (1.0, vcfg.readout_lr_scale)):
+            group["lr"] = scale * ((1 - progress) * vcfg.lr + progress * vcfg.lr_final)
         rollout = collector.collect(net, value_norms, generator)
         batch = compute_advantages(rollout, value_norms, vcfg, vocab.first_action)
         order_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, update))
