@@ -411,14 +411,14 @@ def test_the_action_slot_reads_the_frame_directly():
     inputs[:, 0] = 0
     memory = net.encode(frames, history)
     logits, _ = net.decode(memory, inputs)
-    memory.frame = torch.zeros_like(memory.frame)
+    memory.direct = torch.zeros_like(memory.direct)
     without, _ = net.decode(memory, inputs)
     A = vocab.first_action
     assert not torch.allclose(logits[:, -1, A:], without[:, -1, A:], atol=1e-3)
     assert torch.equal(logits[:, -1, :A], without[:, -1, :A]) and torch.equal(logits[:, :-1], without[:, :-1])
     changed = frames.clone()
     changed[:, :8, :8] = 255  # tile (0, 0)
-    assert not torch.allclose(net.encode(changed, history).frame, net.encode(frames, history).frame, atol=1e-4)
+    assert not torch.allclose(net.frame_encoder(net.encode(changed, history).pixels), net.frame_encoder(memory.pixels), atol=1e-4)
 
 
 def test_cell_inputs_read_the_named_tile():

@@ -150,15 +150,16 @@ class Memory:
     """The encoded prefix of a batch: ``kv`` per decoder block (keys, values (B, P + K, d)), the
     tile features ``tiles`` (B, P, d) that pointer logits score against, the tiles' pixel
     embeddings ``content`` (B, P, d) without position (cell inputs) and their ``pixels``
-    (B, P, tile_size^2 * 3) in [0, 1] (cell read-out); the actor's and the critic's frame summaries
-    ``frame``, ``frame_value`` (B, frame_hidden)."""
+    (B, P, tile_size^2 * 3) in [0, 1] (cell read-out); what the frame adds, once per turn: the direct
+    path's action logits ``direct`` (B, num_actions) and the frame's share of the critic's first
+    layer ``value_frame`` (B, frame_hidden)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     tiles: torch.Tensor
     content: torch.Tensor
     pixels: torch.Tensor
-    frame: torch.Tensor
-    frame_value: torch.Tensor
+    direct: torch.Tensor
+    value_frame: torch.Tensor
 
 
 class VagenNet(nn.Module):
@@ -249,7 +250,9 @@ class VagenNet(nn.Module):
             parts.append(self.history_embed(history) + self.history_pos)
         memory = self.memory_norm(torch.cat(parts, dim=1))
         kv = [block.memory_kv(memory) for block in self.blocks]
-        return Memory(kv, memory[:, : gh * gw], content, tiles, self.frame_encoder(tiles), self.value_encoder(tiles))
+        first = self.value_head[0]  # on [frame summary, decoder state]: the summary's share, with the bias
+        value_frame = nn.functional.linear(self.value_encoder(tiles), first.weight[:, : c.frame_hidden], first.bias)
+        return Memory(kv, memory[:, : gh * gw], content, tiles, self.action_head(self.frame_encoder(tiles)), value_frame)
 
     def decode(self, memory: Memory, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)
@@ -283,14 +286,15 @@ class VagenNet(nn.Module):
         acts; ``action_gate`` (L, 1) bool: where the action head sets the action tokens' logits."""
         h = self.norm(x)
         logits = self.lm_head(h)
-        direct = self.action_head(memory.frame).unsqueeze(1) * action_gate  # (B, L, actions), 0 off the action slot
-        logits = _add_to_tokens(logits, self.first_action, direct)
+        logits = _add_to_tokens(logits, self.first_action, memory.direct.unsqueeze(1) * action_gate)  # 0 off the action slot
         logits = _add_to_tokens(logits, self.config.readout_tokens[0], self.cell_readout(named) * gate)
         scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
         logits = _add_to_tokens(logits, self.config.first_cell_token, scores)
         # The critic reads the decoder state detached: it has its own encoder, and its gradient
         # through the shared trunk moved the non-action logits at the action slot (format broke).
-        values = self.value_head(torch.cat([memory.frame_value.unsqueeze(1).expand(-1, h.shape[1], -1), h.detach()], -1))  # (B, L, streams)
+        first = self.value_head[0]
+        hidden = memory.value_frame.unsqueeze(1) + nn.functional.linear(h.detach(), first.weight[:, self.config.frame_hidden :])
+        values = self.value_head[2](self.value_head[1](hidden))  # (B, L, streams)
         return logits, values.squeeze(-1) if self.config.value_streams == 1 else values
 
     def new_cache(self, batch_size: int, length: int) -> list[torch.Tensor]:

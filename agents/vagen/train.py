@@ -350,9 +350,12 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
     turn earns the same format penalty and PPO gets no signal. Random content teaches the grammar
     and nothing about the world (every field value, every action equally likely). The frame
     encoders sit it out: fitting random responses would teach them that the frame does not matter."""
-    optimizer = torch.optim.Adam([p for name, p in net.named_parameters() if not name.startswith(DIRECT)], lr=3e-3)
+    direct = [p for name, p in net.named_parameters() if name.startswith(DIRECT)]
+    optimizer = torch.optim.Adam([p for name, p in net.named_parameters() if not name.startswith(DIRECT)], lr=3e-3, foreach=True)
     frames_t = torch.from_numpy(frames)
     net.train()
+    for p in direct:  # no gradient computed for what is not trained here
+        p.requires_grad_(False)
     for _ in range(vcfg.format_warmup_steps):
         batch = 64
         rows = torch.randint(len(frames_t), (batch,), generator=generator)
@@ -363,6 +366,8 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    for p in direct:
+        p.requires_grad_(True)
     print(f"[vagen] format warm-up: {vcfg.format_warmup_steps} steps, final next-token loss {loss.item():.3f}")
 
 
@@ -399,7 +404,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     readout = [p for name, p in net.named_parameters() if name.startswith("cell_readout.")]
     others = [p for name, p in net.named_parameters() if not name.startswith("cell_readout.")]
     optimizer = torch.optim.Adam(
-        [{"params": others, "lr": vcfg.lr}, {"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale}], lr=vcfg.lr, eps=1e-5
+        [{"params": others, "lr": vcfg.lr}, {"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale}], lr=vcfg.lr, eps=1e-5,
+        foreach=True,  # one fused step over the parameter tensors: the single-tensor default cost a tenth of a run
     )
     entropy_mask = slot_mask(vcfg.strategy, vocab, vcfg.free_think_len)
     steps_per_update = vcfg.num_envs * vcfg.rollout_turns
