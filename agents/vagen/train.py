@@ -85,6 +85,7 @@ class VagenConfig:
     layers: int = param(2, "transformer decoder blocks", min=1)
     heads: int = param(4, "attention heads", min=1)
     history_len: int = param(2, "previous actions the agent sees (its turn history)", min=0)
+    frame_hidden: int = param(128, "summary width of the action's and the critic's frame encoders (the PPO baseline's)", min=1)
     # --- optimisation ---
     lr: float = param(1e-3, "Adam learning rate at the first update (linear decay to lr_final)", above=0)
     lr_final: float = param(1e-4, "learning rate at the last update (the PPO baseline's schedule)", min=0)
@@ -398,7 +399,7 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, num_actions=vocab.num_actions, first_cell_token=vocab.cell(0, 0),
         readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
-        history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads, value_streams=2 if split else 1,
+        history_len=vcfg.history_len, frame_hidden=vcfg.frame_hidden, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads, value_streams=2 if split else 1,
     ))
     value_norms = [ValueNormalizer(std_floor=vcfg.value_std_floor) for _ in range(2 if split else 1)]  # task; world-modeling
     readout = [p for name, p in net.named_parameters() if name.startswith("cell_readout.")]
