@@ -115,8 +115,12 @@ class TokenEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.max() >= self.vocab_size or tokens.min() < 0:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got [{int(tokens.min())}, {int(tokens.max())}]")
-        x = self.embed(tokens).permute(0, 3, 1, 2)  # (B, e, h, w)
-        return self.mlp(self.convs(x).flatten(1))
+        return self.grid_features(self.embed(tokens))
+
+    def grid_features(self, embedded: torch.Tensor) -> torch.Tensor:
+        """The convs and MLP on an embedded grid (B, h, w, e) -> (B, hidden_dim) (the VAGEN agent
+        feeds it per-tile pixel embeddings instead of token embeddings)."""
+        return self.mlp(self.convs(embedded.permute(0, 3, 1, 2)).flatten(1))
 
 
 class Actor(nn.Module):

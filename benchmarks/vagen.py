@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--envs", nargs="+", default=["MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-6x6-v0"])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_RUNS), choices=list(STRATEGY_RUNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100352, help="real env steps per run (the same for every strategy); 100352 = 49 updates of the default 64 x 32 turns")
+    parser.add_argument("--steps", type=int, default=100352, help="real env steps per run (the same for every strategy); 100352 = 196 updates of the default 8 x 64 turns")
     parser.add_argument("--eval-episodes", type=int, default=64, help="evaluation episodes per run (at 16, one NoThink seed read 0.17 that read 0.31 over 128)")
     parser.add_argument("--eval-every", type=int, default=0, help="updates between evaluations during training, for steps_to_0.9 (0: final only)")
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (one process and one thread each)")

@@ -65,6 +65,7 @@ def _exit_code_and_error(argv, capsys, extra_files=()):
     ("collect.policy_mix=random:0", "collect.policy_mix"),
     ("dynamics.heads=3", "dynamics.dim"),
     ("vagen.heads=3", "vagen.d_model"),
+    ("vagen.lr_final=0.1", "vagen.lr_final"),
     ("vagen.field_weights.nose=1", "vagen.field_weights"),
     ("evaluate.policies=dreamer,random", "evaluate.policies"),
 ])

@@ -383,7 +383,7 @@ def test_slot_entropy_is_the_entropy_over_the_tokens_a_slot_accepts():
     slot's tokens, so it is log(slot size) at most; over the whole vocabulary it is larger."""
     from agents.vagen import slot_mask, token_logprobs
 
-    net, vocab, frames = _random_net()
+    net, vocab, frames = _random_net(readout_weights=False)  # a random read-out concentrates some slots' mass out of them
     mask = slot_mask("WorldModeling", vocab)
     assert mask.shape == (15, len(vocab)) and mask[-1].sum() == 7 and mask[0].sum() == 25  # actions; 5x5 cells
     history = torch.full((len(frames), 2), 7)
@@ -397,6 +397,28 @@ def test_slot_entropy_is_the_entropy_over_the_tokens_a_slot_accepts():
     assert (entropy <= mask.sum(-1).float().log() + 1e-5).all()
     _, vocab_entropy, _ = token_logprobs(net, frames, history, tokens)
     assert (vocab_entropy > entropy).all()  # the whole vocabulary also counts the format-breaking tokens
+
+
+def test_the_action_slot_reads_the_frame_directly():
+    """At the action slot the action tokens' logits also get the direct frame path (an MLP of the
+    actor's frame encoder): it moves them there and nowhere else; the other tokens' logits, and
+    every other slot, are the decoder's alone. The encoders see every tile: a changed tile changes
+    the summary."""
+    net, vocab, frames = _random_net()
+    torch.nn.init.normal_(net.action_head[-1].weight, std=1.0)  # 0.01 gain at the start: make it visible
+    history = torch.full((len(frames), 2), 7)
+    inputs = torch.randint(1, vocab.first_action, (len(frames), 15), generator=torch.Generator().manual_seed(0))
+    inputs[:, 0] = 0
+    memory = net.encode(frames, history)
+    logits, _ = net.decode(memory, inputs)
+    memory.direct = torch.zeros_like(memory.direct)
+    without, _ = net.decode(memory, inputs)
+    A = vocab.first_action
+    assert not torch.allclose(logits[:, -1, A:], without[:, -1, A:], atol=1e-3)
+    assert torch.equal(logits[:, -1, :A], without[:, -1, :A]) and torch.equal(logits[:, :-1], without[:, :-1])
+    changed = frames.clone()
+    changed[:, :8, :8] = 255  # tile (0, 0)
+    assert not torch.allclose(net.frame_encoder(net.encode(changed, history).pixels), net.frame_encoder(memory.pixels), atol=1e-4)
 
 
 def test_cell_inputs_read_the_named_tile():
@@ -693,6 +715,9 @@ def test_a_checkpoint_of_the_old_layout_or_another_template_is_refused_by_name()
     old["model_config"] = dict(checkpoint["model_config"], detach_critic=False, cell_readout="pixels", action_query=False)
     with pytest.raises(ValueError, match="layout 1.*single-module agent .agents/vagen.py.*pruned.*retrain"):
         VagenAgent.from_checkpoint(old)
+    before_encoders = dict(checkpoint, layout=2)  # the package before the frame encoders
+    with pytest.raises(ValueError, match="layout 2.*own frame encoders.*retrain"):
+        VagenAgent.from_checkpoint(before_encoders)
     longer = dict(checkpoint, model_config=dict(checkpoint["model_config"], max_response_len=13))  # six fields, once
     with pytest.raises(ValueError, match="13-token responses but the template has 15 slots"):
         VagenAgent.from_checkpoint(longer)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agents.dreamer import TokenEncoder
+
 
 @dataclass
 class VagenModelConfig:
@@ -32,6 +34,37 @@ class VagenModelConfig:
     heads: int = 4
     mlp_ratio: int = 2
     value_streams: int = 1  # critic outputs: 1 (the turn reward), or 2 (task reward; world-modeling reward)
+    frame_embed: int = 16  # the frame encoders (actor's and critic's): per-tile pixel embedding width,
+    frame_channels: int = 32  # conv channels,
+    frame_hidden: int = 128  # and summary width (the PPO baseline's encoder shape)
+
+
+class TileGridEncoder(TokenEncoder):
+    """Tile pixels (B, P, pixels) in [0, 1], P tiles in row order -> a frame summary (B, hidden_dim).
+
+    The PPO baseline's frame encoder (:class:`agents.dreamer.TokenEncoder`: two 3x3 convs over the
+    grid, flattened, an MLP) on a per-tile MLP of the pixels in place of a tokenizer's token
+    embedding, so the agent still needs no trained tokenizer. Flattening keeps where each tile is."""
+
+    def __init__(self, pixels: int, grid_height: int, grid_width: int, embed_dim: int, channels: int, hidden_dim: int):
+        super().__init__(1, grid_height, grid_width, embed_dim, channels, hidden_dim)
+        self.grid = (int(grid_height), int(grid_width))
+        self.embed = nn.Sequential(nn.Linear(pixels, 2 * embed_dim), nn.SiLU(), nn.Linear(2 * embed_dim, embed_dim))
+        # Distinct tiles differ in a few dozen pixel values: at the default init their embeddings
+        # differed by ~0.04 per channel and the frame summary hardly varied across frames (std
+        # 0.0002, 40x under the token encoder's). Scaled so that they differ by ~1 per channel, as
+        # the N(0, 1) rows of a token embedding do.
+        nn.init.normal_(self.embed[0].weight, std=0.3)
+        nn.init.orthogonal_(self.embed[2].weight, 2.0)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.grid_features(self.embed(tiles).view(tiles.shape[0], *self.grid, -1))
+
+
+def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def _add_to_tokens(logits: torch.Tensor, first: int, extra: torch.Tensor) -> torch.Tensor:
@@ -117,12 +150,16 @@ class Memory:
     """The encoded prefix of a batch: ``kv`` per decoder block (keys, values (B, P + K, d)), the
     tile features ``tiles`` (B, P, d) that pointer logits score against, the tiles' pixel
     embeddings ``content`` (B, P, d) without position (cell inputs) and their ``pixels``
-    (B, P, tile_size^2 * 3) in [0, 1] (cell read-out)."""
+    (B, P, tile_size^2 * 3) in [0, 1] (cell read-out); what the frame adds, once per turn: the direct
+    path's action logits ``direct`` (B, num_actions) and the frame's share of the critic's first
+    layer ``value_frame`` (B, frame_hidden)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     tiles: torch.Tensor
     content: torch.Tensor
     pixels: torch.Tensor
+    direct: torch.Tensor
+    value_frame: torch.Tensor
 
 
 class VagenNet(nn.Module):
@@ -140,6 +177,13 @@ class VagenNet(nn.Module):
     - cell inputs: a cell token, once written, enters the decoder with that tile's pixel embedding;
     - cell read-out: the token after a cell gets a linear read-out of that tile's pixels on the
       attribute tokens (zero at the start), at the slots that accept attributes.
+
+    The action and the critic read the frame directly: a PPO-style encoder (:class:`TileGridEncoder`)
+    summarises the whole grid, and at the action slot (the response's last) the action tokens'
+    logits are an MLP of that summary and the decoder state (its last layer starts near zero, so
+    the first rollouts are near uniform); the critic is an MLP of the decoder state and a summary
+    of its own encoder. Through cross-attention alone the frame barely moved the action: a single
+    query averages 25 tiles that mostly look alike, and the policy learned a marginal over actions.
     """
 
     def __init__(self, config: VagenModelConfig):
@@ -156,7 +200,19 @@ class VagenNet(nn.Module):
         self.blocks = nn.ModuleList([_DecoderBlock(c.d_model, c.heads, c.mlp_ratio) for _ in range(c.layers)])
         self.norm = nn.LayerNorm(c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size)
-        self.value_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Tanh(), nn.Linear(c.d_model, c.value_streams))
+        grid = (c.grid_height, c.grid_width, c.frame_embed, c.frame_channels, c.frame_hidden)
+        self.frame_encoder = TileGridEncoder(pixels, *grid)
+        self.action_head = nn.Sequential(
+            nn.Linear(c.frame_hidden, c.frame_hidden), nn.SiLU(), _orthogonal(nn.Linear(c.frame_hidden, c.num_actions), 0.01)
+        )
+        self.value_encoder = TileGridEncoder(pixels, *grid)
+        self.value_head = nn.Sequential(
+            nn.Linear(c.frame_hidden + c.d_model, c.frame_hidden), nn.Tanh(), nn.Linear(c.frame_hidden, c.value_streams)
+        )
+        self.first_action = c.vocab_size - c.num_actions  # the vocabulary ends with the actions
+        action_gate = torch.zeros(c.max_response_len, 1)
+        action_gate[-1] = True  # every template ends with the action
+        self.register_buffer("action_gate", action_gate, persistent=False)
         self.pointer = nn.Linear(c.d_model, c.d_model, bias=False)
         self.cell_input = nn.Linear(c.d_model, c.d_model)
         lo, hi = c.readout_tokens
@@ -194,7 +250,9 @@ class VagenNet(nn.Module):
             parts.append(self.history_embed(history) + self.history_pos)
         memory = self.memory_norm(torch.cat(parts, dim=1))
         kv = [block.memory_kv(memory) for block in self.blocks]
-        return Memory(kv, memory[:, : gh * gw], content, tiles)
+        first = self.value_head[0]  # on [frame summary, decoder state]: the summary's share, with the bias
+        value_frame = nn.functional.linear(self.value_encoder(tiles), first.weight[:, : c.frame_hidden], first.bias)
+        return Memory(kv, memory[:, : gh * gw], content, tiles, self.action_head(self.frame_encoder(tiles)), value_frame)
 
     def decode(self, memory: Memory, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs (B, L) response input ids starting with ``<bos>`` -> logits (B, L, V), values (B, L)
@@ -203,7 +261,8 @@ class VagenNet(nn.Module):
         x = x + self.token_pos[: inputs.shape[1]]
         for block, kv in zip(self.blocks, memory.kv):
             x = block(x, kv)
-        return self._heads(memory, x, named, self.readout_gate[: inputs.shape[1]])
+        L = inputs.shape[1]
+        return self._heads(memory, x, named, self.readout_gate[:L], self.action_gate[:L])
 
     def _embed(self, memory: Memory, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs (B, L) token ids -> (B, L, d): the token embedding, plus for cell tokens a
@@ -220,14 +279,22 @@ class VagenNet(nn.Module):
 
         return x + self.cell_input(named(memory.content)) * keep, named(memory.pixels)
 
-    def _heads(self, memory: Memory, x: torch.Tensor, named: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values from decoder features x (B, L, d); ``gate`` (L, 1): where the read-out acts."""
+    def _heads(
+        self, memory: Memory, x: torch.Tensor, named: torch.Tensor, gate: torch.Tensor, action_gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values from decoder features x (B, L, d); ``gate`` (L, 1): where the read-out
+        acts; ``action_gate`` (L, 1) bool: where the action head sets the action tokens' logits."""
         h = self.norm(x)
         logits = self.lm_head(h)
+        logits = _add_to_tokens(logits, self.first_action, memory.direct.unsqueeze(1) * action_gate)  # 0 off the action slot
         logits = _add_to_tokens(logits, self.config.readout_tokens[0], self.cell_readout(named) * gate)
         scores = self.pointer(h) @ memory.tiles.transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, L, P)
         logits = _add_to_tokens(logits, self.config.first_cell_token, scores)
-        values = self.value_head(h)  # (B, L, streams)
+        # The critic reads the decoder state detached: it has its own encoder, and its gradient
+        # through the shared trunk moved the non-action logits at the action slot (format broke).
+        first = self.value_head[0]
+        hidden = memory.value_frame.unsqueeze(1) + nn.functional.linear(h.detach(), first.weight[:, self.config.frame_hidden :])
+        values = self.value_head[2](self.value_head[1](hidden))  # (B, L, streams)
         return logits, values.squeeze(-1) if self.config.value_streams == 1 else values
 
     def new_cache(self, batch_size: int, length: int) -> list[torch.Tensor]:
@@ -242,7 +309,7 @@ class VagenNet(nn.Module):
         x = x + self.token_pos[i]
         for block, kv, block_cache in zip(self.blocks, memory.kv, cache):
             x = block.step(x, kv, block_cache, i)
-        logits, values = self._heads(memory, x, named, self.readout_gate[i : i + 1])
+        logits, values = self._heads(memory, x, named, self.readout_gate[i : i + 1], self.action_gate[i : i + 1])
         return logits[:, 0], values[:, 0]
 
     def forward(self, frames: torch.Tensor, history: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

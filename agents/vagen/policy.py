@@ -14,8 +14,9 @@ from agents.vagen.vocab import FIELDS, ParsedResponse, Vocab, parse_response, te
 
 # The checkpoint layout this code writes and reads. Version 1 is the single-module agent
 # (agents/vagen.py), whose network carried options since pruned (a detached critic, optional pointer,
-# cell inputs and read-out, an action query); its checkpoints name no layout.
-LAYOUT = 2
+# cell inputs and read-out, an action query); its checkpoints name no layout. Version 2 is the package
+# before the action and the critic read the frame through their own encoders (TileGridEncoder).
+LAYOUT = 3
 
 
 @register_policy("vagen")
@@ -94,10 +95,14 @@ class VagenAgent(Policy):
     def from_checkpoint(cls, checkpoint: dict[str, Any], device: str = "cpu") -> "VagenAgent":
         layout = checkpoint.get("layout", 1)
         if layout != LAYOUT:
+            why = (
+                "the single-module agent (agents/vagen.py), whose network options were pruned when the agent became "
+                "the agents/vagen package" if layout == 1 else
+                "the package before the action and the critic got their own frame encoders (their weights are missing)"
+            )
             raise ValueError(
-                f"this VAGEN checkpoint has layout {layout}, this code reads layout {LAYOUT}: it was saved by the "
-                "single-module agent (agents/vagen.py), whose network options were pruned when the agent became "
-                "the agents/vagen package; retrain it with scripts/train_vagen.py"
+                f"this VAGEN checkpoint has layout {layout}, this code reads layout {LAYOUT}: it was saved by {why}; "
+                "retrain it with scripts/train_vagen.py"
             )
         config = VagenModelConfig(**checkpoint["model_config"])
         slots = len(template(checkpoint["strategy"], int(checkpoint["free_think_len"])))

@@ -85,13 +85,15 @@ class VagenConfig:
     layers: int = param(2, "transformer decoder blocks", min=1)
     heads: int = param(4, "attention heads", min=1)
     history_len: int = param(2, "previous actions the agent sees (its turn history)", min=0)
+    frame_hidden: int = param(128, "summary width of the action's and the critic's frame encoders (the PPO baseline's)", min=1)
     # --- optimisation ---
-    lr: float = param(1e-3, "Adam learning rate", above=0)
+    lr: float = param(1e-3, "Adam learning rate at the first update (linear decay to lr_final)", above=0)
+    lr_final: float = param(1e-4, "learning rate at the last update (the PPO baseline's schedule)", min=0)
     readout_lr_scale: float = param(3.0, "the cell read-out's learning rate, as a multiple of lr", min=0)
-    epochs: int = param(4, "PPO epochs over each rollout", min=1)
-    minibatch_turns: int = param(256, "turns per PPO minibatch", min=1)
+    epochs: int = param(8, "PPO epochs over each rollout", min=1)
+    minibatch_turns: int = param(128, "turns per PPO minibatch", min=1)
     clip: float = param(0.2, "PPO ratio clip", above=0)
-    target_kl: float = param(0.05, "stop an update once a minibatch's mean per-token KL exceeds 1.5x this (0: off)", min=0)
+    target_kl: float = param(0.0, "stop an update once a minibatch's mean per-token KL exceeds 1.5x this (0: off)", min=0)
     value_coef: float = param(0.5, "weight of the value loss", min=0)
     value_std_floor: float = param(0.1, "floor under the critic's return normaliser's std, in reward units", above=0)
     value_huber_delta: float = param(1.0, "Huber loss on the critic's normalised values, linear beyond this error (0: squared error)", min=0)
@@ -101,8 +103,8 @@ class VagenConfig:
     temperature: float = param(1.0, "sampling temperature while collecting rollouts", min=0)
     # --- budget, evaluation, logging ---
     total_env_steps: int = param(100_352, "env steps (turns) to train for, over all envs", min=1)
-    num_envs: int = param(64, "envs stepped together (one batched decode per turn)", min=1)
-    rollout_turns: int = param(32, "turns per env between updates", min=1)
+    num_envs: int = param(8, "envs stepped together (one batched decode per turn)", min=1)
+    rollout_turns: int = param(64, "turns per env between updates", min=1)
     eval_episodes: int = param(32, "real-env episodes of the final evaluation", min=1)
     eval_seed: int = param(1_000_000, "env seed base of evaluation episodes (apart from training seeds)", min=0)
     eval_temperature: float = param(1.0, "sampling temperature in evaluation (0: greedy)", min=0)
@@ -116,6 +118,8 @@ def check_config(vcfg: Any) -> None:
     what those cannot express; each error names its key. ``scripts.config.validate`` runs it for every
     script; ``train`` again, for callers that build their config another way."""
     check_values(VagenConfig, vcfg, prefix="vagen.")
+    if vcfg.lr_final > vcfg.lr:
+        raise ValueError(f"vagen.lr_final: must not exceed vagen.lr ({vcfg.lr}), got {vcfg.lr_final}")
     if vcfg.d_model % vcfg.heads:
         raise ValueError(f"vagen.d_model: must be a multiple of vagen.heads ({vcfg.heads}), got {vcfg.d_model}")
     unknown = set(vcfg.field_weights) - set(FIELDS)
@@ -296,12 +300,17 @@ def compute_advantages(rollout: Rollout, value_norms: list[ValueNormalizer], vcf
     )
 
 
+CRITIC = ("value_head.", "value_encoder.")  # the critic's own parameters (its gradient is clipped apart)
+DIRECT = ("frame_encoder.", "action_head.", "value_encoder.", "value_head.")  # the direct frame paths: no format warm-up
+
+
 def ppo_update(net: VagenNet, optimizer: torch.optim.Optimizer, batch: Batch, vcfg: Any, entropy_mask: torch.Tensor,
                order_gen: torch.Generator, update: int) -> dict[str, list[float]]:
     """``epochs`` passes of clipped PPO over the batch in minibatches of ``minibatch_turns`` turns;
     returns each loss part per minibatch, and whether the KL stop ended the update."""
     net.train()
-    actor_params = [p for name, p in net.named_parameters() if not name.startswith("value_head.")]
+    actor_params = [p for name, p in net.named_parameters() if not name.startswith(CRITIC)]
+    critic_params = [p for name, p in net.named_parameters() if name.startswith(CRITIC)]
     parts: dict[str, list[float]] = {}
     count = len(batch.tokens)
     stopped = False
@@ -326,7 +335,7 @@ def ppo_update(net: VagenNet, optimizer: torch.optim.Optimizer, batch: Batch, vc
             losses.total.backward()
             # Clipped apart: the critic's gradient must not shrink the policy's.
             torch.nn.utils.clip_grad_norm_(actor_params, vcfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(net.value_head.parameters(), vcfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(critic_params, vcfg.max_grad_norm)
             optimizer.step()
             for k, v in losses.parts.items():
                 parts.setdefault(k, []).append(v)
@@ -340,10 +349,14 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
     A pretrained language model brings the response format to VAGEN; a network trained from
     scratch brings nothing, and with ~10^-8 odds of sampling a well-formed 15-token response every
     turn earns the same format penalty and PPO gets no signal. Random content teaches the grammar
-    and nothing about the world (every field value, every action equally likely)."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    and nothing about the world (every field value, every action equally likely). The frame
+    encoders sit it out: fitting random responses would teach them that the frame does not matter."""
+    direct = [p for name, p in net.named_parameters() if name.startswith(DIRECT)]
+    optimizer = torch.optim.Adam([p for name, p in net.named_parameters() if not name.startswith(DIRECT)], lr=3e-3, foreach=True)
     frames_t = torch.from_numpy(frames)
     net.train()
+    for p in direct:  # no gradient computed for what is not trained here
+        p.requires_grad_(False)
     for _ in range(vcfg.format_warmup_steps):
         batch = 64
         rows = torch.randint(len(frames_t), (batch,), generator=generator)
@@ -354,6 +367,8 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    for p in direct:
+        p.requires_grad_(True)
     print(f"[vagen] format warm-up: {vcfg.format_warmup_steps} steps, final next-token loss {loss.item():.3f}")
 
 
@@ -384,13 +399,14 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         vocab_size=len(vocab), grid_width=codec.width, grid_height=codec.height, tile_size=cfg.env.tile_size,
         max_response_len=length, num_actions=vocab.num_actions, first_cell_token=vocab.cell(0, 0),
         readout_tokens=vocab.attribute_tokens, readout_positions=readout_positions(vcfg.strategy, vocab, vcfg.free_think_len),
-        history_len=vcfg.history_len, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads, value_streams=2 if split else 1,
+        history_len=vcfg.history_len, frame_hidden=vcfg.frame_hidden, d_model=vcfg.d_model, layers=vcfg.layers, heads=vcfg.heads, value_streams=2 if split else 1,
     ))
     value_norms = [ValueNormalizer(std_floor=vcfg.value_std_floor) for _ in range(2 if split else 1)]  # task; world-modeling
     readout = [p for name, p in net.named_parameters() if name.startswith("cell_readout.")]
     others = [p for name, p in net.named_parameters() if not name.startswith("cell_readout.")]
     optimizer = torch.optim.Adam(
-        [{"params": others, "lr": vcfg.lr}, {"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale}], lr=vcfg.lr, eps=1e-5
+        [{"params": others, "lr": vcfg.lr}, {"params": readout, "lr": vcfg.lr * vcfg.readout_lr_scale}], lr=vcfg.lr, eps=1e-5,
+        foreach=True,  # one fused step over the parameter tensors: the single-tensor default cost a tenth of a run
     )
     entropy_mask = slot_mask(vcfg.strategy, vocab, vcfg.free_think_len)
     steps_per_update = vcfg.num_envs * vcfg.rollout_turns
@@ -427,6 +443,9 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     started = time.time()
     for update in range(start_update, num_updates):
         # --- the algorithm: collect, credit, update ---------------------------------------------------
+        progress = update / max(1, num_updates - 1)
+        for group, scale in zip(optimizer.param_groups, (1.0, vcfg.readout_lr_scale)):
+            group["lr"] = scale * ((1 - progress) * vcfg.lr + progress * vcfg.lr_final)
         rollout = collector.collect(net, value_norms, generator)
         batch = compute_advantages(rollout, value_norms, vcfg, vocab.first_action)
         order_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, update))
