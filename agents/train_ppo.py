@@ -30,7 +30,7 @@ from agents.policy import save_policy
 from agents.ppo import ActorCritic, PPOConfig, PPOPolicy, RolloutBatch, explained_variance, linear_schedule
 from agents.rl import gae
 from common.atomic import atomic_torch_save
-from common.seeding import derive_seed, seed_everything
+from common.seeding import derive_seed
 from common.stage import check_finite, load_resume
 
 FINAL_NAME = "ppo.pt"
@@ -98,18 +98,14 @@ def train(cfg: Any, run_dir: Any, tokenizer: Any = None, log: Any = print) -> di
     from agents.evaluate import normalized_score, reference_returns, run_real
     from common.runs import Logger
     from worldmodel.tokenizer import encode_frames, load_tokenizer
-    from worldmodel.train_dynamics import setup_distributed
+    from worldmodel.train_dynamics import start_training
 
     stage = stage_config(cfg)
-    rank, world, device = setup_distributed(str(cfg.run.device))
+    rank, world, device, run_path = start_training(cfg)
     is_main = rank == 0
-    run_path = Path(cfg.run.root) / cfg.run.name
     final_path, resume_path = run_path / FINAL_NAME, run_path / RESUME_NAME
 
     # ------------------------------------------------------------------ set-up
-    seed_everything(cfg.run.seed)
-    if cfg.run.threads > 0:
-        torch.set_num_threads(int(cfg.run.threads))
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path(cfg), tile_size=cfg.env.tile_size, device=device)
     tokenizer = FrameTokenCache(tokenizer)

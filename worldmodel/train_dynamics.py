@@ -417,6 +417,22 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def start_training(cfg: Any, batch_key: str | None = None) -> tuple[int, int, torch.device, Path]:
+    """What every training loop does first: join the process group torchrun describes, set the
+    thread count and the seeds, and check that the batch ``batch_key`` names (``"dynamics.batch_size"``)
+    divides among the ranks -> (rank, world size, device, run folder)."""
+    rank, world, device = setup_distributed(str(cfg.run.device))
+    if cfg.run.threads > 0:
+        torch.set_num_threads(int(cfg.run.threads))
+    seed_everything(cfg.run.seed)
+    if batch_key is not None:
+        section, name = batch_key.split(".")
+        batch = int(getattr(getattr(cfg, section), name))
+        if batch % world:
+            raise ValueError(f"{batch_key} ({batch}) must divide among {world} ranks")
+    return rank, world, device, Path(cfg.run.root) / cfg.run.name
+
+
 class _LossWrapper(nn.Module):
     """Routes compute_loss through ``forward`` so DistributedDataParallel sees (and syncs) it."""
 
@@ -455,14 +471,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     from worldmodel.tokenizer import encode_frames, load_tokenizer
 
     section = cfg.dynamics
-    rank, world, device = setup_distributed(cfg.run.device)
+    rank, world, device, run_path = start_training(cfg, "dynamics.batch_size")
     is_main = rank == 0
-    if cfg.run.threads > 0:
-        torch.set_num_threads(int(cfg.run.threads))
-    seed_everything(cfg.run.seed)
-    run_path = Path(cfg.run.root) / cfg.run.name
-    if section.batch_size % world:
-        raise ValueError(f"dynamics.batch_size ({section.batch_size}) must divide among {world} ranks")
 
     # ---- data: the dataset, tokenised once by the run's tokenizer --------------------------
     if dataset is None:

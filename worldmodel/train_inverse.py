@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,6 @@ import torch.nn as nn
 
 from common.atomic import atomic_torch_save
 from common.config import param
-from common.seeding import seed_everything
 from common.stage import check_finite
 from envs.dataset import EpisodeDataset
 from worldmodel.inverse import (
@@ -35,7 +33,7 @@ from worldmodel.inverse import (
     evaluate,
     inverse_checkpoint,
 )
-from worldmodel.train_dynamics import setup_distributed
+from worldmodel.train_dynamics import start_training
 
 CHECKPOINT_NAME = "inverse.pt"
 
@@ -76,14 +74,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, log: An
     from envs.dataset import training_folder
 
     section = cfg.inverse
-    rank, world, device = setup_distributed(cfg.run.device)
+    rank, world, device, run_path = start_training(cfg, "inverse.batch_size")
     is_main = rank == 0
-    if cfg.run.threads > 0:
-        torch.set_num_threads(int(cfg.run.threads))
-    seed_everything(cfg.run.seed)
-    run_path = Path(cfg.run.root) / cfg.run.name
-    if section.batch_size % world:
-        raise ValueError(f"inverse.batch_size ({section.batch_size}) must divide among {world} ranks")
 
     # ---- data: frame pairs and exact consistent sets ---------------------------------------------
     if dataset is None:
