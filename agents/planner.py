@@ -177,10 +177,10 @@ def reach_goal(env: Any, planner: GoalPlanner, goal_frame: Any, frame: Any, max_
     goal_np = np.asarray(goal_frame)
     plan_seconds, plans, replans, taken = 0.0, 0, 0, []
 
-    def make_plan(current: Any) -> Plan:
+    def make_plan(tokens: torch.Tensor) -> Plan:
         nonlocal plan_seconds, plans
         started = time.perf_counter()
-        found = planner.search(wm.encode(np.asarray(current)[None])[0], goal)
+        found = planner.search(tokens, goal)
         plan_seconds += time.perf_counter() - started
         plans += 1
         return found
@@ -188,10 +188,10 @@ def reach_goal(env: Any, planner: GoalPlanner, goal_frame: Any, frame: Any, max_
     if np.array_equal(np.asarray(frame), goal_np):
         return Episode(True, 0, 0, 0, 0.0)
     current = wm.encode(np.asarray(frame)[None])[0]
-    plan = make_plan(frame)
+    plan = make_plan(current)
     for step in range(max_steps):
         if not plan.actions and not plan.reaches:  # at the nearest frame the model knew: look again from here
-            plan = make_plan(frame)
+            plan = make_plan(current)
         if not plan.actions:
             break  # nothing the model imagines comes nearer the goal
         action, expected = plan.actions.pop(0), plan.frames.pop(0)
@@ -207,5 +207,5 @@ def reach_goal(env: Any, planner: GoalPlanner, goal_frame: Any, frame: Any, max_
             # The world did not do what the model imagined: remember what it did, plan again from there.
             planner.correct(before, action, current, bool(terminated))
             replans += 1
-            plan = make_plan(frame)
+            plan = make_plan(current)
     return Episode(False, len(taken), replans, plans, plan_seconds, taken)
