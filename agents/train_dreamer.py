@@ -10,6 +10,7 @@ which the evaluation stage scores in the real env for the learning curve.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -177,6 +178,8 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
         generator.set_state(state["torch_rng"])
         step, bc_step, elapsed, history = state["step"], state["bc_step"], state["elapsed"], state["history"]
         print(f"dreamer: resumed from {resume_path} at update {step}")
+    elif (run / CHECKPOINT_FOLDER).exists():  # a fresh start: policies a killed run saved are not this run's
+        shutil.rmtree(run / CHECKPOINT_FOLDER)
     logger = Logger(run, cfg, "dreamer")
     print(f"dreamer: {len(starts.index)} start frames from {dataset.num_episodes} episodes, token grid {grid_shape}, "
           f"vocabulary {tokenizer.vocab_size}, {stage.updates} updates of {stage.batch_size} x {stage.horizon} imagined steps")

@@ -32,6 +32,7 @@ STAGE = Stage(
     body=train,
     sections=("env", "dreamer"),
     content=dreamer_id,
+    resumable=True,  # the agent resumes from dreamer.resume.pt, keeping the checkpoints saved before it
 )
 
 
