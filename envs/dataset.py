@@ -44,6 +44,8 @@ class DataConfig:
 
     path: str = param("", "dataset folder to train on (default: <run folder>/dataset)")
     val_fraction: float = param(0.1, "fraction of episodes held out for validation (split by episode)", min=0, below=1)
+    mix: list[str] = param(default_factory=list, help="full view: dataset folders of several envs to train one "
+                           "tokenizer and one dynamics model on (replaces data.path)")
     labelled_fraction: float = param(1.0, "share of training episodes whose actions training reads (the rest are "
                                      "action-free video; see dynamics.unlabelled)", min=0, max=1)
 
@@ -56,6 +58,11 @@ def collect_folder(cfg) -> Path:
 def training_folder(cfg) -> Path:
     """Where training stages read: ``data.path``, else the collect stage's folder."""
     return Path(cfg.data.path) if cfg.data.path else collect_folder(cfg)
+
+
+def training_folders(cfg) -> list[Path]:
+    """Every dataset training stages read: the ``data.mix`` folders, else :func:`training_folder`."""
+    return [Path(p) for p in cfg.data.mix] if cfg.data.mix else [training_folder(cfg)]
 
 
 def read_card(folder: str | Path) -> dict:
@@ -80,7 +87,7 @@ def read_card(folder: str | Path) -> dict:
     return card
 
 
-def dataset_content(folder: str | Path, env: Any = None) -> str:
+def dataset_content(folder: str | Path, env: Any = None, any_env: bool = False) -> str:
     """The content identity of a complete dataset: a hash of its shards' bytes, checked against the
     hashes its card recorded. With ``env`` (the config's env section), the dataset must have been
     collected in that env and view (:class:`common.config.ConfigError` naming the keys if not).
@@ -88,7 +95,7 @@ def dataset_content(folder: str | Path, env: Any = None) -> str:
     folder = Path(folder)
     card = read_card(folder)
     if env is not None:
-        check_env(card, env, folder)
+        check_env(card, env, folder, any_env=any_env)
     minari_io = _minari_io(folder)
     if minari_io is not None:
         return minari_io.content(folder)
@@ -107,16 +114,19 @@ def dataset_content(folder: str | Path, env: Any = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_env(card: dict | str | Path, env: Any, folder: str | Path | None = None) -> None:
-    """The dataset's env, view and tile size must be the config's. ``card`` is a card, or the path
-    of a dataset folder or Minari dataset to read it from."""
+def check_env(card: dict | str | Path, env: Any, folder: str | Path | None = None, any_env: bool = False) -> None:
+    """The dataset's env, view and tile size must be the config's (``any_env``: its view and tile
+    size only, for one of the ``data.mix`` datasets). ``card`` is a card, or the path of a dataset
+    folder or Minari dataset to read it from."""
     from envs.make import normalize_env_id
 
     if not isinstance(card, dict):
         folder = card if folder is None else folder
         card = read_card(card)
 
-    wanted = {"env_id": normalize_env_id(env.id), "obs": str(env.obs), "tile_size": int(env.tile_size)}
+    wanted = {"obs": str(env.obs), "tile_size": int(env.tile_size)}
+    if not any_env:
+        wanted["env_id"] = normalize_env_id(env.id)
     keys = {"env_id": "env.id", "obs": "env.obs", "tile_size": "env.tile_size"}
     wrong = [f"{keys[k]}: dataset {card.get(k)!r}, config {v!r}" for k, v in wanted.items() if card.get(k) != v]
     if wrong:

@@ -74,5 +74,10 @@ def validate(cfg) -> None:
     if cfg.data.labelled_fraction == 0 and cfg.dynamics.unlabelled != "hidden":
         raise ValueError(f"dynamics.unlabelled: '{cfg.dynamics.unlabelled}' needs labelled episodes, and "
                          "data.labelled_fraction is 0 (use hidden for action-free pretraining)")
+    if cfg.data.mix and cfg.env.obs != "full":
+        raise ValueError("data.mix: one model for many envs is built for the full view (env.obs=full); "
+                         f"got env.obs={cfg.env.obs}")
+    if cfg.data.mix and cfg.dynamics.memory == "map":
+        raise ValueError("dynamics.memory: map is the egocentric view's memory; data.mix trains full-view models")
     check_vagen(cfg.vagen)
     check_ppo(cfg.ppo)

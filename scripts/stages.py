@@ -17,9 +17,12 @@ DREAMER_HINT = "rerun scripts/train_dreamer.py"
 
 
 def dataset_id(cfg: Any) -> str:
-    """The training dataset's content identity; its env and view must be the config's."""
-    from envs.dataset import dataset_content, training_folder
+    """The training dataset's content identity; its env and view must be the config's (``data.mix``:
+    every dataset's, of the config's view)."""
+    from envs.dataset import dataset_content, training_folder, training_folders
 
+    if cfg.data.mix:
+        return "+".join(dataset_content(folder, cfg.env, any_env=True) for folder in training_folders(cfg))
     return dataset_content(training_folder(cfg), cfg.env)
 
 

@@ -53,7 +53,7 @@ def map_model(vocab: int, hidden: int, seed: int = 0, **overrides) -> DynamicsMo
                   dim=32, heads=4, block="attention", encoder_layers=0, decoder_layers=2, mlp_ratio=2, memory_dim=32,
                   summary_channels=4, state_hidden=32, action_dropout=0.0, memory="map", decoder_context="local",
                   presence=True, refine_fraction=0.3, change_weight=10.0, event_weight=5.0, hidden_token=hidden,
-                  map_size=token_map.map_size_for(5, 5, VIEW))
+                  map_size=token_map.map_size_for(5, 5, VIEW), egocentric=True)
     values.update(overrides)
     torch.manual_seed(seed)
     return DynamicsModel(DynamicsModelConfig(**values)).eval()

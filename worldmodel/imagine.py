@@ -105,6 +105,7 @@ class WorldModel:
     def __init__(self, tokenizer: TokenizerLike, dynamics: DynamicsModel, sampling: SamplingConfig | None = None,
                  device: str | torch.device | None = None):
         self.dynamics = dynamics.eval()
+        self._trained = self.dynamics  # a full-view model runs on the grid it is reset on (DynamicsModel.on_grid)
         self.device = torch.device(device) if device is not None else next(dynamics.parameters()).device
         self.dynamics.to(self.device)
         self.tokenizer = tokenizer
@@ -219,6 +220,8 @@ class WorldModel:
             tokens = tokens[:, None]
         if tokens.dim() != 4:
             raise ValueError(f"context_tokens must be (B, T0, h, w), got shape {tuple(tokens.shape)}")
+        if self._trained.grid_free:
+            self.dynamics = self._trained.on_grid(*tokens.shape[-2:])
         self._check_tokens(tokens, "WorldModel.reset")
         b, t0 = tokens.shape[:2]
         actions = self._context_actions(context_actions, b, t0, "WorldModel.reset")

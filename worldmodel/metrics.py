@@ -228,11 +228,6 @@ def _determined_fields(known: dict, state, codec: StateCodec, carry_known: bool,
 # ---------------------------------------------------------------------------------------------
 
 
-def is_full_view(token_shape: tuple[int, int], codec: StateCodec) -> bool:
-    """The token grid is the world grid: every cell and state field is determined."""
-    return tuple(token_shape) == (codec.height, codec.width)
-
-
 def _segment_truth(states, actions, observed, codec, layouts, full: bool, view: int) -> Determined:
     if not full:
         return determined(states, actions, observed, codec, layouts, view=view)
@@ -260,7 +255,7 @@ def one_step_metrics(model, dataset, codec: StateCodec, layouts: np.ndarray | No
 
     model.eval()
     device = next(model.parameters()).device
-    full = is_full_view((model.config.grid_height, model.config.grid_width), codec)
+    full = model.config.full_view
     episodes, starts = [], []
     for e, length in enumerate(dataset.episode_lengths):
         for s in range(0, int(length), window - 1):
@@ -315,7 +310,7 @@ def open_loop_metrics(world_model, dataset, codec: StateCodec, layouts: np.ndarr
     ``permanence_cells``, ``determined_cells_per_step`` {k: mean determined cells at step k}."""
     from worldmodel.train_dynamics import open_loop
 
-    full = is_full_view(world_model.token_shape, codec)
+    full = world_model.config.full_view
     horizon = min(horizon, int(dataset.episode_lengths.max()) + 1 - context)
     rollout = open_loop(world_model, dataset, horizon, num_rollouts, seed=seed, context=context,
                         with_windows=True)

@@ -130,11 +130,12 @@ MODEL_FIELDS = ("dim", "heads", "block", "encoder_layers", "decoder_layers", "ml
 
 def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], codec: StateCodec,
                  num_actions: int, output_tokens: list[int] | None = None,
-                 static_cells: list[int] | None = None, hidden_token: int = -1) -> DynamicsModelConfig:
+                 static_cells: list[int] | None = None, hidden_token: int = -1,
+                 egocentric: bool = False) -> DynamicsModelConfig:
     """The model's shape from the config section and the data it will read (``hidden_token``: the
     token of an occluded view cell, :func:`hidden_token_of`; the map memory needs it, and ``auto``
-    falls back to ``recurrent`` without it)."""
-    memory = resolve_memory(section.memory, token_shape, codec)
+    falls back to ``recurrent`` without it; ``egocentric``: the frames are the agent's view)."""
+    memory = resolve_memory(section.memory, egocentric)
     if memory == "map" and section.memory == "auto" and hidden_token < 0:
         memory = "recurrent"  # no token per tile (a patch that is not one tile): no map to write
     if memory == "map":
@@ -144,7 +145,7 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
         state_width=codec.width, state_height=codec.height, num_actions=int(num_actions),
         output_tokens=[int(v) for v in (output_tokens or [])],
         static_cells=[int(v) for v in (static_cells or [])] if section.static_cells else [],
-        memory=memory,
+        memory=memory, egocentric=bool(egocentric),
         decoder_context=resolve_decoder_context(section.decoder_context, memory),
         hidden_token=int(hidden_token) if memory == "map" else -1,
         map_size=map_size_for(codec.width, codec.height, int(token_shape[0])) if memory == "map" else 0,
@@ -182,12 +183,11 @@ def constant_cells(tokens: np.ndarray) -> list[int]:
     return [] if same.all() else np.flatnonzero(same).tolist()
 
 
-def resolve_memory(memory: str, token_shape: tuple[int, int], codec: StateCodec) -> str:
-    """``auto`` -> ``frame`` where the token grid is the world grid (the full view: the frame shows the
-    whole state but the step count), else ``map`` (the egocentric view: docs/dynamics.md measures it
-    against ``recurrent``)."""
+def resolve_memory(memory: str, egocentric: bool) -> str:
+    """``auto`` -> ``frame`` for the full view (the frame shows the whole state but the step count),
+    ``map`` for the egocentric view (docs/dynamics.md measures it against ``recurrent``)."""
     if memory == "auto":
-        return "frame" if tuple(token_shape) == (codec.height, codec.width) else "map"
+        return "map" if egocentric else "frame"
     return memory  # any other value is checked by DynamicsModelConfig
 
 
@@ -441,8 +441,41 @@ class _LossWrapper(nn.Module):
         self.model = model
 
     def forward(self, batch: DynamicsBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = self.model.compute_loss(batch, generator=generator)
+        losses = on_grid_of(self.model, batch.tokens).compute_loss(batch, generator=generator)
         return losses.total, losses.parts
+
+
+def on_grid_of(model: DynamicsModel, tokens: torch.Tensor | np.ndarray) -> DynamicsModel:
+    """The model on the grid of ``tokens`` (..., h, w) (a full-view model runs on any grid)."""
+    shape = tuple(int(v) for v in tokens.shape[-2:])
+    return model if shape == model.grid else model.on_grid(*shape)
+
+
+@dataclass
+class EnvData:
+    """One env's share of the training data: its splits, state codec and reward/termination steps."""
+
+    name: str
+    train: EpisodeDataset
+    val: EpisodeDataset
+    codec: StateCodec
+    events: np.ndarray
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.train.extras["tokens"].shape[1:])  # type: ignore[return-value]
+
+
+def _val_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Validation metrics as log scalars: ``val_<key>``, and ``val_<env>/<key>`` for each env of a mix."""
+    scalars = {f"val_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    for name, values in metrics.get("envs", {}).items():
+        scalars.update({f"val_{name}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))})
+    return scalars
+
+
+def _format(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
 def _learning_rate(cfg: Any, step: int, elapsed: float = 0.0) -> float:
@@ -467,39 +500,45 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     final validation metrics (rank 0; {} elsewhere).
     """
     from common.runs import Logger
-    from envs.dataset import training_folder
+    from envs.dataset import training_folders
     from worldmodel.tokenizer import encode_frames, load_tokenizer
 
     section = cfg.dynamics
     rank, world, device, run_path = start_training(cfg, "dynamics.batch_size")
     is_main = rank == 0
 
-    # ---- data: the dataset, tokenised once by the run's tokenizer --------------------------
-    if dataset is None:
-        dataset = EpisodeDataset.load(training_folder(cfg))
+    # ---- data: the dataset (data.mix: one per env), tokenised once by the run's tokenizer -----
+    datasets = [dataset] if dataset is not None else [EpisodeDataset.load(f) for f in training_folders(cfg)]
     if tokenizer is None:
         tokenizer = load_tokenizer(run_path / "tokenizer.pt", tile_size=cfg.env.tile_size,
-                                   frame_shape=dataset.frame_shape, device=device)
-    if "tokens" not in dataset.extras:
-        dataset.with_frame_array("tokens", encode_frames(tokenizer, dataset.arrays["frames"], section.encode_batch))
-    train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
-    val_set = val_set or train_set
-    train_set = apply_labels(cfg, train_set, run_path, device)
-    codec = state_codec_for(dataset)
-    token_shape = tuple(dataset.extras["tokens"].shape[1:])
-    num_actions = int(dataset.card.get("num_actions", 7)) if isinstance(dataset.card, dict) else 7
+                                   frame_shape=datasets[0].frame_shape, device=device)
+    envs: list[EnvData] = []
+    for data in datasets:
+        if "tokens" not in data.extras:
+            data.with_frame_array("tokens", encode_frames(tokenizer, data.arrays["frames"], section.encode_batch))
+        train_set, val_set = data.split(cfg.data.val_fraction, seed=cfg.run.seed)
+        train_set = apply_labels(cfg, train_set, run_path, device)
+        card = data.card if isinstance(data.card, dict) else {}
+        envs.append(EnvData(str(card.get("env_id", "dataset")), train_set, val_set or train_set, state_codec_for(data),
+                            train_set.event_steps()))
+    train_set, val_set, codec = envs[0].train, envs[0].val, envs[0].codec
+    token_shape = envs[0].token_shape
+    num_actions = max(int(d.card.get("num_actions", 7)) if isinstance(d.card, dict) else 7 for d in datasets)
 
     # ---- model, optimizer, resume ------------------------------------------------------------
     # The decoder outputs the tokens the training frames use (a tile never seen cannot be learned).
-    output_tokens = np.unique(train_set.extras["tokens"]).tolist()
-    # Positions no training frame ever changes (the outer wall) are copied, not predicted.
+    output_tokens = np.unique(np.concatenate([np.unique(e.train.extras["tokens"]) for e in envs])).tolist()
+    # Positions no training frame ever changes (the outer wall) are copied, not predicted (one
+    # env only: the walls of several grids are at different places).
+    static = constant_cells(train_set.extras["tokens"]) if len(envs) == 1 else []
     hidden = -1
-    if resolve_memory(section.memory, token_shape, codec) == "map":  # type: ignore[arg-type]
+    egocentric = str(cfg.env.obs) == "partial"
+    if resolve_memory(section.memory, egocentric) == "map":
         hidden = hidden_token_of(tokenizer, int(cfg.env.tile_size), token_shape)  # type: ignore[arg-type]
         if hidden < 0 and section.memory == "map":
             raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
     model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens,  # type: ignore[arg-type]
-                             constant_cells(train_set.extras["tokens"]), hidden_token=hidden)
+                             static, hidden_token=hidden, egocentric=egocentric)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = DynamicsModel(model_cfg).to(device)
     if section.init:
@@ -526,27 +565,39 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     logger = Logger(run_dir, cfg, "dynamics") if is_main and run_dir is not None else None
     world_model = WorldModel(tokenizer, model, sampling_config(section), device=device)
     if is_main:
-        log(f"[dynamics] {count_parameters(model):,} parameters, tokens {token_shape} of {tokenizer.vocab_size}, "
-            f"{train_set.num_frames} train / {val_set.num_frames} val frames, {world} rank(s)")
+        for e in envs:
+            log(f"[dynamics] {e.name}: tokens {e.token_shape} of {tokenizer.vocab_size}, "
+                f"{e.train.num_frames} train / {e.val.num_frames} val frames")
+        log(f"[dynamics] {count_parameters(model):,} parameters, {world} rank(s)")
 
-    def evaluate(step: int, video: bool) -> dict[str, float]:
-        metrics = evaluate_one_step(model, val_set, max_frames=section.eval_windows * section.window,
-                                    window=section.window)
+    def evaluate_env(e: EnvData, step: int, video: bool) -> dict[str, float]:
+        metrics = evaluate_one_step(on_grid_of(model, e.val.extras["tokens"]), e.val,
+                                    max_frames=section.eval_windows * section.window, window=section.window)
         if video and logger is not None:
-            horizon = int(min(section.video_length, int(val_set.episode_lengths.max())))
+            horizon = int(min(section.video_length, int(e.val.episode_lengths.max())))
             if horizon >= 1:
-                rollout = open_loop(world_model, val_set, horizon, section.video_count, seed=cfg.run.seed)
+                rollout = open_loop(world_model, e.val, horizon, section.video_count, seed=cfg.run.seed)
                 metrics["frame_exact_open_loop_last"] = float(rollout["exact"][:, -1].mean())
-                logger.video(step, "open_loop", side_by_side_video(world_model, rollout["real"], rollout["imagined"]))
+                tag = "open_loop" if len(envs) == 1 else f"open_loop_{e.name}"
+                logger.video(step, tag, side_by_side_video(world_model, rollout["real"], rollout["imagined"]))
         model.train()
         return metrics
 
+    def evaluate(step: int, video: bool) -> dict[str, Any]:
+        """One env: its validation metrics. Several: each env's under ``envs``, and their means."""
+        if len(envs) == 1:
+            return evaluate_env(envs[0], step, video)
+        per_env = {e.name: evaluate_env(e, step, video) for e in envs}
+        keys = [k for k in next(iter(per_env.values())) if all(k in m for m in per_env.values())]
+        return {**{k: float(np.nanmean([m[k] for m in per_env.values()])) for k in keys}, "envs": per_env}
+
     # ---- loop ------------------------------------------------------------------------------
     per_rank = section.batch_size // world
-    events = train_set.event_steps()
     if is_main:
-        log(f"[dynamics] {len(events)} reward/termination steps in the training episodes"
-            + (f", {section.event_fraction:.0%} of windows drawn around them" if len(events) and section.event_fraction > 0 else ""))
+        for e in envs:
+            log(f"[dynamics] {e.name}: {len(e.events)} reward/termination steps in the training episodes"
+                + (f", {section.event_fraction:.0%} of windows drawn around them"
+                   if len(e.events) and section.event_fraction > 0 else ""))
     model.train()
     started = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -565,8 +616,10 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
             group["lr"] = _learning_rate(section, step, elapsed)
         rng = np.random.default_rng([cfg.run.seed, rank, step])
         generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank, step))
-        batch = to_batch(sample_training_windows(train_set, rng, per_rank, section.window, section.event_fraction,
-                                                 events), device)
+        # Several envs: each step's windows come from one of them (grids of one size), in turn at random.
+        e = envs[int(rng.integers(len(envs)))] if len(envs) > 1 else envs[0]
+        batch = to_batch(sample_training_windows(e.train, rng, per_rank, section.window, section.event_fraction,
+                                                 e.events), device)
         total, parts = wrapped(batch, generator)
         check_finite(total, "dynamics", step + 1, "lower dynamics.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -588,8 +641,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         if is_main and section.eval_every > 0 and done % section.eval_every == 0 and done < section.steps:
             metrics = evaluate(done, video=section.video_every > 0 and done % section.video_every == 0)
             if logger is not None:
-                logger.scalars(done, {f"val_{k}": v for k, v in metrics.items()})
-            log(f"[dynamics] val step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                logger.scalars(done, _val_scalars(metrics))
+            log(f"[dynamics] val step {done}: " + _format(metrics))
         if is_main and section.checkpoint_every > 0 and done % section.checkpoint_every == 0 and done < section.steps:
             atomic_torch_save(resume_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
@@ -603,7 +656,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         metrics["train_seconds"] = round(train_seconds, 2)
         metrics["train_steps"] = final_step
         if logger is not None:
-            logger.scalars(section.steps, {f"val_{k}": v for k, v in metrics.items()})
+            logger.scalars(section.steps, _val_scalars(metrics))
             logger.close()
         from omegaconf import OmegaConf
 
@@ -616,7 +669,9 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
             resume_path.unlink()
         if run_dir is not None:
             run_dir.update_metrics("dynamics", metrics)
-        log("[dynamics] val: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log("[dynamics] val: " + _format(metrics))
+        for name, values in metrics.get("envs", {}).items():
+            log(f"[dynamics] val {name}: " + _format(values))
         log(f"[dynamics] wrote {run_path / CHECKPOINT_NAME}")
     if world > 1:
         dist.barrier()
