@@ -22,8 +22,12 @@ tokenizer and the dynamics model through the stage contract with the stage defau
 
 Prints progress and one JSON object last (also ``benchmarks/results/world_models.json``, merged per
 env and view so that separate invocations add up): ``{env_id: {view: {...}}, "multi_env": ...,
-"machine": {...}}``. The multi-env model (one model for many envs) is not built yet: ``multi_env``
-says so.
+"machine": {...}}``.
+
+``multi_env`` (:func:`multi_env`): one full-view model trained on the ``--mix`` envs' datasets
+(``data.mix``), with the training budget of all their own models together, measured with the same
+keys on each env and zero-shot on ``--held-out`` (DoorKey-8x8), each beside the env's own model
+(``own_model``). ``--mix ''`` skips it.
 """
 
 from __future__ import annotations
@@ -105,26 +109,35 @@ def imagined_steps_per_second(world_model, starts: np.ndarray, batch: int = 256,
 
 
 def measure(env: str, view: str, args: argparse.Namespace) -> dict:
+    """Build the env's own model and measure it on the env's held-out episodes."""
+    from worldmodel.imagine import load_world_model
+
+    cfg, run_path, seconds = build(env, view, args)
+    return measure_model(load_world_model(run_path), env, view, cfg, run_path, seconds, args)
+
+
+def measure_model(world_model, env: str, view: str, cfg, run_path: Path, seconds: float,
+                  args: argparse.Namespace) -> dict:
+    """The issue's figures of ``world_model`` (trained in ``run_path``) on ``env``'s dataset (``cfg``'s)
+    under the same split as the env's own run."""
     from envs.dataset import EpisodeDataset, collect_folder
     from envs.state import StateCodec
     from worldmodel.dynamics import count_parameters
-    from worldmodel.imagine import load_world_model
     from worldmodel.metrics import layouts_of, one_step_metrics, open_loop_metrics
     from worldmodel.tokenizer import encode_frames
-    from worldmodel.train_dynamics import evaluate_one_step
+    from worldmodel.train_dynamics import evaluate_one_step, on_grid_of
 
-    cfg, run_path, seconds = build(env, view, args)
-    world_model = load_world_model(run_path)
     dataset = EpisodeDataset.load(collect_folder(cfg))
     dataset.with_frame_array("tokens", encode_frames(world_model.tokenizer, dataset.arrays["frames"]))
     train_set, val_set = dataset.split(cfg.data.val_fraction, seed=cfg.run.seed)
     codec = StateCodec.for_card(dataset.card)
     layouts = layouts_of(dataset.states[dataset.episode_starts], codec)
     log(f"{env} [{view}]: {dataset.num_steps} steps, measuring on {val_set.num_episodes} held-out episodes")
-    one = one_step_metrics(world_model.dynamics, val_set, codec, layouts, max_windows=args.windows, seed=SEED)
+    dynamics = on_grid_of(world_model.dynamics, dataset.extras["tokens"])  # a full-view model runs on any grid
+    one = one_step_metrics(dynamics, val_set, codec, layouts, max_windows=args.windows, seed=SEED)
     loop = open_loop_metrics(world_model, val_set, codec, layouts, context=1 if view == "full" else 8,
                              num_rollouts=args.rollouts, seed=SEED, ks=KS)
-    forced = evaluate_one_step(world_model.dynamics, val_set, window=32)
+    forced = evaluate_one_step(dynamics, val_set, window=32)
     events = {"reward": int((train_set.arrays["rewards"] != 0).sum()), "termination": int(train_set.arrays["terminated"].sum())}
     trained = json.loads((run_path / "metrics.json").read_text()).get("dynamics", {})
     result = {
@@ -140,7 +153,7 @@ def measure(env: str, view: str, args: argparse.Namespace) -> dict:
         "imagined_steps_per_second": round(imagined_steps_per_second(world_model, val_set.extras["tokens"][val_set.episode_starts]), 1),
         "env_steps_per_second": round(env_steps_per_second(cfg), 1),
         "train_seconds": trained.get("train_seconds"), "train_steps": trained.get("train_steps"),
-        "stages_seconds": round(seconds, 1), "params": count_parameters(world_model.dynamics),
+        "stages_seconds": round(seconds, 1), "params": count_parameters(dynamics),
         "dataset_frames": int(dataset.num_frames), "policy_mix": MIX, "memory": world_model.config.memory,
     }
     if env.startswith("dynamic-obstacles"):
@@ -154,6 +167,57 @@ def measure(env: str, view: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def multi_env(args: argparse.Namespace, fresh: dict) -> dict:
+    """One full-view model trained on the ``--mix`` envs' datasets (each env's own, as collected for
+    its own model), for as many steps or minutes as all their own models together, then measured on
+    each env's held-out episodes and zero-shot on the ``--held-out`` env, beside the env's own model
+    (from ``fresh``, the figures measured in this invocation, else measured now)."""
+    from common.config import load_config
+    from common.runs import RunDir
+    from envs.dataset import collect_folder
+    from envs.make import normalize_env_id
+    from scripts import train_dynamics, train_tokenizer
+    from scripts.config import Config
+    from worldmodel.imagine import load_world_model
+
+    mix = [e.strip() for e in args.mix.split(",") if e.strip()]
+    held_out = args.held_out
+    builds = {env: build(env, "full", args) for env in [*mix, held_out]}  # complete runs are skipped
+    folders = ",".join(str(collect_folder(builds[env][0])) for env in mix)
+    scaled = [o for o in args.overrides if not o.startswith("dynamics.steps=")]
+    steps = [int(o.split("=", 1)[1]) * len(mix) for o in args.overrides if o.startswith("dynamics.steps=")]
+    cfg = load_config(Config, [
+        "--env", mix[0], f"run.root={args.root}", "run.name=multi_env_full", f"run.seed={SEED}", "run.threads=1",
+        "run.progress=false", f"data.mix=[{folders}]", "data.val_fraction=0.1",
+        f"dynamics.time_limit_s={60 * args.minutes * len(mix)}", "dynamics.eval_every=0", "dynamics.video_every=0",
+        *scaled, *[f"dynamics.steps={n}" for n in steps]], use_run_config=False)
+    started = time.perf_counter()
+    for stage in (train_tokenizer, train_dynamics):
+        run = RunDir(cfg, "benchmark", sys.argv).lock()
+        try:
+            stage.run(cfg, run)
+        finally:
+            run.unlock()
+    seconds = time.perf_counter() - started
+    world_model = load_world_model(Path(cfg.run.root) / cfg.run.name)
+    result: dict = {"held_out": None, "mix": [], "train_seconds": round(seconds, 1)}
+    for env in [*mix, held_out]:
+        env_cfg = builds[env][0]
+        env_id = normalize_env_id(str(env_cfg.env.id))
+        figures = measure_model(world_model, env, "full", env_cfg, Path(cfg.run.root) / cfg.run.name, seconds, args)
+        own = fresh.get((env_id, "full")) or measure(env, "full", args)
+        fresh[(env_id, "full")] = own
+        figures["own_model"] = {k: own.get(k) for k in ("frame_exact_1step", "open_loop_consistent", "reward_f1",
+                                                        "termination_f1", "state_head_accuracy_determined", "params")}
+        log(f"multi-env model on {env}{' (zero-shot)' if env == held_out else ''}: {json.dumps(figures)}")
+        result[env_id] = {"full": figures}
+        if env == held_out:
+            result["held_out"] = env_id
+        else:
+            result["mix"].append(env_id)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--envs", default=",".join(DATA), help="env presets, comma-separated")
@@ -164,12 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", type=int, default=200, help="Dynamic-Obstacles probe states")
     parser.add_argument("--samples", type=int, default=1000, help="samples per probe state and side")
     parser.add_argument("--root", default=str(ROOT / "runs" / "benchmarks" / "world_models"), help="run folders")
+    parser.add_argument("--mix", default=",".join(e for e in DATA if e != "doorkey-8x8"),
+                        help="envs of the one full-view model for many envs ('' : none)")
+    parser.add_argument("--held-out", default="doorkey-8x8", help="env the multi-env model never sees (measured zero-shot)")
     args, args.overrides = parser.parse_known_args(argv)
     from common.atomic import atomic_write_json
     from envs.make import normalize_env_id
 
     path = RESULTS / "world_models.json"
     out = json.loads(path.read_text()) if path.is_file() else {}
+    fresh: dict = {}  # (env id, view) -> figures measured in this invocation
     for env in (e.strip() for e in args.envs.split(",") if e.strip()):
         if env not in DATA:
             raise SystemExit(f"no dataset size for env preset '{env}': choose from {sorted(DATA)}")
@@ -180,10 +248,13 @@ def main(argv: list[str] | None = None) -> dict:
             from scripts.config import Config
 
             env_id = normalize_env_id(str(load_config(Config, ["--env", env], use_run_config=False).env.id))
-            out.setdefault(env_id, {})[view] = figures
+            out.setdefault(env_id, {})[view] = fresh[(env_id, view)] = figures
             RESULTS.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, out)  # after every env and view: a stopped run keeps what it finished
-    out["multi_env"] = {"held_out": "MiniGrid-DoorKey-8x8-v0", "status": "not built: one world model for many envs"}
+    if args.mix:
+        out["multi_env"] = multi_env(args, fresh)
+        for (env_id, view), figures in fresh.items():
+            out.setdefault(env_id, {})[view] = figures
     out["machine"] = machine()
     atomic_write_json(path, out)
     print(json.dumps(out, sort_keys=True), flush=True)
