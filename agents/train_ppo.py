@@ -31,7 +31,7 @@ from agents.ppo import ActorCritic, PPOConfig, PPOPolicy, RolloutBatch, explaine
 from agents.rl import gae
 from common.atomic import atomic_torch_save
 from common.seeding import derive_seed
-from common.stage import check_finite, load_resume
+from common.stage import check_finite
 
 FINAL_NAME = "ppo.pt"
 RESUME_NAME = "ppo.resume.pt"
@@ -98,7 +98,7 @@ def train(cfg: Any, run_dir: Any, tokenizer: Any = None, log: Any = print) -> di
     from agents.evaluate import normalized_score, reference_returns, run_real
     from common.runs import Logger
     from worldmodel.tokenizer import encode_frames, load_tokenizer
-    from worldmodel.train_dynamics import start_training
+    from worldmodel.train_dynamics import resume_state, start_training
 
     stage = stage_config(cfg)
     rank, world, device, run_path = start_training(cfg)
@@ -125,12 +125,7 @@ def train(cfg: Any, run_dir: Any, tokenizer: Any = None, log: Any = print) -> di
     num_updates = max(1, math.ceil(stage.total_env_steps / per_update))
     generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank))
     update, env_steps, elapsed, history = 0, 0, 0.0, []
-    state = load_resume(resume_path, run_dir, "ppo", log) if is_main else None
-    if world > 1:  # every rank resumes from rank 0's decision
-        holder = [state is not None]
-        dist.broadcast_object_list(holder, src=0)
-        if holder[0] and state is None:
-            state = torch.load(resume_path, map_location=device, weights_only=False)
+    state = resume_state(resume_path, run_dir, "ppo", rank, world, device, log)
     if state is not None:
         agent.load_state_dict(state["agent"])
         optimizer.load_state_dict(state["optimizer"])

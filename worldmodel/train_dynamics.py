@@ -433,6 +433,19 @@ def start_training(cfg: Any, batch_key: str | None = None) -> tuple[int, int, to
     return rank, world, device, Path(cfg.run.root) / cfg.run.name
 
 
+def resume_state(resume_path: Path, run_dir: Any, stage: str, rank: int, world: int, device: torch.device,
+                 log: Any = print) -> dict[str, Any] | None:
+    """The resume checkpoint every rank starts from: rank 0 decides (:func:`common.stage.load_resume`:
+    of this stage identity, else None) and the others follow, reading the same file."""
+    state = load_resume(resume_path, run_dir, stage, log) if rank == 0 else None
+    if world > 1:
+        holder = [state is not None]
+        dist.broadcast_object_list(holder, src=0)
+        if holder[0] and state is None:
+            state = torch.load(resume_path, map_location=device, weights_only=False)
+    return state
+
+
 class _LossWrapper(nn.Module):
     """Routes compute_loss through ``forward`` so DistributedDataParallel sees (and syncs) it."""
 
@@ -547,12 +560,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     start_step = 0
     resume_path = run_path / RESUME_NAME
     # The resume checkpoint must be of this stage identity (config and inputs), not just this shape.
-    state = load_resume(resume_path, run_dir, "dynamics", log) if is_main else None
-    if world > 1:  # every rank resumes from rank 0's decision
-        holder = [state is not None]
-        dist.broadcast_object_list(holder, src=0)
-        if holder[0] and state is None:
-            state = torch.load(resume_path, map_location=device, weights_only=False)
+    state = resume_state(resume_path, run_dir, "dynamics", rank, world, device, log)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
