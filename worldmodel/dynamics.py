@@ -77,7 +77,7 @@ class DynamicsModelConfig:
     decoder_layers: int  # blocks predicting the next frame
     mlp_ratio: int
     memory_dim: int  # GRU width
-    summary_channels: int  # per-token channels flattened into the frame summary
+    summary_channels: int  # egocentric: per-token channels flattened into the frame summary (full view: pooled features)
     state_hidden: int
     action_dropout: float  # probability an action is replaced by "no action" in training
     # What the heads' memory holds: "recurrent" (a GRU over every frame and action so far: what the
@@ -386,10 +386,12 @@ class DynamicsModel(nn.Module):
         grid = (c.grid_height, c.grid_width)
         self.encoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.encoder_layers)])
         self.encoder_norm = nn.LayerNorm(d)
-        # Summary: a small projection per token, then flattened (keeps *where* things are) or, for
-        # the full view, mean- and max-pooled over the cells (any grid).
-        self.summary_in = nn.Linear(d, c.summary_channels)
-        summary_width = 2 * c.summary_channels if self.grid_free else n * c.summary_channels
+        # Summary: a small projection per token, flattened (keeps *where* things are); for the full
+        # view, the features mean- and max-pooled over the cells (any grid; all d channels: through
+        # an 8-channel projection the pool lost which colour the locked door is, so which key is
+        # carried: KeyCorridor's state head 0.984 against 0.997 flattened).
+        self.summary_in = None if self.grid_free else nn.Linear(d, c.summary_channels)
+        summary_width = 2 * d if self.grid_free else n * c.summary_channels
         self.summary = nn.Linear(summary_width, c.memory_dim)
         self.memory_action = nn.Embedding(c.num_actions + 1, c.memory_dim)
         self.memory = nn.GRU(c.memory_dim, c.memory_dim, batch_first=True)
@@ -537,12 +539,11 @@ class DynamicsModel(nn.Module):
         return self.encoder_norm(x).reshape(*lead, n, d)
 
     def _flat_summary(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., N, d) -> (..., N * summary_channels), or for the full view (..., 2 * summary_channels):
-        the mean and the max over the cells."""
-        x = self.summary_in(features)
-        if self.grid_free:
-            return torch.cat([x.mean(dim=-2), x.amax(dim=-2)], dim=-1)
-        return x.flatten(-2)
+        """(..., N, d) -> (..., N * summary_channels), or for the full view (..., 2 * d): the mean and
+        the max over the cells."""
+        if self.summary_in is None:
+            return torch.cat([features.mean(dim=-2), features.amax(dim=-2)], dim=-1)
+        return self.summary_in(features).flatten(-2)
 
     def memory_input(self, features: torch.Tensor, previous_actions: torch.Tensor) -> torch.Tensor:
         """features (..., N, d), previous_actions (...) -> GRU input (..., m)."""

@@ -65,7 +65,8 @@ class DynamicsConfig:
                                 min=-1)
     mlp_ratio: int = param(2, "MLP width / dim in each block", min=1)
     memory_dim: int = param(192, "width of the recurrent memory over frames (the rollout cache)", min=1)
-    summary_channels: int = param(8, "channels per token flattened into the frame summary the memory reads", min=1)
+    summary_channels: int = param(8, "egocentric view: channels per token flattened into the frame summary the memory "
+                                  "reads (the full view pools all dim channels)", min=1)
     state_hidden: int = param(256, "hidden width of the state and outcome heads", min=1)
     action_dropout: float = param(0.1, "probability an action is replaced by the learned 'no action' in training",
                                   min=0, max=1)
