@@ -433,14 +433,16 @@ class EpisodeDataset:
         return self.windows_at(*self.window_starts_around(rng, batch_size, length, steps), length)
 
     def window_starts_around(self, rng: np.random.Generator, batch_size: int, length: int,
-                             steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(episodes, starts) of the windows :meth:`sample_windows_around` reads."""
+                             steps: np.ndarray, p: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(episodes, starts) of the windows :meth:`sample_windows_around` reads (``p``: the steps'
+        probabilities; None: uniform)."""
         steps = np.asarray(steps, dtype=np.int64)
         if len(steps) == 0:
             raise ValueError("sample_windows_around: no steps to sample around")
         if length < 2:
             raise ValueError(f"a window around a transition needs at least 2 frames, got {length}")
-        chosen = steps[rng.integers(0, len(steps), size=batch_size)]
+        chosen = steps[rng.integers(0, len(steps), size=batch_size) if p is None else
+                       rng.choice(len(steps), size=batch_size, p=p)]
         episodes = np.searchsorted(self.episode_starts, chosen, side="right") - 1
         position = chosen - self.episode_starts[episodes]  # t within its episode; t + 1 exists
         if np.any(position >= self.episode_lengths[episodes]):

@@ -573,3 +573,26 @@ def test_ddp_two_processes_end_with_identical_parameters(tiny_dataset, tmp_path)
         moved = moved or not torch.equal(value, initial[name])
     assert moved  # they trained (from the same start), not just stayed equal at initialisation
     assert (run / "dynamics.pt").is_file()
+
+
+def test_situation_weights_draw_every_situation_as_often(tiny_dataset):
+    """Each situation (action, object under the agent, object and state in front, object carried),
+    read here through the symbolic state, gets the same share of the rare windows."""
+    from minigrid.core.constants import DIR_TO_VEC
+
+    from worldmodel.train_dynamics import situation_weights, state_codec_for
+
+    dataset, _, _ = tiny_dataset
+    codec = state_codec_for(dataset)
+    steps, p = situation_weights(dataset, codec)
+    assert len(steps) == int((dataset.arrays["actions"] >= 0).sum()) and p.sum() == pytest.approx(1.0)
+    share: dict[tuple, float] = {}
+    for t, weight in zip(steps, p):
+        state = codec.decode(dataset.arrays["states"][t])
+        (x, y), (dx, dy) = state.agent_pos, DIR_TO_VEC[state.agent_dir]
+        front = state.grid[min(max(x + dx, 0), codec.width - 1), min(max(y + dy, 0), codec.height - 1)]
+        key = (int(dataset.arrays["actions"][t]), int(state.grid[x, y, 0]), int(front[0]), int(front[2]),
+               int(state.carrying[0]))
+        share[key] = share.get(key, 0.0) + float(weight)
+    assert len(share) > 5
+    assert np.allclose(list(share.values()), 1 / len(share))

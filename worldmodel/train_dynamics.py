@@ -90,6 +90,9 @@ class DynamicsConfig:
                                 min=0)
     event_fraction: float = param(0.125, "share of each batch's windows drawn around a reward or termination step "
                                   "(random-policy data holds a few dozen; 0: uniform windows only)", min=0, max=1)
+    rare_fraction: float = param(0.25, "share of each batch's windows drawn around transitions, each situation (the "
+                                 "action, the agent's cell, the cell in front, what it carries) as often as another",
+                                 min=0, max=1)
     # ---- labels and initialisation
     unlabelled: str = param("hidden", "episodes beyond data.labelled_fraction: hidden (trained action-free), inverse "
                             "(labelled by <run>/inverse.pt, trained on the labelled ones), drop (left out)",
@@ -230,16 +233,48 @@ def to_batch(windows: WindowBatch, device: torch.device | str = "cpu") -> Dynami
     ).to(device)
 
 
+def situation_weights(dataset: EpisodeDataset, codec: StateCodec) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, p): every transition t -> t+1 (flat frame index) and a probability that draws each
+    situation as often as another: the action, the object under the agent and the object and state
+    of the cell in front (from the true state of frame t), and the object carried.
+
+    A random policy seldom picks up in front of a closed door while carrying the key, or walks from
+    a doorway into the wall; the model then imagines the door opening or the agent moving (the
+    first-wrong steps of DoorKey-6x6's failed 32-step rollouts). Uniform windows show each such
+    situation a few times per thousand steps."""
+    a = dataset.arrays
+    t = np.flatnonzero(a["actions"] >= 0)
+    if len(t) == 0:
+        return t, np.zeros(0)
+    states = a["states"][t].astype(np.int64)
+    grid = states[:, : codec.grid_size].reshape(len(t), codec.width, codec.height, 3)
+    x, y, direction = (states[:, codec.grid_size + k] for k in range(3))
+    dx, dy = np.array([1, 0, -1, 0])[direction % 4], np.array([0, 1, 0, -1])[direction % 4]
+    fx, fy = np.clip(x + dx, 0, codec.width - 1), np.clip(y + dy, 0, codec.height - 1)
+    rows = np.arange(len(t))
+    keys = np.stack([a["actions"][t], grid[rows, x, y, 0], grid[rows, fx, fy, 0], grid[rows, fx, fy, 2],
+                     states[:, codec.grid_size + 3]], axis=1)
+    _, kind, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[kind.reshape(-1)]
+    return t, weights / weights.sum()
+
+
 def sample_training_windows(dataset: EpisodeDataset, rng: np.random.Generator, batch_size: int, length: int,
-                            event_fraction: float, events: np.ndarray) -> WindowBatch:
+                            event_fraction: float, events: np.ndarray, rare_fraction: float = 0.0,
+                            situations: tuple[np.ndarray, np.ndarray] | None = None) -> WindowBatch:
     """A training batch: ``round(event_fraction * batch_size)`` windows around the given event steps
-    (when there are any), the rest uniform over the dataset."""
+    (when there are any), ``round(rare_fraction * batch_size)`` around transitions drawn by
+    :func:`situation_weights`, the rest uniform over the dataset."""
     num_events = int(round(event_fraction * batch_size)) if len(events) and length >= 2 else 0
-    episodes, starts = dataset.sample_window_starts(rng, batch_size - num_events, length)
+    has_situations = situations is not None and len(situations[0]) > 0 and length >= 2
+    num_rare = min(int(round(rare_fraction * batch_size)), batch_size - num_events) if has_situations else 0
+    episodes, starts = dataset.sample_window_starts(rng, batch_size - num_events - num_rare, length)
+    parts = [(episodes, starts)]
     if num_events:
-        around = dataset.window_starts_around(rng, num_events, length, events)
-        episodes, starts = np.concatenate([episodes, around[0]]), np.concatenate([starts, around[1]])
-    return dataset.windows_at(episodes, starts, length)
+        parts.append(dataset.window_starts_around(rng, num_events, length, events))
+    if num_rare:
+        parts.append(dataset.window_starts_around(rng, num_rare, length, *situations))  # type: ignore[misc]
+    return dataset.windows_at(np.concatenate([e for e, _ in parts]), np.concatenate([s for _, s in parts]), length)
 
 
 def apply_labels(cfg: Any, train_set: EpisodeDataset, run_path: Path, device: Any) -> EpisodeDataset:
@@ -474,6 +509,7 @@ class EnvData:
     val: EpisodeDataset
     codec: StateCodec
     events: np.ndarray
+    situations: tuple[np.ndarray, np.ndarray]  # situation_weights of the training split
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -533,8 +569,9 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         train_set, val_set = data.split(cfg.data.val_fraction, seed=cfg.run.seed)
         train_set = apply_labels(cfg, train_set, run_path, device)
         card = data.card if isinstance(data.card, dict) else {}
-        envs.append(EnvData(str(card.get("env_id", "dataset")), train_set, val_set or train_set, state_codec_for(data),
-                            train_set.event_steps()))
+        codec = state_codec_for(data)
+        envs.append(EnvData(str(card.get("env_id", "dataset")), train_set, val_set or train_set, codec,
+                            train_set.event_steps(), situation_weights(train_set, codec)))
     train_set, val_set, codec = envs[0].train, envs[0].val, envs[0].codec
     token_shape = envs[0].token_shape
     num_actions = max(int(d.card.get("num_actions", 7)) if isinstance(d.card, dict) else 7 for d in datasets)
@@ -628,7 +665,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
         # Several envs: each step's windows come from one of them (grids of one size), in turn at random.
         e = envs[int(rng.integers(len(envs)))] if len(envs) > 1 else envs[0]
         batch = to_batch(sample_training_windows(e.train, rng, per_rank, section.window, section.event_fraction,
-                                                 e.events), device)
+                                                 e.events, section.rare_fraction, e.situations), device)
         total, parts = wrapped(batch, generator)
         check_finite(total, "dynamics", step + 1, "lower dynamics.lr")
         optimizer.zero_grad(set_to_none=True)
