@@ -189,6 +189,8 @@ def multi_env(args: argparse.Namespace, fresh: dict) -> dict:
     cfg = load_config(Config, [
         "--env", mix[0], f"run.root={args.root}", "run.name=multi_env_full", f"run.seed={SEED}", "run.threads=1",
         "run.progress=false", f"data.mix=[{folders}]", "data.val_fraction=0.1",
+        # The suite's envs hold up to 60 distinct tiles each (KeyCorridor's colours), 68 together.
+        f"tokenizer.codebook_size={args.mix_codebook}",
         f"dynamics.time_limit_s={60 * args.minutes * len(mix)}", "dynamics.eval_every=0", "dynamics.video_every=0",
         *scaled, *[f"dynamics.steps={n}" for n in steps]], use_run_config=False)
     started = time.perf_counter()
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default=str(ROOT / "runs" / "benchmarks" / "world_models"), help="run folders")
     parser.add_argument("--mix", default=",".join(e for e in DATA if e != "doorkey-8x8"),
                         help="envs of the one full-view model for many envs ('' : none)")
+    parser.add_argument("--mix-codebook", type=int, default=128, help="tokenizer codes of the multi-env model")
     parser.add_argument("--held-out", default="doorkey-8x8", help="env the multi-env model never sees (measured zero-shot)")
     args, args.overrides = parser.parse_known_args(argv)
     # One thread throughout, measurements included: a stage that is skipped as complete sets none,

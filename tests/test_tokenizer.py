@@ -186,6 +186,18 @@ def test_mismatched_checkpoint_fails_clearly(tiny_run, tmp_path):
         load_tokenizer(other)
 
 
+def test_a_vocabulary_smaller_than_the_tiles_exits_2_naming_the_key(tiny_run, capsys):
+    from scripts import train_tokenizer
+
+    run, argv, _ = tiny_run
+    other = [a for a in argv if not a.startswith("run.name=")] + ["run.name=tok_small", f"data.path={run / 'dataset'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_tokenizer.main(other + ["tokenizer.codebook_size=4"])
+    assert exit_info.value.code == 2
+    assert "tokenizer.codebook_size" in capsys.readouterr().err
+    assert not (run.parent / "tok_small" / "tokenizer.pt").exists()
+
+
 def test_finished_stage_is_skipped_and_a_changed_config_reruns(tiny_run, capsys):
     import shutil
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_torch_save
-from common.config import param
+from common.config import ConfigError, param
 from common.runs import Logger, RunDir
 from common.seeding import seed_everything
 from common.stage import check_finite, load_resume
@@ -141,6 +141,12 @@ def _train(cfg: Any, run: RunDir, train_frames: np.ndarray, val_frames: np.ndarr
     tile_size = int(cfg.env.tile_size)
     final_path, resume_path = run / FINAL_NAME, run / RESUME_NAME
     tiles, counts = unique_tiles(train_frames, tile_size)
+    vocab = model_config(stage, tile_size).vocab_size
+    if len(tiles) > vocab:
+        key = "tokenizer.fsq_levels" if stage.quantizer == "fsq" else "tokenizer.codebook_size"
+        raise ConfigError(f"{key}: the training frames hold {len(tiles)} distinct tiles, more than the {vocab} "
+                          f"tokens of the vocabulary, so no frame with all of them could be exact: give at least "
+                          f"{len(tiles)} (several envs' tiles: data.mix)")
     if val_frames is None or len(val_frames) == 0:
         val_frames = train_frames
     val_frames = val_frames[: int(stage.max_val_frames)]
