@@ -611,10 +611,14 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     logger = Logger(run_dir, cfg, "dynamics") if is_main and run_dir is not None else None
     world_model = WorldModel(tokenizer, model, sampling_config(section), device=device)
     if is_main:
-        for e in envs:
-            log(f"[dynamics] {e.name}: tokens {e.token_shape} of {tokenizer.vocab_size}, "
-                f"{e.train.num_frames} train / {e.val.num_frames} val frames")
-        log(f"[dynamics] {count_parameters(model):,} parameters, {world} rank(s)")
+        if len(envs) == 1:
+            log(f"[dynamics] {count_parameters(model):,} parameters, tokens {token_shape} of {tokenizer.vocab_size}, "
+                f"{train_set.num_frames} train / {val_set.num_frames} val frames, {world} rank(s)")
+        else:
+            for e in envs:
+                log(f"[dynamics] {e.name}: tokens {e.token_shape} of {tokenizer.vocab_size}, "
+                    f"{e.train.num_frames} train / {e.val.num_frames} val frames")
+            log(f"[dynamics] {count_parameters(model):,} parameters, {world} rank(s)")
 
     def evaluate_env(e: EnvData, step: int, video: bool) -> dict[str, float]:
         metrics = evaluate_one_step(on_grid_of(model, e.val.extras["tokens"]), e.val,
@@ -641,7 +645,7 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
     per_rank = section.batch_size // world
     if is_main:
         for e in envs:
-            log(f"[dynamics] {e.name}: {len(e.events)} reward/termination steps in the training episodes"
+            log(f"[dynamics] {e.name + ': ' if len(envs) > 1 else ''}{len(e.events)} reward/termination steps in the training episodes"
                 + (f", {section.event_fraction:.0%} of windows drawn around them"
                    if len(e.events) and section.event_fraction > 0 else ""))
     model.train()
