@@ -2,10 +2,6 @@
 sequence pass, it carries its memory through imagination and through the policy interface, and a
 tiny egocentric run goes end to end with it."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +11,6 @@ from agents.policy import PolicyInput, load_policy, save_policy
 from agents.train_dreamer import StartFrames, imagination_update, optimizer_for
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(actor_memory="gru", hidden_dim=16, channels=4, embed_dim=4, memory_dim=8)
 
 
@@ -147,17 +142,17 @@ def test_the_loss_reads_the_start_memory():
 
 def test_tiny_egocentric_run_with_the_recurrent_actor_goes_end_to_end(tmp_path):
     """The quickstart on the tiny preset, egocentric view, recurrent actor: every stage runs, the
-    saved policy is recurrent and the evaluation scored it."""
-    result = subprocess.run(
-        [sys.executable, "scripts/quickstart.py", "--preset", "tiny", f"run.root={tmp_path}", "run.name=ego",
-         "env.obs=partial", "dreamer.actor_memory=gru", "dynamics.steps=20", "dynamics.checkpoint_every=10",
-         "dreamer.updates=10", "dreamer.checkpoint_every=5", "run.threads=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    policy = load_policy(tmp_path / "ego" / "dreamer.pt")
-    assert isinstance(policy.actor, RecurrentActor)
-    import json
+    saved policy is recurrent and the evaluation scored it (in the real env and in imagination)."""
+    from scripts import quickstart
 
-    evaluated = json.loads((tmp_path / "ego" / "metrics.json").read_text())["evaluate"]
-    assert evaluated.get("normalized_score") is not None
+    result = quickstart.main([
+        "--preset", "tiny", f"run.root={tmp_path}", "run.name=ego", "env.obs=partial", "dreamer.actor_memory=gru",
+        "tokenizer.steps=50", "tokenizer.checkpoint_every=50", "dynamics.steps=20", "dynamics.checkpoint_every=10",
+        "dreamer.updates=10", "dreamer.checkpoint_every=5", "evaluate.policies=dreamer,random,oracle",
+        "evaluate.bootstrap=100", "evaluate.gif_policies=dreamer", "run.threads=1",
+    ])
+    policy = load_policy(tmp_path / "ego" / "dreamer.pt")
+    assert isinstance(policy.actor, RecurrentActor) and policy.actor.memory_dim == DreamerConfig().memory_dim
+    evaluated = result["evaluate"]
+    assert evaluated["num_policies"] == 3 and evaluated["normalized_score"] is not None
+    assert evaluated["imagined_return"] is not None
