@@ -32,7 +32,7 @@ from agents.policy import NUM_ACTIONS, PolicyInput, TokenActorPolicy, register_p
 from common.config import param
 
 ACTOR_UPDATES = ("reinforce", "pmpo")
-ACTOR_MEMORIES = ("none", "gru")
+ACTOR_MEMORIES = ("auto", "none", "gru")
 
 
 @dataclass
@@ -43,8 +43,9 @@ class DreamerConfig:
     embed_dim: int = param(16, "token embedding width", min=1)
     channels: int = param(32, "conv channels of the token encoder", min=1)
     hidden_dim: int = param(128, "MLP width of actor and critic", min=1)
-    actor_memory: str = param("none", "what the actor remembers: none (the current frame's tokens only) or gru (a GRU over "
-                              "its per-frame features and previous actions, carried through the episode)", choices=ACTOR_MEMORIES)
+    actor_memory: str = param("none", "what the actor remembers: none (the current frame's tokens only), gru (a GRU over "
+                              "its per-frame features and previous actions, carried through the episode) or auto (gru on "
+                              "the egocentric view, none on the full one)", choices=ACTOR_MEMORIES)
     memory_dim: int = param(64, "GRU width of the recurrent actor (actor_memory=gru)", min=1)
     memory_burn_in: int = param(8, "actor_memory=gru: dataset frames before each imagined start that the actor reads "
                                 "first, so its memory at the start holds what the episode showed", min=0)
@@ -210,6 +211,14 @@ class Critic(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(tokens)).squeeze(-1)
+
+
+def resolve_actor_memory(memory: str, obs: str) -> str:
+    """``auto`` -> ``gru`` on the egocentric view (``env.obs=partial``: the view alone may not show
+    what the episode did), ``none`` on the full view (the frame shows the state)."""
+    if memory == "auto":
+        return "gru" if obs == "partial" else "none"
+    return memory
 
 
 def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int], num_actions: int = NUM_ACTIONS) -> AnyActor:
@@ -447,8 +456,9 @@ class DreamerAgent(nn.Module):
         super().__init__()
         if cfg.actor_update not in ACTOR_UPDATES:
             raise ValueError(f"dreamer.actor_update must be one of {ACTOR_UPDATES}, got '{cfg.actor_update}'")
-        if cfg.actor_memory not in ACTOR_MEMORIES:
-            raise ValueError(f"dreamer.actor_memory must be one of {ACTOR_MEMORIES}, got '{cfg.actor_memory}'")
+        if cfg.actor_memory not in ("none", "gru"):
+            raise ValueError(f"dreamer.actor_memory must be none or gru here (auto is resolved by resolve_actor_memory), "
+                             f"got '{cfg.actor_memory}'")
         if cfg.actor_memory != "none" and (cfg.bc_steps > 0 or cfg.bc_prior):
             raise ValueError("dreamer.bc_steps and dreamer.bc_prior clone single frames: they need dreamer.actor_memory=none")
         self.cfg = cfg

@@ -29,6 +29,7 @@ from agents.dreamer import (
     Losses,
     RecurrentActor,
     imagine,
+    resolve_actor_memory,
 )
 from agents.policy import save_policy
 from common.atomic import atomic_torch_save
@@ -168,7 +169,9 @@ def behaviour_cloning_update(agent: DreamerAgent, optimizer: torch.optim.Optimiz
 
 
 def stage_config(cfg: Any) -> DreamerConfig:
+    """The stage's :class:`DreamerConfig`, ``actor_memory=auto`` resolved for the run's view."""
     values = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
+    values["actor_memory"] = resolve_actor_memory(str(values.get("actor_memory", "none")), str(cfg.env.obs))  # type: ignore[index]
     return DreamerConfig(**values)  # type: ignore[arg-type]
 
 

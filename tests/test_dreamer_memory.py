@@ -156,3 +156,15 @@ def test_tiny_egocentric_run_with_the_recurrent_actor_goes_end_to_end(tmp_path):
     evaluated = result["evaluate"]
     assert evaluated["num_policies"] == 3 and evaluated["normalized_score"] is not None
     assert evaluated["imagined_return"] is not None
+
+
+def test_auto_memory_follows_the_view():
+    from omegaconf import OmegaConf
+
+    from agents.train_dreamer import stage_config
+
+    for obs, expected in (("partial", "gru"), ("full", "none")):
+        cfg = OmegaConf.create({"env": {"obs": obs}, "dreamer": {"actor_memory": "auto"}})
+        assert stage_config(cfg).actor_memory == expected
+    with pytest.raises(ValueError, match="resolve_actor_memory"):
+        DreamerAgent(DreamerConfig(actor_memory="auto"), 5, (3, 4))
