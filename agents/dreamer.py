@@ -23,14 +23,16 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.policy import NUM_ACTIONS, TokenActorPolicy, register_policy
+from agents.policy import NUM_ACTIONS, PolicyInput, TokenActorPolicy, register_policy
 from common.config import param
 
 ACTOR_UPDATES = ("reinforce", "pmpo")
+ACTOR_MEMORIES = ("auto", "none", "gru")
 
 
 @dataclass
@@ -41,6 +43,12 @@ class DreamerConfig:
     embed_dim: int = param(16, "token embedding width", min=1)
     channels: int = param(32, "conv channels of the token encoder", min=1)
     hidden_dim: int = param(128, "MLP width of actor and critic", min=1)
+    actor_memory: str = param("none", "what the actor remembers: none (the current frame's tokens only), gru (a GRU over "
+                              "its per-frame features and previous actions, carried through the episode) or auto (gru on "
+                              "the egocentric view, none on the full one)", choices=ACTOR_MEMORIES)
+    memory_dim: int = param(64, "GRU width of the recurrent actor (actor_memory=gru)", min=1)
+    memory_burn_in: int = param(8, "actor_memory=gru: dataset frames before each imagined start that the actor reads "
+                                "first, so its memory at the start holds what the episode showed", min=0)
     # --- imagination
     updates: int = param(1500, "actor-critic updates (each one imagined batch)", min=1)
     batch_size: int = param(64, "imagined rollouts per update, started from random dataset frames", min=1)
@@ -136,6 +144,63 @@ class Actor(nn.Module):
         return self.head(self.encoder(tokens))
 
 
+class RecurrentActor(nn.Module):
+    """An actor with memory: a GRU over its per-frame features and the previous action.
+
+    ``step(tokens (B, h, w), previous_actions (B,), state (B, m)) -> (logits (B, A), state)`` acts
+    one frame at a time (the policy in the real env, the imagined rollout); ``sequence`` runs the
+    same GRU over a whole (T, B) stretch at once (the loss). A previous action of -1 means none
+    (the episode's first frame); an episode starts from :meth:`initial_state`. The head reads the
+    frame's features beside the memory, so what is in view needs no remembering.
+    """
+
+    def __init__(self, encoder: TokenEncoder, hidden_dim: int, memory_dim: int, num_actions: int = NUM_ACTIONS):
+        super().__init__()
+        self.encoder = encoder
+        self.num_actions = int(num_actions)
+        self.memory_dim = int(memory_dim)
+        self.action_embed = nn.Embedding(self.num_actions + 1, hidden_dim)  # row 0: no previous action
+        self.gru = nn.GRU(hidden_dim, memory_dim)
+        self.head = nn.Sequential(nn.Linear(hidden_dim + memory_dim, hidden_dim), nn.SiLU(),
+                                  nn.Linear(hidden_dim, self.num_actions))
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(batch_size, self.memory_dim, device=device)
+
+    def sequence(self, tokens: torch.Tensor, previous_actions: torch.Tensor,
+                 state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (T, B, h, w), previous_actions (T, B) (-1: none), state (B, m) before the first
+        frame -> logits (T, B, A) and the state after each frame (T, B, m)."""
+        steps, batch = previous_actions.shape
+        features = self.encoder(tokens.flatten(0, 1)).view(steps, batch, -1)
+        inputs = features + self.action_embed(previous_actions + 1)
+        states, _ = self.gru(inputs, state[None].contiguous())
+        return self.head(torch.cat([features, states], -1)), states
+
+    def step(self, tokens: torch.Tensor, previous_actions: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame: tokens (B, h, w), previous_actions (B,), state (B, m) -> logits (B, A), new state (B, m)."""
+        logits, states = self.sequence(tokens[None], previous_actions[None], state)
+        return logits[0], states[0]
+
+    @torch.no_grad()
+    def burn_in(self, tokens: torch.Tensor, previous_actions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The state after reading real frames: tokens (B, K, h, w), previous_actions (B, K), valid
+        (B, K) bool (False before the episode began: those frames are skipped) -> state (B, m)."""
+        batch, length = valid.shape
+        state = self.initial_state(batch, tokens.device)
+        for k in range(length):
+            _, after = self.step(tokens[:, k], previous_actions[:, k], state)
+            state = torch.where(valid[:, k, None], after, state)
+        return state
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise TypeError("the recurrent actor acts through step(tokens, previous_actions, state), not on tokens alone")
+
+
+AnyActor = Actor | RecurrentActor
+
+
 class Critic(nn.Module):
     """Tokens (B, h, w) -> state value (B,)."""
 
@@ -148,8 +213,18 @@ class Critic(nn.Module):
         return self.head(self.encoder(tokens)).squeeze(-1)
 
 
-def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int], num_actions: int = NUM_ACTIONS) -> Actor:
+def resolve_actor_memory(memory: str, obs: str) -> str:
+    """``auto`` -> ``gru`` on the egocentric view (``env.obs=partial``: the view alone may not show
+    what the episode did), ``none`` on the full view (the frame shows the state)."""
+    if memory == "auto":
+        return "gru" if obs == "partial" else "none"
+    return memory
+
+
+def build_actor(cfg: DreamerConfig, vocab_size: int, grid_shape: tuple[int, int], num_actions: int = NUM_ACTIONS) -> AnyActor:
     encoder = TokenEncoder(vocab_size, grid_shape[0], grid_shape[1], cfg.embed_dim, cfg.channels, cfg.hidden_dim)
+    if cfg.actor_memory == "gru":
+        return RecurrentActor(encoder, cfg.hidden_dim, cfg.memory_dim, num_actions)
     return Actor(encoder, cfg.hidden_dim, num_actions)
 
 
@@ -274,13 +349,24 @@ class ImaginationModel(Protocol):
 @dataclass
 class Trajectory:
     """An imagined batch. tokens (T + 1, B, h, w); actions, rewards, continues (T, B); doubt (T, B)
-    the world model's doubt about each step (None when it was not asked: no penalty)."""
+    the world model's doubt about each step (None when it was not asked: no penalty); memory a
+    recurrent actor's state at the start (None for an actor without memory, or an episode's start)."""
 
     tokens: torch.Tensor
     actions: torch.Tensor
     rewards: torch.Tensor
     continues: torch.Tensor
     doubt: torch.Tensor | None = None
+    memory: "ActorMemory | None" = None
+
+
+@dataclass
+class ActorMemory:
+    """Where a recurrent actor's imagined rollout starts: its state (B, m) after the real frames
+    before the start, and the action (B,) that led to the start frame (-1: the episode's first)."""
+
+    state: torch.Tensor
+    previous_actions: torch.Tensor
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -292,29 +378,44 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator | None) -> t
 @torch.no_grad()
 def imagine(
     world_model: ImaginationModel,
-    actor: Actor,
+    actor: AnyActor,
     context_tokens: torch.Tensor,
     context_actions: torch.Tensor,
     horizon: int,
     generator: torch.Generator | None = None,
     doubt_penalty: float = 0.0,
+    memory: ActorMemory | None = None,
 ) -> Trajectory:
     """Roll the (frozen) world model ``horizon`` steps with actions sampled from ``actor``.
 
     context_tokens (B, T0, h, w) int64 real frames' tokens; context_actions (B, T0 - 1) int64.
     No gradient flows through the model (its outputs are discrete): the actor learns from
-    log-probabilities recomputed on the returned tokens. ``doubt_penalty`` > 0: each step's reward
-    loses that much per unit of the model's doubt about it (``world_model.uncertainty``), so a
-    policy gains nothing by going where the model is unsure (MOPO's penalised reward).
+    log-probabilities recomputed on the returned tokens in one batched pass (keeping the
+    rollout's per-step graphs instead measured no faster on a CPU: their backward is slower). A
+    :class:`RecurrentActor` carries its state through the rollout from ``memory`` (default: an
+    episode's first frame). ``doubt_penalty`` > 0: each step's reward loses that much per unit of
+    the model's doubt about it (``world_model.uncertainty``), so a policy gains nothing by going
+    where the model is unsure (MOPO's penalised reward).
     """
     penalise = doubt_penalty > 0 and hasattr(world_model, "uncertainty")
     tokens = torch.as_tensor(world_model.reset(context_tokens, context_actions)).long()
+    recurrent = isinstance(actor, RecurrentActor)
+    if recurrent:
+        if memory is None:
+            memory = ActorMemory(actor.initial_state(tokens.shape[0], tokens.device),
+                                 torch.full((tokens.shape[0],), -1, dtype=torch.long, device=tokens.device))
+        state, previous = memory.state, memory.previous_actions
     all_tokens, all_actions, all_rewards, all_continues, all_doubt = [tokens], [], [], [], []
     for _ in range(horizon):
-        actions = sample_actions(actor(tokens), generator)
+        if recurrent:
+            logits, state = actor.step(tokens, previous, state)
+        else:
+            logits = actor(tokens)
+        actions = sample_actions(logits, generator)
         doubt = torch.as_tensor(world_model.uncertainty(actions)).float() if penalise else None
         step = world_model.step(actions)
         tokens = torch.as_tensor(step.tokens).long()
+        previous = actions
         all_tokens.append(tokens)
         all_actions.append(actions)
         reward = torch.as_tensor(step.reward).float()
@@ -327,6 +428,7 @@ def imagine(
         tokens=torch.stack(all_tokens), actions=torch.stack(all_actions),
         rewards=torch.stack(all_rewards), continues=torch.stack(all_continues),
         doubt=torch.stack(all_doubt) if all_doubt else None,
+        memory=memory,
     )
 
 
@@ -354,6 +456,11 @@ class DreamerAgent(nn.Module):
         super().__init__()
         if cfg.actor_update not in ACTOR_UPDATES:
             raise ValueError(f"dreamer.actor_update must be one of {ACTOR_UPDATES}, got '{cfg.actor_update}'")
+        if cfg.actor_memory not in ("none", "gru"):
+            raise ValueError(f"dreamer.actor_memory must be none or gru here (auto is resolved by resolve_actor_memory), "
+                             f"got '{cfg.actor_memory}'")
+        if cfg.actor_memory != "none" and (cfg.bc_steps > 0 or cfg.bc_prior):
+            raise ValueError("dreamer.bc_steps and dreamer.bc_prior clone single frames: they need dreamer.actor_memory=none")
         self.cfg = cfg
         self.vocab_size = int(vocab_size)
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
@@ -396,7 +503,7 @@ class DreamerAgent(nn.Module):
         weights = alive_weights(trajectory.continues)  # (T, B)
 
         # --- critic: regress to the λ-returns, pulled towards the slow critic
-        values = self.critic(flat_tokens).view(steps + 1, batch)[:-1]
+        values = self.critic(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch)
         critic_loss = weighted_mean(0.5 * (values - returns) ** 2, weights)
         slow_reg = weighted_mean(0.5 * (values - slow_values[:-1]) ** 2, weights)
 
@@ -404,7 +511,7 @@ class DreamerAgent(nn.Module):
         self.return_norm.update(returns, weights)
         scale = self.return_norm.scale()
         advantages = ((returns - values) / scale).detach()
-        logits = self.actor(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, -1)
+        logits = self.actor_logits(trajectory)
         log_probs = F.log_softmax(logits, dim=-1).gather(-1, trajectory.actions.unsqueeze(-1)).squeeze(-1)
         policy_entropy = entropy(logits)
         if cfg.actor_update == "pmpo":
@@ -435,6 +542,19 @@ class DreamerAgent(nn.Module):
         }
         return Losses(total, parts)
 
+    def actor_logits(self, trajectory: Trajectory) -> torch.Tensor:
+        """(T, B, A) the actor's logits on the imagined frames, with their graph (a recurrent actor
+        from the trajectory's start memory, over the whole stretch at once)."""
+        steps, batch = trajectory.actions.shape
+        if isinstance(self.actor, RecurrentActor):
+            memory = trajectory.memory
+            if memory is None:
+                memory = ActorMemory(self.actor.initial_state(batch, trajectory.tokens.device),
+                                     torch.full((batch,), -1, dtype=torch.long, device=trajectory.tokens.device))
+            previous = torch.cat([memory.previous_actions[None], trajectory.actions[:-1]])
+            return self.actor.sequence(trajectory.tokens[:-1], previous, memory.state)[0]
+        return self.actor(trajectory.tokens[:-1].flatten(0, 1)).view(steps, batch, -1)
+
     @torch.no_grad()
     def update_slow_critic(self) -> None:
         """slow <- decay * slow + (1 - decay) * critic."""
@@ -458,7 +578,7 @@ class DreamerPolicy(TokenActorPolicy):
     """
 
     def __init__(
-        self, actor: Actor, config: DreamerConfig, grid_shape: tuple[int, int], mode: str = "sample",
+        self, actor: AnyActor, config: DreamerConfig, grid_shape: tuple[int, int], mode: str = "sample",
         tokenizer_identity: str = "", env_id: str = "", name: str = "dreamer", training_step: int = 0,
         device: str = "cpu",
     ):
@@ -473,6 +593,35 @@ class DreamerPolicy(TokenActorPolicy):
         self.env_id = env_id
         self.training_step = int(training_step)
         self.device = device
+        self.memory: torch.Tensor | None = None  # (B, m): a recurrent actor's state in the episodes under way
+        self.previous_actions: torch.Tensor | None = None  # (B,): what it did last (-1 before the first step)
+
+    def reset(self, batch_size: int, seed: int | None = None) -> None:
+        super().reset(batch_size, seed)
+        self.memory, self.previous_actions = None, None  # new episodes remember nothing
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """(B, h, w) tokens -> (B, A) logits; a recurrent actor reads them into its memory (one
+        call per step of the episodes, then :meth:`act` records the action taken)."""
+        if not isinstance(self.actor, RecurrentActor):
+            return super().logits(tokens)
+        with torch.no_grad():
+            tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+            if tuple(tensor.shape[1:]) != self.grid_shape:
+                raise ValueError(f"policy '{self.name}' was trained on token grids {self.grid_shape}, "
+                                 f"got {tuple(tensor.shape[1:])}")
+            batch = tensor.shape[0]
+            if self.memory is None or self.memory.shape[0] != batch:
+                self.memory = self.actor.initial_state(batch, self.device)
+                self.previous_actions = torch.full((batch,), -1, dtype=torch.long, device=self.device)
+            logits, self.memory = self.actor.step(tensor, self.previous_actions, self.memory)
+            return logits.double().cpu().numpy()
+
+    def act(self, inp: PolicyInput) -> np.ndarray:
+        actions = super().act(inp)
+        if isinstance(self.actor, RecurrentActor):
+            self.previous_actions = torch.as_tensor(actions, dtype=torch.long, device=self.device)
+        return actions
 
     def checkpoint(self) -> dict[str, Any]:
         return {

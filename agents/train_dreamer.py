@@ -20,7 +20,17 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from agents.dreamer import DreamerAgent, DreamerConfig, DreamerPolicy, ImaginationModel, Losses, imagine
+from agents.dreamer import (
+    ActorMemory,
+    DreamerAgent,
+    DreamerConfig,
+    DreamerPolicy,
+    ImaginationModel,
+    Losses,
+    RecurrentActor,
+    imagine,
+    resolve_actor_memory,
+)
 from agents.policy import save_policy
 from common.atomic import atomic_torch_save
 from common.runs import Logger, RunDir
@@ -52,6 +62,7 @@ class StartFrames:
     index: np.ndarray
     context_length: int
     near_reward: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    position: np.ndarray | None = None  # (N,) int64: each frame's step in its episode (0: the first)
 
     @classmethod
     def from_dataset(cls, dataset: Any, tokens: np.ndarray, context_length: int, reward_window: int = 0) -> "StartFrames":
@@ -70,17 +81,41 @@ class StartFrames:
             lead = lead[(lead >= 0) & (episode_of[np.clip(lead, 0, None)] == episode_of[rewarded][:, None])]
             near = np.intersect1d(lead, index)
         return cls(np.asarray(tokens, dtype=np.int64), np.asarray(dataset.actions, dtype=np.int64), index,
-                   int(context_length), near)
+                   int(context_length), near, position.astype(np.int64))
 
-    def sample(self, rng: np.random.Generator, batch_size: int, near_reward_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context tokens (B, T0, h, w) and the actions between them (B, T0 - 1); a share
-        ``near_reward_fraction`` of them starts from :attr:`near_reward` frames (where there are any)."""
+    def draw(self, rng: np.random.Generator, batch_size: int, near_reward_fraction: float = 0.0) -> np.ndarray:
+        """(B,) start frames; a share ``near_reward_fraction`` of them from :attr:`near_reward` (where there are any)."""
         last = self.index[rng.integers(0, len(self.index), size=batch_size)]
         near = int(round(near_reward_fraction * batch_size)) if len(self.near_reward) else 0
         if near:
             last[:near] = self.near_reward[rng.integers(0, len(self.near_reward), size=near)]
+        return last
+
+    def context(self, last: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context tokens (B, T0, h, w) ending at the frames ``last`` (B,) and the actions between them (B, T0 - 1)."""
         frames = last[:, None] - np.arange(self.context_length - 1, -1, -1)[None, :]  # (B, T0)
         return torch.as_tensor(self.tokens[frames]), torch.as_tensor(self.actions[frames[:, :-1]])
+
+    def sample(self, rng: np.random.Generator, batch_size: int, near_reward_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`context` of :meth:`draw`."""
+        return self.context(self.draw(rng, batch_size, near_reward_fraction))
+
+    def history(self, last: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a recurrent actor reads before starting at the frames ``last`` (B,): the ``length``
+        frames before each in its episode, tokens (B, K, h, w), the action that led to each (B, K)
+        (-1 at an episode's first frame), valid (B, K) bool (False before the episode began), and
+        the action that led to the start frame itself (B,)."""
+        if self.position is None:
+            raise ValueError("StartFrames.history needs each frame's position in its episode (build it with from_dataset)")
+
+        def previous_action(frames: np.ndarray) -> np.ndarray:
+            return np.where(self.position[frames] >= 1, self.actions[np.clip(frames - 1, 0, None)], -1)
+
+        back = np.arange(length, 0, -1)[None, :]  # (1, K): K .. 1 frames before the start
+        valid = self.position[last][:, None] - back >= 0
+        frames = np.where(valid, last[:, None] - back, last[:, None])  # invalid ones are never read
+        return (torch.as_tensor(self.tokens[frames]), torch.as_tensor(np.where(valid, previous_action(frames), -1)),
+                torch.as_tensor(valid), torch.as_tensor(previous_action(last)))
 
     def behaviour_batch(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (B, h, w), dataset actions (B,)) for behaviour cloning."""
@@ -103,11 +138,13 @@ def imagination_update(
     context: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator | None,
     progress: float = 0.0,
+    memory: ActorMemory | None = None,
 ) -> Losses:
     """One update: imagine from ``context`` (tokens (B, T0, h, w), actions (B, T0 - 1)), then one
-    gradient step on actor and critic and one slow-critic EMA step. ``progress`` in [0, 1]."""
+    gradient step on actor and critic and one slow-critic EMA step. ``progress`` in [0, 1];
+    ``memory``: a recurrent actor's state at the starts (default: none, an episode's first frame)."""
     trajectory = imagine(world_model, agent.actor, context[0], context[1], agent.cfg.horizon, generator,
-                         doubt_penalty=agent.cfg.doubt_penalty)
+                         doubt_penalty=agent.cfg.doubt_penalty, memory=memory)
     losses = agent.compute_loss(trajectory, progress)
     if trajectory.doubt is not None:
         losses.parts["imagined_doubt"] = float(trajectory.doubt.mean())
@@ -132,7 +169,9 @@ def behaviour_cloning_update(agent: DreamerAgent, optimizer: torch.optim.Optimiz
 
 
 def stage_config(cfg: Any) -> DreamerConfig:
+    """The stage's :class:`DreamerConfig`, ``actor_memory=auto`` resolved for the run's view."""
     values = OmegaConf.to_container(cfg.dreamer, resolve=True) if OmegaConf.is_config(cfg.dreamer) else asdict(cfg.dreamer)
+    values["actor_memory"] = resolve_actor_memory(str(values.get("actor_memory", "none")), str(cfg.env.obs))  # type: ignore[index]
     return DreamerConfig(**values)  # type: ignore[arg-type]
 
 
@@ -216,8 +255,14 @@ def train(cfg: Any, run: RunDir) -> dict[str, Any]:
 
         bar = tqdm(total=stage.updates, initial=step, desc="dreamer", unit="update", dynamic_ncols=True)
     while step < stage.updates:
-        losses = imagination_update(agent, optimizer, world_model, starts.sample(rng, stage.batch_size, stage.near_reward_starts), generator,
-                                    progress=step / max(stage.updates - 1, 1))
+        last = starts.draw(rng, stage.batch_size, stage.near_reward_starts)
+        memory = None
+        if isinstance(agent.actor, RecurrentActor):  # its memory at the start: the episode so far, read from the dataset
+            history_tokens, history_actions, valid, start_actions = starts.history(last, stage.memory_burn_in)
+            memory = ActorMemory(agent.actor.burn_in(history_tokens.to(device), history_actions.to(device), valid.to(device)),
+                                 start_actions.to(device))
+        losses = imagination_update(agent, optimizer, world_model, starts.context(last), generator,
+                                    progress=step / max(stage.updates - 1, 1), memory=memory)
         step += 1
         check_finite(losses.total, "dreamer", step, "lower dreamer.actor_lr and dreamer.critic_lr")
         if bar is not None:

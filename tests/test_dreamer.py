@@ -278,3 +278,20 @@ def test_doubt_penalty_keeps_the_agent_off_a_model_error(penalty):
         assert probs[0] > 0.6 and "imagined_doubt" not in losses.parts
     else:
         assert probs[0] < 0.1 and losses.parts["imagined_doubt"] < 0.05  # off the error (seeds 0-2: p(left) <= 0.001)
+
+
+# ---------------------------------------------------------------- the agent benchmark's pure parts
+
+
+def test_agent_benchmark_score_interval_and_ladder():
+    from benchmarks.agent import rungs, score_interval
+
+    same = {"dreamer": [0.5] * 4, "random": [0.0] * 4, "oracle": [1.0] * 4}
+    assert score_interval([same, same], resamples=50) == [0.5, 0.5]  # no spread, no width
+    spread = [{"dreamer": [0.9, 0.1], "random": [0.0, 0.0], "oracle": [1.0, 1.0]},
+              {"dreamer": [1.0, 1.0], "random": [0.0, 0.0], "oracle": [1.0, 1.0]}]
+    low, high = score_interval(spread, resamples=400)
+    assert 0.05 <= low < 0.75 < high <= 1.0  # around the mean 0.75, within what the episodes allow
+    assert rungs(None, 10_000) == [2_000, 5_000, 10_000] and rungs(20_000, 50_000) == [20_000, 50_000]
+    with pytest.raises(SystemExit, match="not a ladder rung"):
+        rungs(3_000, 200_000)
