@@ -272,3 +272,15 @@ def test_distinct_rows_is_exact_even_on_hash_collisions(monkeypatch):
     monkeypatch.setattr(module, "_row_keys", lambda r: torch.zeros(len(r), dtype=torch.int64))  # all collide
     distinct, inverse = module._distinct_rows(rows)
     assert torch.equal(distinct[inverse], rows) and len(distinct) == len(torch.unique(rows, dim=0))
+
+
+def test_unique_tiles_by_chunks_equal_the_whole_at_once():
+    from worldmodel.train_tokenizer import unique_tiles
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, size=(7, 8, 8, 3), dtype=np.uint8)
+    frames = tiles[rng.integers(0, 7, size=(50, 3, 4))].transpose(0, 1, 3, 2, 4, 5).reshape(50, 24, 32, 3)
+    whole, whole_counts = unique_tiles(frames, 8, chunk=len(frames))
+    parts, part_counts = unique_tiles(frames, 8, chunk=7)
+    assert np.array_equal(whole, parts) and np.array_equal(whole_counts, part_counts)
+    assert whole_counts.sum() == 50 * 12 and len(whole) == len(np.unique(tiles.reshape(7, -1), axis=0))

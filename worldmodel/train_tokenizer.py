@@ -99,12 +99,28 @@ def model_config(stage: Any, tile_size: int) -> TokenizerConfig:
     )
 
 
-def unique_tiles(frames: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """frames (N, H, W, 3) uint8 -> (distinct tiles (K, p, p, 3) uint8, counts (K,) int64), sorted."""
-    patches = np.ascontiguousarray(frames_to_patches(frames, patch_size))
-    as_rows = patches.reshape(len(patches), -1).view(np.dtype((np.void, patches[0].size)))
-    _, first, counts = np.unique(as_rows.ravel(), return_index=True, return_counts=True)
-    return patches[first], counts.astype(np.int64)
+def unique_tiles(frames: np.ndarray, patch_size: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """frames (N, H, W, 3) uint8 -> (distinct tiles (K, p, p, 3) uint8, counts (K,) int64), sorted.
+
+    ``chunk`` frames at a time: a copy of every tile of 100k DoorKey-16x16 frames (4.9 GB, and as
+    much again to sort it) got the stage killed for memory on a 24 GB machine."""
+    tiles, counts = [], []
+    for start in range(0, len(frames), chunk):
+        part, part_counts = _distinct_tiles(np.ascontiguousarray(frames_to_patches(frames[start:start + chunk], patch_size)))
+        tiles.append(part)
+        counts.append(part_counts)
+    if not tiles:
+        return np.zeros((0, patch_size, patch_size, 3), np.uint8), np.zeros(0, np.int64)
+    merged, inverse = _distinct_tiles(np.concatenate(tiles), inverse=True)
+    return merged, np.bincount(inverse, weights=np.concatenate(counts), minlength=len(merged)).astype(np.int64)
+
+
+def _distinct_tiles(patches: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """patches (M, p, p, 3) -> (distinct ones, sorted by their bytes; their counts, or with
+    ``inverse`` each patch's index among them)."""
+    as_rows = patches.reshape(len(patches), -1).view(np.dtype((np.void, patches[0].size))).ravel()
+    _, first, where, counts = np.unique(as_rows, return_index=True, return_inverse=True, return_counts=True)
+    return patches[first], (where.reshape(-1) if inverse else counts.astype(np.int64))
 
 
 @torch.no_grad()
