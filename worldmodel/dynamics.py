@@ -383,8 +383,7 @@ class DynamicsModel(nn.Module):
         self.grid_free = c.full_view
         self.grid = (c.grid_height, c.grid_width)
         self.position = None if self.grid_free else nn.Parameter(torch.randn(n, d) * 0.02)
-        grid = (c.grid_height, c.grid_width)
-        self.encoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.encoder_layers)])
+        self.encoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, self.grid) for _ in range(c.encoder_layers)])
         self.encoder_norm = nn.LayerNorm(d)
         # Summary: a small projection per token, flattened (keeps *where* things are); for the full
         # view, the features mean- and max-pooled over the cells (any grid; all d channels: through
@@ -416,7 +415,7 @@ class DynamicsModel(nn.Module):
         self.decoder_memory: nn.Linear | None = nn.Linear(c.memory_dim, d)
         self.decoder_action = nn.Embedding(c.num_actions + 1, d)
         self.next_token_embedding = nn.Embedding(c.vocab_size + 1, d)
-        self.decoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, grid) for _ in range(c.decoder_layers)])
+        self.decoder = nn.ModuleList([make_block(c.block, d, c.heads, c.mlp_ratio, self.grid) for _ in range(c.decoder_layers)])
         self.decoder_norm = nn.LayerNorm(d)
         output = sorted(set(int(v) for v in c.output_tokens)) or list(range(c.vocab_size))
         if output[0] < 0 or output[-1] >= c.vocab_size:
@@ -538,7 +537,7 @@ class DynamicsModel(nn.Module):
             x = block(x, grid=self.grid)
         return self.encoder_norm(x).reshape(*lead, n, d)
 
-    def _flat_summary(self, features: torch.Tensor) -> torch.Tensor:
+    def _summary(self, features: torch.Tensor) -> torch.Tensor:
         """(..., N, d) -> (..., N * summary_channels), or for the full view (..., 2 * d): the mean and
         the max over the cells."""
         if self.summary_in is None:
@@ -547,7 +546,7 @@ class DynamicsModel(nn.Module):
 
     def memory_input(self, features: torch.Tensor, previous_actions: torch.Tensor) -> torch.Tensor:
         """features (..., N, d), previous_actions (...) -> GRU input (..., m)."""
-        summary = self.summary(F.gelu(self._flat_summary(features)))
+        summary = self.summary(F.gelu(self._summary(features)))
         return summary + self.memory_action(self._action_index(previous_actions))
 
     def memory_sequence(self, features: torch.Tensor, previous_actions: torch.Tensor) -> torch.Tensor:
@@ -562,7 +561,7 @@ class DynamicsModel(nn.Module):
     def state_logits(self, features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """features (..., N, d), memory (..., m) -> state logits (..., S, K) (invalid classes -inf)."""
         k = self.state_max_classes
-        logits = self.state_head(torch.cat([self._flat_summary(features), memory], dim=-1))
+        logits = self.state_head(torch.cat([self._summary(features), memory], dim=-1))
         if self.cell_state_head is None:
             return logits.view(*logits.shape[:-1], -1, k).masked_fill(~self.state_valid, float("-inf"))
         h, w = self.grid
