@@ -122,6 +122,46 @@ def test_turning_back_brings_back_returning_cells_and_the_layout_fixes_the_pose(
     assert truth.state_fields[0][carried].all()
 
 
+def test_the_map_placed_in_the_world_states_every_determined_field():
+    """Real egocentric DoorKey-6x6 walks (turns, steps, pickups, toggles) written into the map at the
+    true poses: the state head's placement (:meth:`DynamicsModel.place_state`) states every field that
+    the frames so far determine, exactly, in every frame; the fields it leaves are the MLP's."""
+    from worldmodel.metrics import structure_contents_of, tile_contents_of
+
+    ids = TileIds()
+    env_id = "MiniGrid-DoorKey-6x6-v0"
+    walks = [episode(env_id, seed, random_walk(seed, 40, (LEFT, RIGHT, FORWARD, FORWARD, 3, 5))) for seed in range(6)]
+    starts = np.stack([make_env(env_id, obs="partial").reset(seed=s)[1]["state"] for s in range(60)])
+    codec = walks[0][3].codec
+    layouts = layouts_of(starts, codec)
+    tokens = [ids(frames) for frames, *_ in walks]
+    vocab = len(ids.table) + 4
+    tables = dict(tile_contents=tile_contents_of(np.concatenate(tokens).reshape(-1, VIEW, VIEW),
+                                                 np.concatenate([w[1] for w in walks]), codec, vocab).tolist(),
+                  layouts=layouts.reshape(len(layouts), -1).tolist(),
+                  structure_contents=structure_contents_of(starts, codec).tolist())
+    model = map_model(vocab, ids.hidden, state_width=6, state_height=6, map_size=token_map.map_size_for(6, 6, VIEW),
+                      **tables)
+    assert model.placing
+    placed = 0
+    for (_frames, states, actions, _), frame_tokens in zip(walks, tokens):
+        truth = determined(states, actions, np.ones(len(states), bool), codec, layouts)
+        poses = token_map.relative_poses(torch.as_tensor(states[None, :, codec.grid_size:codec.grid_size + 2]).long(),
+                                         torch.as_tensor(states[None, :, codec.grid_size + 2]).long())[0]
+        state = token_map.empty_map(1, model.config.map_size, model.unknown_token)
+        for t in range(len(states)):
+            state = token_map.MapState(token_map.write_view(token_map.MapState(state.map, poses[t:t + 1]),
+                                                            torch.as_tensor(frame_tokens[t:t + 1]), ids.hidden,
+                                                            model.unknown_token), poses[t:t + 1])
+            mlp = torch.zeros(1, codec.size, model.state_max_classes)
+            stated = model.place_state(mlp, state).argmax(-1)[0].numpy()
+            fields = truth.state_fields[t].copy()
+            fields[codec.grid_size + 3:] = False  # the carried object is the MLP's
+            assert (stated[fields] == states[t][fields]).all(), (t, np.flatnonzero(stated[fields] != states[t][fields]))
+            placed += int(fields.any())
+    assert placed > 100  # most frames fix the placement
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +270,7 @@ def test_tiny_egocentric_run_through_the_stages(run_root):
     metrics = dynamics_main([*common, "dynamics.steps=30", "dynamics.video_length=4"])
     assert "frame_exact_1step" in metrics
     world_model = load_world_model(run_root / "ego")
-    assert world_model.config.memory == "map" and world_model.config.hidden_token >= 0
+    assert world_model.config.memory == "map" and world_model.config.hidden_token >= 0 and world_model.dynamics.placing
     from envs.dataset import EpisodeDataset
 
     dataset = EpisodeDataset.load(run_root / "ego" / "dataset")

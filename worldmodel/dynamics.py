@@ -115,6 +115,13 @@ class DynamicsModelConfig:
     # map, and the map's side (cells). -1 / 0 for the other memories.
     hidden_token: int = -1
     map_size: int = 0
+    # memory="map", for the state head (:meth:`DynamicsModel.place_state`): the cell content (object,
+    # colour, state) each token draws (V rows, -1: unknown), the env's layouts (L rows of W * H
+    # structures, worldmodel.metrics.structure) and the one content of each structure class (5 rows,
+    # -1 where it varies). Empty: the head's MLP states every field.
+    tile_contents: list = field(default_factory=list)
+    layouts: list = field(default_factory=list)
+    structure_contents: list = field(default_factory=list)
     # The token grid is the agent's view, not the world grid (env.obs=partial). Told, not inferred
     # from the shapes: LavaGapS7's 7x7 world is the size of the 7x7 egocentric view.
     egocentric: bool = False
@@ -147,6 +154,14 @@ class DynamicsModelConfig:
                 raise ValueError("dynamics memory 'map' decodes locally: the map, not the GRU, is what the decoder reads")
             if self.static_cells:
                 raise ValueError("dynamics memory 'map': an egocentric view has no static cells")
+        if self.tile_contents or self.layouts or self.structure_contents:
+            if self.memory != "map":
+                raise ValueError("dynamics tile_contents / layouts / structure_contents are for memory 'map'")
+            cells = self.state_width * self.state_height
+            if (len(self.tile_contents) != self.vocab_size or len(self.structure_contents) != 5 or not self.layouts
+                    or any(len(row) != cells for row in self.layouts)):
+                raise ValueError(f"dynamics placement tables: tile_contents needs {self.vocab_size} rows, "
+                                 f"structure_contents 5, layouts at least one of {cells} cells")
         if any(not 0 <= int(v) < self.num_tokens for v in self.static_cells):
             raise ValueError(f"dynamics static_cells must lie in [0, {self.num_tokens})")
         if len(set(int(v) for v in self.static_cells)) >= self.num_tokens:
@@ -339,6 +354,9 @@ def _bounding_box(rows: torch.Tensor, width: int) -> tuple[tuple[int, int, int, 
 
 BLOCK_TYPES = ("conv", "mix", "attention")
 MEMORY_TYPES = ("recurrent", "frame", "map")
+# The most cell comparisons (placements x layouts x world cells) the egocentric state head's
+# placement may cost per frame: DoorKey-8x8's 36 x 4 x 20 x 64 = 184k; DoorKey-16x16's 31M is off.
+PLACEMENT_LIMIT = 1 << 20
 DECODER_CONTEXTS = ("global", "local")
 SAMPLING_ORDERS = ("parallel", "sequential", "objects")
 # Sequential sampling takes a cell's most likely token without drawing when it is at least this
@@ -456,6 +474,24 @@ class DynamicsModel(nn.Module):
             self.front_token = nn.Embedding(c.vocab_size, d)
             self.front_action = nn.Embedding(c.num_actions + 1, d)
             self.front_head = nn.Sequential(nn.Linear(d, c.state_hidden // 2), nn.GELU(), nn.Linear(c.state_hidden // 2, 4))
+        # The egocentric state head's exact part: the map placed in the world (worldmodel/memory.py).
+        # Off (the MLP states every field) without the tables, or where matching every placement
+        # against every layout would cost more than PLACEMENT_LIMIT cell comparisons per frame.
+        self.placing = False
+        if self.map_memory and c.layouts:
+            origins, index = token_map.placements(c.state_width, c.state_height, c.map_size)
+            layouts = torch.tensor(c.layouts, dtype=torch.long)
+            if index.numel() * len(layouts) <= PLACEMENT_LIMIT:
+                self.placing = True
+                contents = torch.cat([torch.tensor(c.tile_contents, dtype=torch.long), torch.full((1, 3), -1)])
+                structure = token_map.structure_of(contents)
+                self.register_buffer("placement_origins", origins, persistent=False)  # (P, 3)
+                self.register_buffer("placement_index", index, persistent=False)  # (P, W * H)
+                self.register_buffer("layouts", layouts, persistent=False)  # (L, W * H)
+                self.register_buffer("tile_content", contents, persistent=False)  # (V + 1, 3); row V: never seen
+                self.register_buffer("tile_structure", torch.where(contents[:, 0] >= 0, structure, -1), persistent=False)
+                self.register_buffer("structure_content", torch.tensor(c.structure_contents, dtype=torch.long),
+                                     persistent=False)  # (5, 3)
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -558,12 +594,15 @@ class DynamicsModel(nn.Module):
             return self.memory(alone)[0].view(b, t, -1)
         return self.memory(self.memory_input(features, previous_actions))[0]
 
-    def state_logits(self, features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """features (..., N, d), memory (..., m) -> state logits (..., S, K) (invalid classes -inf)."""
+    def state_logits(self, features: torch.Tensor, memory: torch.Tensor,
+                     place: token_map.MapState | None = None) -> torch.Tensor:
+        """features (..., N, d), memory (..., m), place: the map and pose of each frame (``memory="map"``;
+        None: the MLP alone) -> state logits (..., S, K) (invalid classes -inf)."""
         k = self.state_max_classes
         logits = self.state_head(torch.cat([self._summary(features), memory], dim=-1))
         if self.cell_state_head is None:
-            return logits.view(*logits.shape[:-1], -1, k).masked_fill(~self.state_valid, float("-inf"))
+            logits = logits.view(*logits.shape[:-1], -1, k).masked_fill(~self.state_valid, float("-inf"))
+            return logits if place is None or not self.placing else self.place_state(logits, place)
         h, w = self.grid
         cells = self.cell_state_head(features)  # (..., N, fields + 1) in token order: row y, column x
         lead = cells.shape[:-2]
@@ -574,6 +613,29 @@ class DynamicsModel(nn.Module):
         logits = torch.cat([cell_fields.reshape(*lead, -1, k), torch.stack(position, dim=-2),
                             _pad_fields(logits, POOLED_FIELDS, k)], dim=-2)
         return logits.masked_fill(~self.state_valid, float("-inf"))
+
+    def place_state(self, logits: torch.Tensor, place: token_map.MapState) -> torch.Tensor:
+        """The MLP's state logits (..., S, K) with the fields the map states set to certainty: where
+        the map's seen cells fit the env's layouts at one placement only, the agent's absolute pose,
+        every cell the map holds (what its token draws) and every wall, goal and lava cell of the layout."""
+        lead, (s, k) = logits.shape[:-2], logits.shape[-2:]
+        maps, poses = place.map.reshape(-1, place.map.shape[-1]), place.pose.reshape(-1, 3)
+        which, layout = token_map.place(self.tile_structure[maps.clamp_max(self.unknown_token)], self.placement_index,
+                                        self.layouts)
+        found = which >= 0
+        which = which.clamp_min(0)
+        cells = self.placement_index.shape[1]
+        seen = self.tile_content[maps.gather(1, self.placement_index[which]).clamp_max(self.unknown_token)]  # (B, C, 3)
+        fixed = self.structure_content[self.layouts[layout]]  # (B, C, 3)
+        content = torch.where(seen[..., :1] >= 0, seen, fixed)  # (B, C, 3)
+        pose = token_map.world_pose(self.placement_origins[which], poses)  # (B, 3)
+        values = torch.cat([content.reshape(-1, cells * 3), pose], dim=1).clamp(0, k - 1)  # (B, C * 3 + 3)
+        sure = torch.cat([(content[..., :1] >= 0).expand(-1, -1, 3).reshape(-1, cells * 3),
+                          torch.ones_like(pose, dtype=torch.bool)], dim=1) & found[:, None]
+        certain = (F.one_hot(values, k).to(logits.dtype) - 1) * 30.0  # the stated class 0, the others -30
+        flat = logits.reshape(-1, s, k)
+        head = torch.where(sure[..., None], certain, flat[:, :cells * 3 + 3])
+        return torch.cat([head, flat[:, cells * 3 + 3:]], dim=1).view(*lead, s, k)
 
     def decode(
         self,
@@ -688,12 +750,13 @@ class DynamicsModel(nn.Module):
         """The next pose (B, 3) after actions (B,) from frame tokens (B, N): the front head says whether it moved."""
         return token_map.next_pose(pose, actions, self.front_outcome(tokens, actions)[:, 3] > 0)
 
-    def _map_window(self, tokens: torch.Tensor, actions: torch.Tensor,
-                    poses: torch.Tensor | None) -> tuple[torch.Tensor, token_map.MapState]:
+    def _map_window(self, tokens: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None,
+                    every: list[token_map.MapState] | None = None) -> tuple[torch.Tensor, token_map.MapState]:
         """Write frames (B, T, N) one by one into a fresh map -> prior views (B, T, N) of frames
         1..T (each from the map of frames <= t read at pose t+1) and the map state after frame T-1.
         actions (B, T): actions[t] leads from frame t to t+1; poses (B, T, 3): the true poses relative
-        to frame 0 (teacher forcing), or None: dead-reckoned with the front head (what a rollout does)."""
+        to frame 0 (teacher forcing), or None: dead-reckoned with the front head (what a rollout does).
+        ``every``: a list that receives the map state after each frame."""
         b, t, _ = tokens.shape
         c = self.config
         state = token_map.empty_map(b, c.map_size, self.unknown_token, tokens.device)
@@ -702,6 +765,8 @@ class DynamicsModel(nn.Module):
         for i in range(t):
             state = token_map.MapState(token_map.write_view(token_map.MapState(state.map, pose), tokens[:, i],
                                                             c.hidden_token, self.unknown_token), pose)
+            if every is not None:
+                every.append(state)
             if i == t - 1:
                 break
             pose = poses[:, i + 1] if poses is not None else self._step_pose(pose, tokens[:, i], actions[:, i])
@@ -745,12 +810,17 @@ class DynamicsModel(nn.Module):
         features = self.encode(tokens)  # (B, T, N, d)
         previous = torch.cat([torch.full_like(memory_actions[:, :1], -1), memory_actions[:, :-1]], dim=1)
         memory = self.memory_sequence(features, previous)  # (B, T, m)
-        state = self.state_logits(features, memory)  # (B, T, S, K)
         given = None if next_tokens_given is None else next_tokens_given.reshape(b * t, -1)
         flat_tokens = tokens.reshape(b * t, -1)
         moved_logit = None
+        # The map's placement needs no training: training states the fields by the MLP alone (cheaper).
+        places: list[token_map.MapState] | None = [] if self.placing and not self.training else None
+        place = None
         if self.map_memory:  # the decoder reads the map under the next pose, not frame t
-            priors, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses)
+            priors, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses, places)
+            if places:
+                place = token_map.MapState(torch.stack([p.map for p in places], dim=1),
+                                           torch.stack([p.pose for p in places], dim=1))
             prior = priors.reshape(b * t, -1)
             logits, outcome = self.decode(prior, self.encode_prior(prior), None, actions.reshape(-1), given)
             moved_logit = self.front_outcome(flat_tokens, actions.reshape(-1))[:, 3].view(b, t)
@@ -761,6 +831,7 @@ class DynamicsModel(nn.Module):
             after = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1).reshape(b * t, -1)
             outcome = self.transition_outcome(flat_tokens, after, actions.reshape(-1))
         outcome = outcome.view(b, t, 3)
+        state = self.state_logits(features, memory, place)  # (B, T, S, K)
         return DynamicsOutput(
             token_logits=logits.view(b, t, self.config.num_tokens, -1),
             reward_logit=outcome[..., 0],
@@ -871,7 +942,7 @@ class DynamicsModel(nn.Module):
             following = torch.cat([previous[:, 1:], torch.full_like(previous[:, :1], -1)], dim=1)
             _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None)
             cache.map, cache.pose = state.map, state.pose
-        return cache, self.state_logits(cache.features, last)
+        return cache, self.cache_state_logits(cache)
 
     def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor,
                 with_state: bool = True) -> tuple[DynamicsCache, torch.Tensor | None]:
@@ -889,7 +960,12 @@ class DynamicsModel(nn.Module):
             new.pose = self._step_pose(cache.pose, cache.tokens, actions)
             new.map = token_map.write_view(token_map.MapState(cache.map, new.pose), new.tokens, self.config.hidden_token,
                                            self.unknown_token)
-        return new, self.state_logits(new.features, self.memory_of(new)) if with_state else None
+        return new, self.cache_state_logits(new) if with_state else None
+
+    def cache_state_logits(self, cache: DynamicsCache) -> torch.Tensor:
+        """State logits (B, S, K) of a cache's frame: the state head on its features, memory and map."""
+        place = token_map.MapState(cache.map, cache.pose) if cache.map is not None and cache.pose is not None else None
+        return self.state_logits(cache.features, self.memory_of(cache), place)
 
     def _decoder_memory(self, cache: DynamicsCache) -> torch.Tensor | None:
         """What the decoder reads of the memory: nothing for local decoding (so a frame memory is never computed)."""

@@ -144,7 +144,7 @@ class WorldModel:
 
     @torch.no_grad()
     def _state_of(self, cache: DynamicsCache) -> torch.Tensor:
-        return DynamicsModel.state_from_logits(self.dynamics.state_logits(cache.features, self.dynamics.memory_of(cache)))
+        return DynamicsModel.state_from_logits(self.dynamics.cache_state_logits(cache))
 
     @property
     def batch_size(self) -> int:

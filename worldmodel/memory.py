@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from envs.state import DOOR, GOAL, LAVA, WALL
+
 # Map-frame unit vectors of the four relative directions (x right, y down): up, right, down, left.
 FORWARD_VECTORS = ((0, -1), (1, 0), (0, 1), (-1, 0))
 TURN_LEFT, TURN_RIGHT, MOVE_FORWARD = 0, 1, 2  # MiniGrid's action ids
@@ -108,3 +110,74 @@ def relative_poses(agent_xy: torch.Tensor, agent_dir: torch.Tensor) -> torch.Ten
     x = (delta * right0).sum(-1)
     y = -(delta * forward0).sum(-1)
     return torch.stack([x, y, (agent_dir - agent_dir[:, :1]) % 4], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placing the map in the world (the egocentric state head)
+# ---------------------------------------------------------------------------------------------
+# The map is relative to the first frame's pose. Where the seen cells' structure (wall, door, goal,
+# lava, floor) fits one of the env's layouts at exactly one placement of that pose, the map states
+# the world: the agent's absolute pose and the content of every cell the map holds.
+
+WORLD_VECTORS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # MiniGrid's DIR_TO_VEC: east, south, west, north
+
+
+def placements(width: int, height: int, map_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every placement of the first frame's pose in a W x H world: a MiniGrid direction and an
+    interior cell -> origins (P, 3) (x0, y0, direction) and index (P, W * H): the flat map index of
+    every world cell (x-major, as the state lists cells), the trash index where it falls outside the map."""
+    centre = map_size // 2
+    xs, ys = torch.meshgrid(torch.arange(width), torch.arange(height), indexing="ij")
+    world = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)  # (W * H, 2)
+    origins, index = [], []
+    for direction in range(4):
+        forward = torch.tensor(WORLD_VECTORS[direction])
+        right = torch.stack([-forward[1], forward[0]])
+        for x0 in range(1, width - 1):
+            for y0 in range(1, height - 1):
+                delta = world - torch.tensor([x0, y0])
+                mx, my = (delta * right).sum(-1) + centre, -(delta * forward).sum(-1) + centre
+                inside = (mx >= 0) & (mx < map_size) & (my >= 0) & (my < map_size)
+                index.append(torch.where(inside, my * map_size + mx, torch.full_like(mx, map_size * map_size)))
+                origins.append((x0, y0, direction))
+    return torch.tensor(origins, dtype=torch.long), torch.stack(index)
+
+
+def structure_of(contents: torch.Tensor) -> torch.Tensor:
+    """contents (..., 3) (object, colour, state) -> (...) what the agent cannot change, as
+    :func:`worldmodel.metrics.structure`: 0 floor or a movable object, 1 wall, 2 door, 3 goal, 4 lava."""
+    kind = contents[..., 0]
+    out = torch.zeros_like(kind)
+    for value, obj in ((1, WALL), (2, DOOR), (3, GOAL), (4, LAVA)):
+        out = torch.where(kind == obj, torch.full_like(kind, value), out)
+    return out
+
+
+def place(structure: torch.Tensor, index: torch.Tensor, layouts: torch.Tensor,
+          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """structure (B, M * M + 1) of every map cell (-1: unknown), index (P, W * H) (:func:`placements`),
+    layouts (L, W * H) (:func:`structure_of` classes) -> (placement (B,), layout (B,)): the one
+    placement that puts every known map cell on its structure in some layout (-1 where none or
+    several do), and the first such layout."""
+    lay = torch.nn.functional.one_hot(layouts, 5).to(torch.float32)  # (L, W * H, 5)
+    placement, layout = [], []
+    for rows in structure.split(chunk):
+        known = (rows >= 0).sum(-1)  # (b,)
+        seen = torch.nn.functional.one_hot((rows[:, index] + 1).clamp_min(0), 6)[..., 1:].to(torch.float32)
+        matches = torch.einsum("bpwk,lwk->bpl", seen, lay)  # (b, P, L) known cells on their structure
+        fits = matches == known[:, None, None].to(torch.float32)  # (b, P, L)
+        anywhere = fits.any(-1)  # (b, P)
+        first = anywhere.to(torch.int8).argmax(-1)
+        placement.append(torch.where(anywhere.sum(-1) == 1, first, torch.full_like(first, -1)))
+        layout.append(fits[torch.arange(len(rows)), first].to(torch.int8).argmax(-1))
+    return torch.cat(placement), torch.cat(layout)
+
+
+def world_pose(origin: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """origin (B, 3) (x0, y0, MiniGrid direction of the first frame), pose (B, 3) in the map frame ->
+    the agent's absolute (x, y, direction) (B, 3): :func:`relative_poses` inverted."""
+    vectors = torch.tensor(WORLD_VECTORS, device=pose.device)
+    forward = vectors[origin[:, 2] % 4]
+    right = torch.stack([-forward[:, 1], forward[:, 0]], dim=-1)
+    xy = origin[:, :2] + right * pose[:, :1] - forward * pose[:, 1:2]
+    return torch.cat([xy, ((origin[:, 2] + pose[:, 2]) % 4)[:, None]], dim=-1)

@@ -180,6 +180,42 @@ def layouts_of(first_states: np.ndarray, codec: StateCodec) -> np.ndarray:
     return np.unique(grids, axis=0)
 
 
+def tile_contents_of(tokens: np.ndarray, states: np.ndarray, codec: StateCodec, vocab_size: int,
+                     max_frames: int = 4096, agreement: float = 0.99) -> np.ndarray:
+    """tokens (F, v, v) of egocentric frames, states (F, S) -> (V, 3) int: the cell content (object,
+    colour, state) each token draws, the most frequent over the visible view cells but the agent's
+    own (at least ``agreement`` of them); -1 for a token never seen there or drawing several."""
+    view = tokens.shape[-1]
+    counts: dict[int, dict[tuple[int, ...], int]] = {}
+    for f in np.linspace(0, len(tokens) - 1, min(len(tokens), max_frames)).astype(int):
+        state = codec.decode(states[f])
+        contents = _view_contents(state.grid.astype(np.int64), view_world_coords(state.agent_pos, state.agent_dir, view))
+        visible = visibility(_is_opaque(contents))
+        visible[view - 1, view // 2] = False
+        for token, content in zip(tokens[f][visible].tolist(), contents[visible].tolist()):
+            seen = counts.setdefault(int(token), {})
+            seen[tuple(content)] = seen.get(tuple(content), 0) + 1
+    table = np.full((vocab_size, 3), -1, dtype=np.int64)
+    for token, seen in counts.items():
+        content, count = max(seen.items(), key=lambda item: item[1])
+        if count >= agreement * sum(seen.values()):
+            table[token] = content
+    return table
+
+
+def structure_contents_of(states: np.ndarray, codec: StateCodec) -> np.ndarray:
+    """states (F, S) -> (5, 3) int: the one content of each :func:`structure` class in these grids
+    (a wall is a grey wall, the goal green), -1 where it varies (floor, doors) or never occurs."""
+    grids = np.stack([codec.decode(s).grid.astype(np.int64) for s in states]).reshape(-1, 3)
+    kinds = structure(grids)
+    table = np.full((5, 3), -1, dtype=np.int64)
+    for kind in range(5):
+        contents = np.unique(grids[kinds == kind], axis=0)
+        if len(contents) == 1:
+            table[kind] = contents[0]
+    return table
+
+
 def _determined_fields(known: dict, state, codec: StateCodec, carry_known: bool, layouts: np.ndarray | None) -> np.ndarray:
     """(S,) bool: the state fields of one frame that the read frames determine (module docstring)."""
     out = np.zeros(codec.size, dtype=bool)

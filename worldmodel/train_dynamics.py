@@ -158,6 +158,20 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
     )
 
 
+def placement_tables(data: Any, codec: StateCodec, vocab_size: int) -> dict[str, list]:
+    """The egocentric state head's tables (``DynamicsModelConfig.tile_contents``, ``layouts``,
+    ``structure_contents``) from the training episodes: what each token draws, the layouts the
+    episodes start in, the one content of walls, goals and lava."""
+    from worldmodel.metrics import layouts_of, structure_contents_of, tile_contents_of
+
+    starts = np.asarray(data.states)[np.asarray(data.episode_starts)]
+    layouts = layouts_of(starts, codec)
+    return {"tile_contents": tile_contents_of(np.asarray(data.extras["tokens"]), np.asarray(data.states), codec,
+                                              vocab_size).tolist(),
+            "layouts": layouts.reshape(len(layouts), -1).tolist(),
+            "structure_contents": structure_contents_of(starts, codec).tolist()}
+
+
 def resolve_decoder_layers(layers: int, memory: str) -> int:
     """-1 -> the depth measured for the memory (docs/dynamics.md): 3 conv blocks for the egocentric
     map, whose decoder must work out which cells the walls hide across the view; 1 otherwise."""
@@ -590,6 +604,8 @@ def train(cfg: Any, run_dir: Any, dataset: EpisodeDataset | None = None, tokeniz
             raise ValueError("dynamics.memory=map needs a tokenizer with one token per tile (patch size = env.tile_size)")
     model_cfg = model_config(section, tokenizer.vocab_size, token_shape, codec, num_actions, output_tokens,  # type: ignore[arg-type]
                              static, hidden_token=hidden, egocentric=egocentric)
+    if model_cfg.memory == "map":
+        model_cfg = dataclasses.replace(model_cfg, **placement_tables(train_set, codec, tokenizer.vocab_size))
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = DynamicsModel(model_cfg).to(device)
     if section.init:

@@ -49,7 +49,7 @@ def step_uncertainty(dynamics: DynamicsModel, cache: DynamicsCache, actions: tor
 def state_uncertainty(dynamics: DynamicsModel, cache: DynamicsCache) -> torch.Tensor:
     """(B,) float: the state head's doubt about the current frames' symbolic state, the sum over
     its fields of ``1 - p_max`` (what a policy reading the state head in imagination may misread)."""
-    logits = dynamics.state_logits(cache.features, dynamics.memory_of(cache))
+    logits = dynamics.cache_state_logits(cache)
     return (1.0 - torch.softmax(logits.float(), dim=-1).max(-1).values).sum(-1)
 
 
