@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default=str(ROOT / "benchmarks" / "results" / "runs"), help="parent of the run folders")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "agent.json"), help="where the JSON goes")
     args, extra = parser.parse_known_args(argv)
+    from benchmarks.ppo import results_key
     from common.atomic import atomic_write_json
-    from envs.make import normalize_env_id
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     views = [v.strip() for v in args.views.split(",") if v.strip()]
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.root)
     summary: dict = {"machine": {**machine(), "load_at_start": list(os.getloadavg())}}
     for env in (e.strip() for e in args.envs.split(",") if e.strip()):
-        env_id = normalize_env_id(env.replace("doorkey", "DoorKey"))
+        env_id = results_key(env)  # the preset's env id (configs/env/NAME.yaml)
         for view in views:
             if not args.ladder and args.frames is None and (env, view) not in FRAMES:
                 raise SystemExit(f"no frame budget for '{env}' {view}: give --frames or --ladder ({sorted(FRAMES)})")
