@@ -122,11 +122,11 @@ def test_turning_back_brings_back_returning_cells_and_the_layout_fixes_the_pose(
     assert truth.state_fields[0][carried].all()
 
 
-def test_the_map_placed_in_the_world_states_every_determined_field():
-    """Real egocentric DoorKey-6x6 walks (turns, steps, pickups, toggles) written into the map at the
-    true poses: the state head's placement (:meth:`DynamicsModel.place_state`) states every field that
-    the frames so far determine, exactly, in every frame; the fields it leaves are the MLP's."""
-    from worldmodel.metrics import structure_contents_of, tile_contents_of
+@pytest.fixture(scope="module")
+def placed_walks():
+    """Real egocentric DoorKey-6x6 walks (turns, steps, pickups, toggles), their tokens and true poses,
+    the env's layouts, and a map model carrying the placement tables made from them."""
+    from worldmodel.metrics import structure_contents_of, structure_tokens_of, tile_contents_of
 
     ids = TileIds()
     env_id = "MiniGrid-DoorKey-6x6-v0"
@@ -136,30 +136,94 @@ def test_the_map_placed_in_the_world_states_every_determined_field():
     layouts = layouts_of(starts, codec)
     tokens = [ids(frames) for frames, *_ in walks]
     vocab = len(ids.table) + 4
-    tables = dict(tile_contents=tile_contents_of(np.concatenate(tokens).reshape(-1, VIEW, VIEW),
-                                                 np.concatenate([w[1] for w in walks]), codec, vocab).tolist(),
-                  layouts=layouts.reshape(len(layouts), -1).tolist(),
-                  structure_contents=structure_contents_of(starts, codec).tolist())
+    tiles = tile_contents_of(np.concatenate(tokens).reshape(-1, VIEW, VIEW), np.concatenate([w[1] for w in walks]),
+                             codec, vocab)
+    structures = structure_contents_of(starts, codec)
+    tables = dict(tile_contents=tiles.tolist(), layouts=layouts.reshape(len(layouts), -1).tolist(),
+                  structure_contents=structures.tolist(),
+                  structure_tokens=structure_tokens_of(tiles, structures, np.concatenate(tokens)).tolist())
     model = map_model(vocab, ids.hidden, state_width=6, state_height=6, map_size=token_map.map_size_for(6, 6, VIEW),
                       **tables)
-    assert model.placing
+    poses = [token_map.relative_poses(torch.as_tensor(states[None, :, codec.grid_size:codec.grid_size + 2]).long(),
+                                      torch.as_tensor(states[None, :, codec.grid_size + 2]).long())[0]
+             for _, states, _, _ in walks]
+    return model, walks, tokens, poses, layouts, codec, ids
+
+
+def written(model, frame_tokens, poses, ids, with_placement=True):
+    """The map state after each real frame of a walk, written at the true poses."""
+    state = token_map.empty_map(1, model.config.map_size, model.unknown_token)
+    placement = None
+    out = []
+    for t in range(len(frame_tokens)):
+        maps = token_map.write_view(token_map.MapState(state.map, poses[t:t + 1]), torch.as_tensor(frame_tokens[t:t + 1]),
+                                    ids.hidden, model.unknown_token)
+        agreed = None
+        if with_placement:
+            placement, agreed = model.placed(maps, placement)
+        state = token_map.MapState(maps, poses[t:t + 1], placement, agreed)
+        out.append(state)
+    return out
+
+
+def test_the_map_placed_in_the_world_states_every_determined_field(placed_walks):
+    """The walks written into the map at the true poses: the state head's placement
+    (:meth:`DynamicsModel.place_state`) states every field that the frames so far determine, exactly,
+    in every frame, whether the placement is found afresh or kept from before; the fields it leaves
+    are the MLP's."""
+    model, walks, tokens, poses, layouts, codec, ids = placed_walks
+    assert model.placing and model.filling
     placed = 0
-    for (_frames, states, actions, _), frame_tokens in zip(walks, tokens):
+    for (_frames, states, actions, _), frame_tokens, walk_poses in zip(walks, tokens, poses):
         truth = determined(states, actions, np.ones(len(states), bool), codec, layouts)
-        poses = token_map.relative_poses(torch.as_tensor(states[None, :, codec.grid_size:codec.grid_size + 2]).long(),
-                                         torch.as_tensor(states[None, :, codec.grid_size + 2]).long())[0]
-        state = token_map.empty_map(1, model.config.map_size, model.unknown_token)
-        for t in range(len(states)):
-            state = token_map.MapState(token_map.write_view(token_map.MapState(state.map, poses[t:t + 1]),
-                                                            torch.as_tensor(frame_tokens[t:t + 1]), ids.hidden,
-                                                            model.unknown_token), poses[t:t + 1])
-            mlp = torch.zeros(1, codec.size, model.state_max_classes)
-            stated = model.place_state(mlp, state).argmax(-1)[0].numpy()
-            fields = truth.state_fields[t].copy()
-            fields[codec.grid_size + 3:] = False  # the carried object is the MLP's
-            assert (stated[fields] == states[t][fields]).all(), (t, np.flatnonzero(stated[fields] != states[t][fields]))
-            placed += int(fields.any())
-    assert placed > 100  # most frames fix the placement
+        for kept in (False, True):
+            for t, state in enumerate(written(model, frame_tokens, walk_poses, ids, with_placement=kept)):
+                mlp = torch.zeros(1, codec.size, model.state_max_classes)
+                stated = model.place_state(mlp, state).argmax(-1)[0].numpy()
+                fields = truth.state_fields[t].copy()
+                fields[codec.grid_size + 3:] = False  # the carried object is the MLP's
+                assert (stated[fields] == states[t][fields]).all(), (t, np.flatnonzero(stated[fields] != states[t][fields]))
+                placed += int(fields.any())
+    assert placed > 200  # most frames fix the placement
+
+
+def test_cells_never_seen_are_drawn_from_the_layout_once_placed(placed_walks):
+    """Once the map is placed, the prior view reads a never-seen cell that every fitting layout makes
+    a wall or the goal as that tile's token: where the next real frame shows such a cell, it shows
+    exactly that token. Before the placement nothing is filled."""
+    model, walks, tokens, poses, _, _, ids = placed_walks
+    filled = 0
+    for frame_tokens, walk_poses in zip(tokens, poses):
+        states = written(model, frame_tokens, walk_poses, ids)
+        for t in range(len(states) - 1):
+            ahead = token_map.MapState(states[t].map, walk_poses[t + 1:t + 2], states[t].placement, states[t].agreed)
+            prior = model.prior_view(ahead, torch.as_tensor(frame_tokens[t:t + 1]))[0]
+            unseen = token_map.read_view(ahead, VIEW)[0] == model.unknown_token
+            new = unseen & (prior != model.unknown_token)
+            new[VIEW * VIEW - 1 - VIEW // 2] = False  # the agent's cell comes from the current frame
+            assert int(states[t].placement) >= 0 or not new.any()
+            shown = new & (torch.as_tensor(frame_tokens[t + 1]) != ids.hidden)
+            assert torch.equal(prior[shown], torch.as_tensor(frame_tokens[t + 1])[shown]), t
+            filled += int(shown.sum())
+    assert filled > 10  # 17 with these walks
+
+
+def test_placed_map_memory_cached_rollout_matches_the_sequence_pass(placed_walks):
+    """With the placement tables (the prior filled from the layout, the state head placed), the
+    cached rollout still gives the sequence pass's logits and states, frame by frame."""
+    model, walks, tokens, _, _, _, _ = placed_walks
+    frames = torch.as_tensor(tokens[0][:24]).view(1, -1, VIEW, VIEW)
+    actions = torch.as_tensor(np.append(walks[0][2][:23], 0))[None]
+    with torch.no_grad():
+        full = model(frames, actions)
+        cache, state = model.start(frames[:, :3], actions[:, :2])
+        torch.testing.assert_close(state, full.state_logits[:, 2])
+        for t in range(2, frames.shape[1] - 1):
+            logits, _ = model.predict_logits(cache, actions[:, t])
+            torch.testing.assert_close(logits, full.token_logits[:, t], atol=1e-5, rtol=1e-5)
+            cache, state = model.observe(cache, frames[:, t + 1], actions[:, t])
+            torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-5, rtol=1e-5)
+    assert int(cache.placement) >= 0
 
 
 # ---------------------------------------------------------------------------------------------

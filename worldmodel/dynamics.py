@@ -122,6 +122,10 @@ class DynamicsModelConfig:
     tile_contents: list = field(default_factory=list)
     layouts: list = field(default_factory=list)
     structure_contents: list = field(default_factory=list)
+    # memory="map": the token that draws each structure class's one content (5 ints, -1 where none):
+    # the map's never-seen cells that every fitting layout makes a wall, goal or lava are read as
+    # that token (:meth:`DynamicsModel.prior_view`). Empty: never-seen cells stay unknown.
+    structure_tokens: list = field(default_factory=list)
     # The token grid is the agent's view, not the world grid (env.obs=partial). Told, not inferred
     # from the shapes: LavaGapS7's 7x7 world is the size of the 7x7 egocentric view.
     egocentric: bool = False
@@ -162,6 +166,9 @@ class DynamicsModelConfig:
                     or any(len(row) != cells for row in self.layouts)):
                 raise ValueError(f"dynamics placement tables: tile_contents needs {self.vocab_size} rows, "
                                  f"structure_contents 5, layouts at least one of {cells} cells")
+        if self.structure_tokens and (not self.layouts or len(self.structure_tokens) != 5
+                                      or any(not -1 <= int(v) < self.vocab_size for v in self.structure_tokens)):
+            raise ValueError(f"dynamics structure_tokens needs the placement tables and 5 tokens in [-1, {self.vocab_size})")
         if any(not 0 <= int(v) < self.num_tokens for v in self.static_cells):
             raise ValueError(f"dynamics static_cells must lie in [0, {self.num_tokens})")
         if len(set(int(v) for v in self.static_cells)) >= self.num_tokens:
@@ -249,6 +256,15 @@ class DynamicsCache:
     # memory="map" only (else None): the token map and the agent's pose (worldmodel/memory.py).
     map: torch.Tensor | None = None  # (B, M * M + 1) int64
     pose: torch.Tensor | None = None  # (B, 3) int64
+    # memory="map" with the placement tables: the map's placement in the world (B,) and the structure
+    # its fitting layouts agree on (B, W * H) (:func:`worldmodel.memory.place`).
+    placement: torch.Tensor | None = None
+    agreed: torch.Tensor | None = None
+
+    def place_of(self) -> token_map.MapState:
+        """The cache's map, pose and placement as a :class:`worldmodel.memory.MapState`."""
+        assert self.map is not None and self.pose is not None
+        return token_map.MapState(self.map, self.pose, self.placement, self.agreed)
 
     def replace_rows(self, index: torch.Tensor, other: "DynamicsCache", other_memory: torch.Tensor | None) -> "DynamicsCache":
         """A new cache whose rows ``index`` (R,) come from ``other`` (R rows; ``other_memory`` its memory)."""
@@ -256,7 +272,8 @@ class DynamicsCache:
             return None if mine is None else mine.index_copy(0, index, theirs)
         return DynamicsCache(tokens=put(self.tokens, other.tokens), features=put(self.features, other.features),
                              memory=put(self.memory, other_memory), map=put(self.map, other.map),
-                             pose=put(self.pose, other.pose))
+                             pose=put(self.pose, other.pose), placement=put(self.placement, other.placement),
+                             agreed=put(self.agreed, other.agreed))
 
 
 @dataclass
@@ -490,8 +507,11 @@ class DynamicsModel(nn.Module):
                 self.register_buffer("layouts", layouts, persistent=False)  # (L, W * H)
                 self.register_buffer("tile_content", contents, persistent=False)  # (V + 1, 3); row V: never seen
                 self.register_buffer("tile_structure", torch.where(contents[:, 0] >= 0, structure, -1), persistent=False)
-                self.register_buffer("structure_content", torch.tensor(c.structure_contents, dtype=torch.long),
-                                     persistent=False)  # (5, 3)
+                self.register_buffer("structure_content", torch.tensor(c.structure_contents + [[-1, -1, -1]],
+                                                                       dtype=torch.long), persistent=False)  # (6, 3); row 5: none
+                self.register_buffer("map_world", token_map.world_cells(index, c.map_size), persistent=False)  # (P, M * M + 1)
+                self.register_buffer("structure_token", torch.tensor(c.structure_tokens or [-1] * 5, dtype=torch.long),
+                                     persistent=False)  # (5,)
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -614,19 +634,28 @@ class DynamicsModel(nn.Module):
                             _pad_fields(logits, POOLED_FIELDS, k)], dim=-2)
         return logits.masked_fill(~self.state_valid, float("-inf"))
 
+    def placed(self, maps: torch.Tensor, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """maps (B, M * M + 1) tokens, kept (B,) placements found before -> (placement (B,), agreed
+        structure (B, W * H)) (:func:`worldmodel.memory.place`)."""
+        return token_map.place(self.tile_structure[maps.clamp_max(self.unknown_token)], self.placement_index,
+                               self.layouts, kept)
+
     def place_state(self, logits: torch.Tensor, place: token_map.MapState) -> torch.Tensor:
         """The MLP's state logits (..., S, K) with the fields the map states set to certainty: where
-        the map's seen cells fit the env's layouts at one placement only, the agent's absolute pose,
-        every cell the map holds (what its token draws) and every wall, goal and lava cell of the layout."""
+        the map is placed in the world (:meth:`placed`, or ``place.placement`` where given), the
+        agent's absolute pose, every cell the map holds (what its token draws) and every cell that all
+        the layouts fitting there make a wall, goal or lava."""
         lead, (s, k) = logits.shape[:-2], logits.shape[-2:]
         maps, poses = place.map.reshape(-1, place.map.shape[-1]), place.pose.reshape(-1, 3)
-        which, layout = token_map.place(self.tile_structure[maps.clamp_max(self.unknown_token)], self.placement_index,
-                                        self.layouts)
+        if place.placement is None or place.agreed is None:
+            which, agreed = self.placed(maps)
+        else:
+            which, agreed = place.placement.reshape(-1), place.agreed.reshape(maps.shape[0], -1)
         found = which >= 0
         which = which.clamp_min(0)
         cells = self.placement_index.shape[1]
         seen = self.tile_content[maps.gather(1, self.placement_index[which]).clamp_max(self.unknown_token)]  # (B, C, 3)
-        fixed = self.structure_content[self.layouts[layout]]  # (B, C, 3)
+        fixed = self.structure_content[torch.where(agreed >= 0, agreed, 5)]  # (B, C, 3)
         content = torch.where(seen[..., :1] >= 0, seen, fixed)  # (B, C, 3)
         pose = token_map.world_pose(self.placement_origins[which], poses)  # (B, 3)
         values = torch.cat([content.reshape(-1, cells * 3), pose], dim=1).clamp(0, k - 1)  # (B, C * 3 + 3)
@@ -738,10 +767,26 @@ class DynamicsModel(nn.Module):
         v = self.config.grid_width
         return (v - 1) * v + v // 2
 
+    @property
+    def filling(self) -> bool:
+        """Whether the prior view reads never-seen cells off the placed layout (:meth:`prior_view`)."""
+        return self.placing and bool((self.structure_token >= 0).any())
+
     def prior_view(self, state: token_map.MapState, tokens: torch.Tensor) -> torch.Tensor:
         """The map read at ``state.pose`` (B, N), the agent's cell from the current frame tokens (B, N)
-        (it draws what the agent carries, which only the action in front can change)."""
-        prior = token_map.read_view(state, self.config.grid_width)
+        (it draws what the agent carries, which only the action in front can change). Where the map is
+        placed (``state.placement``), a never-seen cell that every fitting layout makes a wall, goal or
+        lava reads as that tile's token: the room behind a closed door is the layout's, not invented."""
+        v, m = self.config.grid_width, self.config.map_size
+        index = token_map.view_cells(state.pose, v, m)  # (B, N) map cells
+        prior = state.map.gather(1, index)
+        if self.filling and state.placement is not None and state.agreed is not None:
+            world = self.map_world[state.placement.clamp_min(0)].gather(1, index)  # (B, N) world cells
+            agreed = state.agreed.gather(1, world.clamp_min(0))
+            fill = self.structure_token[agreed.clamp_min(0)]
+            use = ((prior == self.unknown_token) & (state.placement >= 0)[:, None] & (world >= 0) & (agreed >= 0)
+                   & (fill >= 0))
+            prior = torch.where(use, fill, prior)
         agent = self._agent_cell()
         prior[:, agent] = tokens[:, agent]
         return prior
@@ -761,26 +806,32 @@ class DynamicsModel(nn.Module):
         c = self.config
         state = token_map.empty_map(b, c.map_size, self.unknown_token, tokens.device)
         pose = state.pose if poses is None else poses[:, 0]
+        # The placement is needed for the priors where they are filled from it, else for the state head only.
+        placing = self.filling or (self.placing and every is not None)
+        placement = agreed = None
         priors = []
         for i in range(t):
-            state = token_map.MapState(token_map.write_view(token_map.MapState(state.map, pose), tokens[:, i],
-                                                            c.hidden_token, self.unknown_token), pose)
+            written = token_map.write_view(token_map.MapState(state.map, pose), tokens[:, i], c.hidden_token,
+                                           self.unknown_token)
+            if placing:
+                placement, agreed = self.placed(written, placement)
+            state = token_map.MapState(written, pose, placement, agreed)
             if every is not None:
                 every.append(state)
             if i == t - 1:
                 break
             pose = poses[:, i + 1] if poses is not None else self._step_pose(pose, tokens[:, i], actions[:, i])
-            priors.append(self.prior_view(token_map.MapState(state.map, pose), tokens[:, i]))
+            priors.append(self.prior_view(token_map.MapState(state.map, pose, placement, agreed), tokens[:, i]))
         # The last frame's prior (its successor is not in the window) from the dead-reckoned pose.
-        priors.append(self.prior_view(token_map.MapState(state.map, self._step_pose(pose, tokens[:, -1], actions[:, -1])),
-                                      tokens[:, -1]))
+        priors.append(self.prior_view(token_map.MapState(state.map, self._step_pose(pose, tokens[:, -1], actions[:, -1]),
+                                                         placement, agreed), tokens[:, -1]))
         return torch.stack(priors, dim=1), state
 
     def _map_decode(self, cache: DynamicsCache, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's inputs for the next frame of a cached rollout: prior tokens (B, N), features (B, N, d)."""
         assert cache.map is not None and cache.pose is not None, "memory 'map' needs a cache made by start/observe"
         pose = self._step_pose(cache.pose, cache.tokens, actions)
-        prior = self.prior_view(token_map.MapState(cache.map, pose), cache.tokens)
+        prior = self.prior_view(token_map.MapState(cache.map, pose, cache.placement, cache.agreed), cache.tokens)
         return prior, self.encode_prior(prior)
 
     def true_poses(self, states: torch.Tensor) -> torch.Tensor:
@@ -819,8 +870,8 @@ class DynamicsModel(nn.Module):
         if self.map_memory:  # the decoder reads the map under the next pose, not frame t
             priors, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses, places)
             if places:
-                place = token_map.MapState(torch.stack([p.map for p in places], dim=1),
-                                           torch.stack([p.pose for p in places], dim=1))
+                place = token_map.MapState(*(torch.stack([getattr(p, key) for p in places], dim=1)
+                                             for key in ("map", "pose", "placement", "agreed")))
             prior = priors.reshape(b * t, -1)
             logits, outcome = self.decode(prior, self.encode_prior(prior), None, actions.reshape(-1), given)
             moved_logit = self.front_outcome(flat_tokens, actions.reshape(-1))[:, 3].view(b, t)
@@ -940,8 +991,8 @@ class DynamicsModel(nn.Module):
                               memory=None if self.config.memory == "frame" else last)
         if self.map_memory:
             following = torch.cat([previous[:, 1:], torch.full_like(previous[:, :1], -1)], dim=1)
-            _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None)
-            cache.map, cache.pose = state.map, state.pose
+            _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None, [] if self.placing else None)
+            cache.map, cache.pose, cache.placement, cache.agreed = state.map, state.pose, state.placement, state.agreed
         return cache, self.cache_state_logits(cache)
 
     def observe(self, cache: DynamicsCache, tokens: torch.Tensor, actions: torch.Tensor,
@@ -960,11 +1011,13 @@ class DynamicsModel(nn.Module):
             new.pose = self._step_pose(cache.pose, cache.tokens, actions)
             new.map = token_map.write_view(token_map.MapState(cache.map, new.pose), new.tokens, self.config.hidden_token,
                                            self.unknown_token)
+            if self.placing:
+                new.placement, new.agreed = self.placed(new.map, cache.placement)
         return new, self.cache_state_logits(new) if with_state else None
 
     def cache_state_logits(self, cache: DynamicsCache) -> torch.Tensor:
         """State logits (B, S, K) of a cache's frame: the state head on its features, memory and map."""
-        place = token_map.MapState(cache.map, cache.pose) if cache.map is not None and cache.pose is not None else None
+        place = cache.place_of() if cache.map is not None and cache.pose is not None else None
         return self.state_logits(cache.features, self.memory_of(cache), place)
 
     def _decoder_memory(self, cache: DynamicsCache) -> torch.Tensor | None:

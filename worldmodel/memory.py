@@ -37,6 +37,10 @@ class MapState:
 
     map: torch.Tensor  # (B, M * M + 1) int64 tokens; ``unknown`` where never seen; last: trash
     pose: torch.Tensor  # (B, 3) int64: x, y, direction relative to the first frame
+    # Where the map is placed in the world (:func:`place`; None: not computed): the placement (B,)
+    # (-1: none yet) and the structure (B, W * H) every layout fitting there agrees on (-1: they differ).
+    placement: torch.Tensor | None = None
+    agreed: torch.Tensor | None = None
 
 
 def map_size_for(grid_width: int, grid_height: int, view: int) -> int:
@@ -153,24 +157,45 @@ def structure_of(contents: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def place(structure: torch.Tensor, index: torch.Tensor, layouts: torch.Tensor,
-          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def place(structure: torch.Tensor, index: torch.Tensor, layouts: torch.Tensor, kept: torch.Tensor | None = None,
+          budget: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor]:
     """structure (B, M * M + 1) of every map cell (-1: unknown), index (P, W * H) (:func:`placements`),
-    layouts (L, W * H) (:func:`structure_of` classes) -> (placement (B,), layout (B,)): the one
-    placement that puts every known map cell on its structure in some layout (-1 where none or
-    several do), and the first such layout."""
-    lay = torch.nn.functional.one_hot(layouts, 5).to(torch.float32)  # (L, W * H, 5)
-    placement, layout = [], []
-    for rows in structure.split(chunk):
-        known = (rows >= 0).sum(-1)  # (b,)
-        seen = torch.nn.functional.one_hot((rows[:, index] + 1).clamp_min(0), 6)[..., 1:].to(torch.float32)
-        matches = torch.einsum("bpwk,lwk->bpl", seen, lay)  # (b, P, L) known cells on their structure
-        fits = matches == known[:, None, None].to(torch.float32)  # (b, P, L)
+    layouts (L, W * H) (:func:`structure_of` classes), kept (B,): a placement found before (-1: none)
+    -> (placement (B,), agreed (B, W * H)). The placement is the kept one, else the one placement
+    that puts every known map cell on its structure in some layout (-1 where none or several do);
+    ``agreed`` is the structure of every world cell that all the layouts fitting there agree on
+    (-1 where they differ, none fits or there is no placement). Rows are matched ``budget`` cell
+    comparisons at a time.
+
+    A placement, once found, is kept: a real map only narrows the fits, and an imagined one that
+    drew a cell wrong should not move the world under the agent."""
+    placement, agreed = [], []
+    kept = torch.full(structure.shape[:1], -1, dtype=torch.long, device=structure.device) if kept is None else kept
+    chunk = max(1, budget // max(1, index.numel() * len(layouts)))
+    for rows, before in zip(structure.split(chunk), kept.split(chunk)):
+        seen = rows[:, index][:, :, None]  # (b, P, 1, W * H)
+        inside = (seen[:, :, 0] >= 0).sum(-1) == (rows >= 0).sum(-1)[:, None]  # (b, P): no known cell off the world
+        fits = ~((seen >= 0) & (seen != layouts[None, None])).any(-1) & inside[..., None]  # (b, P, L)
         anywhere = fits.any(-1)  # (b, P)
         first = anywhere.to(torch.int8).argmax(-1)
-        placement.append(torch.where(anywhere.sum(-1) == 1, first, torch.full_like(first, -1)))
-        layout.append(fits[torch.arange(len(rows)), first].to(torch.int8).argmax(-1))
-    return torch.cat(placement), torch.cat(layout)
+        found = torch.where(anywhere.sum(-1) == 1, first, torch.full_like(first, -1))
+        chosen = torch.where(before >= 0, before, found)
+        at = fits[torch.arange(len(rows), device=rows.device), chosen.clamp_min(0)][..., None]  # (b, L, 1)
+        low = torch.where(at, layouts[None], 5).amin(1)  # (b, W * H)
+        high = torch.where(at, layouts[None], -1).amax(1)
+        placement.append(chosen)
+        agreed.append(torch.where((low == high) & (chosen >= 0)[:, None], low, torch.full_like(low, -1)))
+    return torch.cat(placement), torch.cat(agreed)
+
+
+def world_cells(index: torch.Tensor, map_size: int) -> torch.Tensor:
+    """index (P, W * H) (:func:`placements`) -> (P, M * M + 1): the world cell each map cell is under
+    each placement (-1 outside the world, and at the trash cell)."""
+    out = torch.full((index.shape[0], map_size * map_size + 1), -1, dtype=torch.long)
+    cells = torch.arange(index.shape[1]).expand_as(index)
+    out.scatter_(1, index, cells)
+    out[:, -1] = -1
+    return out
 
 
 def world_pose(origin: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
