@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import machine  # noqa: E402
 
 # Random-policy frames per (env preset, view) when neither --frames nor --ladder says otherwise.
-FRAMES = {("doorkey-5x5", "full"): 10_000, ("doorkey-6x6", "full"): 50_000,
+FRAMES = {("doorkey-5x5", "full"): 10_000, ("doorkey-6x6", "full"): 50_000, ("lavagap-s7", "full"): 50_000,
           ("doorkey-5x5", "partial"): 10_000, ("doorkey-6x6", "partial"): 100_000}
 LADDER = (2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000)
 TARGET = 0.9

@@ -122,10 +122,6 @@ class DynamicsModelConfig:
     tile_contents: list = field(default_factory=list)
     layouts: list = field(default_factory=list)
     structure_contents: list = field(default_factory=list)
-    # memory="map": the token that draws each structure class's one content (5 ints, -1 where none):
-    # the map's never-seen cells that every fitting layout makes a wall, goal or lava are read as
-    # that token (:meth:`DynamicsModel.prior_view`). Empty: never-seen cells stay unknown.
-    structure_tokens: list = field(default_factory=list)
     # The token grid is the agent's view, not the world grid (env.obs=partial). Told, not inferred
     # from the shapes: LavaGapS7's 7x7 world is the size of the 7x7 egocentric view.
     egocentric: bool = False
@@ -166,9 +162,6 @@ class DynamicsModelConfig:
                     or any(len(row) != cells for row in self.layouts)):
                 raise ValueError(f"dynamics placement tables: tile_contents needs {self.vocab_size} rows, "
                                  f"structure_contents 5, layouts at least one of {cells} cells")
-        if self.structure_tokens and (not self.layouts or len(self.structure_tokens) != 5
-                                      or any(not -1 <= int(v) < self.vocab_size for v in self.structure_tokens)):
-            raise ValueError(f"dynamics structure_tokens needs the placement tables and 5 tokens in [-1, {self.vocab_size})")
         if any(not 0 <= int(v) < self.num_tokens for v in self.static_cells):
             raise ValueError(f"dynamics static_cells must lie in [0, {self.num_tokens})")
         if len(set(int(v) for v in self.static_cells)) >= self.num_tokens:
@@ -510,8 +503,9 @@ class DynamicsModel(nn.Module):
                 self.register_buffer("structure_content", torch.tensor(c.structure_contents + [[-1, -1, -1]],
                                                                        dtype=torch.long), persistent=False)  # (6, 3); row 5: none
                 self.register_buffer("map_world", token_map.world_cells(index, c.map_size), persistent=False)  # (P, M * M + 1)
-                self.register_buffer("structure_token", torch.tensor(c.structure_tokens or [-1] * 5, dtype=torch.long),
-                                     persistent=False)  # (5,)
+                # What the placed layout says of a never-seen cell (:meth:`prior_view`): its structure
+                # class + 1 (0: nothing, the cell is seen or the layouts differ), added to the UNKNOWN embedding.
+                self.layout_hint = nn.Embedding(6, d)
         self.apply(self._init)
         # Conditioning inputs are added to layer-normed (unit-scale) token features: at the usual
         # 0.02 scale the action would be a whisper the decoder takes hundreds of steps to hear
@@ -523,6 +517,10 @@ class DynamicsModel(nn.Module):
         if self.map_memory:
             for embedding in (self.front_token, self.front_action):
                 nn.init.normal_(embedding.weight, std=1.0)
+            if self.placing:
+                nn.init.normal_(self.layout_hint.weight, std=1.0)
+                with torch.no_grad():
+                    self.layout_hint.weight[0].zero_()
             # Events come from the front head: the per-cell transition reading goes unused.
             self.outcome_head = self.outcome_before = self.outcome_after = None  # type: ignore[assignment]
             self.outcome_action = None  # type: ignore[assignment]
@@ -754,11 +752,14 @@ class DynamicsModel(nn.Module):
         front = tokens[:, (v - 2) * v + v // 2]
         return self.front_head(self.front_token(front) + self.front_action(self._action_index(actions)))
 
-    def encode_prior(self, prior: torch.Tensor) -> torch.Tensor:
-        """prior view tokens (M, N) (``unknown_token`` where the map never saw the cell) -> features (M, N, d)."""
+    def encode_prior(self, prior: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        """prior view tokens (M, N) (``unknown_token`` where the map never saw the cell), layout hints
+        (M, N) (:meth:`prior_view`; None: none) -> features (M, N, d)."""
         unknown = prior == self.unknown_token
         x = torch.where(unknown[..., None], self.unknown_embedding,
                         self.token_embedding(prior.clamp_max(self.config.vocab_size - 1))) + self.position
+        if hint is not None and self.placing:
+            x = x + self.layout_hint(hint)
         for block in self.encoder:
             x = block(x, grid=self.grid)
         return self.encoder_norm(x)
@@ -767,38 +768,36 @@ class DynamicsModel(nn.Module):
         v = self.config.grid_width
         return (v - 1) * v + v // 2
 
-    @property
-    def filling(self) -> bool:
-        """Whether the prior view reads never-seen cells off the placed layout (:meth:`prior_view`)."""
-        return self.placing and bool((self.structure_token >= 0).any())
-
-    def prior_view(self, state: token_map.MapState, tokens: torch.Tensor) -> torch.Tensor:
+    def prior_view(self, state: token_map.MapState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The map read at ``state.pose`` (B, N), the agent's cell from the current frame tokens (B, N)
-        (it draws what the agent carries, which only the action in front can change). Where the map is
-        placed (``state.placement``), a never-seen cell that every fitting layout makes a wall, goal or
-        lava reads as that tile's token: the room behind a closed door is the layout's, not invented."""
+        (it draws what the agent carries, which only the action in front can change), and the layout
+        hints (B, N): where the map is placed (``state.placement``), a never-seen cell's structure
+        class + 1 when every fitting layout agrees on it (the room behind a closed door is the
+        layout's), else 0. The hint is an input, not a token: whether the cell shows or is hidden
+        behind a wall is still the decoder's to work out."""
         v, m = self.config.grid_width, self.config.map_size
         index = token_map.view_cells(state.pose, v, m)  # (B, N) map cells
         prior = state.map.gather(1, index)
-        if self.filling and state.placement is not None and state.agreed is not None:
+        hint = torch.zeros_like(prior)
+        if self.placing and state.placement is not None and state.agreed is not None:
             world = self.map_world[state.placement.clamp_min(0)].gather(1, index)  # (B, N) world cells
             agreed = state.agreed.gather(1, world.clamp_min(0))
-            fill = self.structure_token[agreed.clamp_min(0)]
-            use = ((prior == self.unknown_token) & (state.placement >= 0)[:, None] & (world >= 0) & (agreed >= 0)
-                   & (fill >= 0))
-            prior = torch.where(use, fill, prior)
+            use = (prior == self.unknown_token) & (state.placement >= 0)[:, None] & (world >= 0) & (agreed >= 0)
+            hint = torch.where(use, agreed + 1, hint)
         agent = self._agent_cell()
         prior[:, agent] = tokens[:, agent]
-        return prior
+        hint[:, agent] = 0
+        return prior, hint
 
     def _step_pose(self, pose: torch.Tensor, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """The next pose (B, 3) after actions (B,) from frame tokens (B, N): the front head says whether it moved."""
         return token_map.next_pose(pose, actions, self.front_outcome(tokens, actions)[:, 3] > 0)
 
     def _map_window(self, tokens: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None,
-                    every: list[token_map.MapState] | None = None) -> tuple[torch.Tensor, token_map.MapState]:
+                    every: list[token_map.MapState] | None = None) -> tuple[torch.Tensor, torch.Tensor, token_map.MapState]:
         """Write frames (B, T, N) one by one into a fresh map -> prior views (B, T, N) of frames
-        1..T (each from the map of frames <= t read at pose t+1) and the map state after frame T-1.
+        1..T (each from the map of frames <= t read at pose t+1), their layout hints (B, T, N) and the
+        map state after frame T-1.
         actions (B, T): actions[t] leads from frame t to t+1; poses (B, T, 3): the true poses relative
         to frame 0 (teacher forcing), or None: dead-reckoned with the front head (what a rollout does).
         ``every``: a list that receives the map state after each frame."""
@@ -806,14 +805,12 @@ class DynamicsModel(nn.Module):
         c = self.config
         state = token_map.empty_map(b, c.map_size, self.unknown_token, tokens.device)
         pose = state.pose if poses is None else poses[:, 0]
-        # The placement is needed for the priors where they are filled from it, else for the state head only.
-        placing = self.filling or (self.placing and every is not None)
         placement = agreed = None
         priors = []
         for i in range(t):
             written = token_map.write_view(token_map.MapState(state.map, pose), tokens[:, i], c.hidden_token,
                                            self.unknown_token)
-            if placing:
+            if self.placing:  # for the priors' layout hints and the state head
                 placement, agreed = self.placed(written, placement)
             state = token_map.MapState(written, pose, placement, agreed)
             if every is not None:
@@ -825,14 +822,14 @@ class DynamicsModel(nn.Module):
         # The last frame's prior (its successor is not in the window) from the dead-reckoned pose.
         priors.append(self.prior_view(token_map.MapState(state.map, self._step_pose(pose, tokens[:, -1], actions[:, -1]),
                                                          placement, agreed), tokens[:, -1]))
-        return torch.stack(priors, dim=1), state
+        return torch.stack([p for p, _ in priors], dim=1), torch.stack([h for _, h in priors], dim=1), state
 
     def _map_decode(self, cache: DynamicsCache, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's inputs for the next frame of a cached rollout: prior tokens (B, N), features (B, N, d)."""
         assert cache.map is not None and cache.pose is not None, "memory 'map' needs a cache made by start/observe"
         pose = self._step_pose(cache.pose, cache.tokens, actions)
-        prior = self.prior_view(token_map.MapState(cache.map, pose, cache.placement, cache.agreed), cache.tokens)
-        return prior, self.encode_prior(prior)
+        prior, hint = self.prior_view(token_map.MapState(cache.map, pose, cache.placement, cache.agreed), cache.tokens)
+        return prior, self.encode_prior(prior, hint)
 
     def true_poses(self, states: torch.Tensor) -> torch.Tensor:
         """states (B, T, S) -> the agent's poses (B, T, 3) relative to frame 0 (:func:`memory.relative_poses`)."""
@@ -868,12 +865,13 @@ class DynamicsModel(nn.Module):
         places: list[token_map.MapState] | None = [] if self.placing and not self.training else None
         place = None
         if self.map_memory:  # the decoder reads the map under the next pose, not frame t
-            priors, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses, places)
+            priors, hints, _ = self._map_window(tokens.reshape(b, t, -1), actions, poses, places)
             if places:
                 place = token_map.MapState(*(torch.stack([getattr(p, key) for p in places], dim=1)
                                              for key in ("map", "pose", "placement", "agreed")))
             prior = priors.reshape(b * t, -1)
-            logits, outcome = self.decode(prior, self.encode_prior(prior), None, actions.reshape(-1), given)
+            logits, outcome = self.decode(prior, self.encode_prior(prior, hints.reshape(b * t, -1)), None,
+                                          actions.reshape(-1), given)
             moved_logit = self.front_outcome(flat_tokens, actions.reshape(-1))[:, 3].view(b, t)
         else:
             logits, outcome = self.decode(flat_tokens, features.flatten(0, 1), memory.flatten(0, 1), actions.reshape(-1),
@@ -991,7 +989,7 @@ class DynamicsModel(nn.Module):
                               memory=None if self.config.memory == "frame" else last)
         if self.map_memory:
             following = torch.cat([previous[:, 1:], torch.full_like(previous[:, :1], -1)], dim=1)
-            _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None, [] if self.placing else None)
+            _, _, state = self._map_window(tokens.reshape(b, t0, -1), following.long(), None)
             cache.map, cache.pose, cache.placement, cache.agreed = state.map, state.pose, state.placement, state.agreed
         return cache, self.cache_state_logits(cache)
 

@@ -216,19 +216,6 @@ def structure_contents_of(states: np.ndarray, codec: StateCodec) -> np.ndarray:
     return table
 
 
-def structure_tokens_of(tile_contents: np.ndarray, structure_contents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """tile_contents (V, 3) (:func:`tile_contents_of`), structure_contents (5, 3)
-    (:func:`structure_contents_of`), tokens (...) of the frames -> (5,) int: the most frequent token
-    that draws each structure class's one content (-1 where the content varies or no token draws it)."""
-    counts = np.bincount(np.asarray(tokens).reshape(-1), minlength=len(tile_contents))[:len(tile_contents)]
-    out = np.full(5, -1, dtype=np.int64)
-    for kind, content in enumerate(structure_contents):
-        drawing = np.flatnonzero((content[0] >= 0) & (tile_contents == content).all(axis=1))
-        if len(drawing):
-            out[kind] = drawing[np.argmax(counts[drawing])]
-    return out
-
-
 def _determined_fields(known: dict, state, codec: StateCodec, carry_known: bool, layouts: np.ndarray | None) -> np.ndarray:
     """(S,) bool: the state fields of one frame that the read frames determine (module docstring)."""
     out = np.zeros(codec.size, dtype=bool)

@@ -160,18 +160,16 @@ def model_config(section: Any, vocab_size: int, token_shape: tuple[int, int], co
 
 def placement_tables(data: Any, codec: StateCodec, vocab_size: int) -> dict[str, list]:
     """The egocentric state head's tables (``DynamicsModelConfig.tile_contents``, ``layouts``,
-    ``structure_contents``, ``structure_tokens``) from the training episodes: what each token draws,
-    the layouts the episodes start in, the one content of walls, goals and lava and the token drawing it."""
-    from worldmodel.metrics import layouts_of, structure_contents_of, structure_tokens_of, tile_contents_of
+    ``structure_contents``) from the training episodes: what each token draws, the layouts the
+    episodes start in, the one content of walls, goals and lava."""
+    from worldmodel.metrics import layouts_of, structure_contents_of, tile_contents_of
 
     starts = np.asarray(data.states)[np.asarray(data.episode_starts)]
     layouts = layouts_of(starts, codec)
-    tokens = np.asarray(data.extras["tokens"])
-    tiles = tile_contents_of(tokens, np.asarray(data.states), codec, vocab_size)
-    structures = structure_contents_of(starts, codec)
-    return {"tile_contents": tiles.tolist(), "layouts": layouts.reshape(len(layouts), -1).tolist(),
-            "structure_contents": structures.tolist(),
-            "structure_tokens": structure_tokens_of(tiles, structures, tokens).tolist()}
+    return {"tile_contents": tile_contents_of(np.asarray(data.extras["tokens"]), np.asarray(data.states), codec,
+                                              vocab_size).tolist(),
+            "layouts": layouts.reshape(len(layouts), -1).tolist(),
+            "structure_contents": structure_contents_of(starts, codec).tolist()}
 
 
 def resolve_decoder_layers(layers: int, memory: str) -> int:
