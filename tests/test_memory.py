@@ -59,6 +59,21 @@ def map_model(vocab: int, hidden: int, seed: int = 0, **overrides) -> DynamicsMo
     return DynamicsModel(DynamicsModelConfig(**values)).eval()
 
 
+def cached_rollout_matches_sequence_pass(model, tokens, actions):
+    """Start on 3 frames, then step the cache frame by frame: every logit and state equals the
+    teacher-forced sequence pass's. Returns the last cache."""
+    with torch.no_grad():
+        full = model(tokens, actions)
+        cache, state = model.start(tokens[:, :3], actions[:, :2])
+        torch.testing.assert_close(state, full.state_logits[:, 2])
+        for t in range(2, tokens.shape[1] - 1):
+            logits, _ = model.predict_logits(cache, actions[:, t])
+            torch.testing.assert_close(logits, full.token_logits[:, t], atol=1e-5, rtol=1e-5)
+            cache, state = model.observe(cache, tokens[:, t + 1], actions[:, t])
+            torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-5, rtol=1e-5)
+    return cache
+
+
 def random_walk(seed: int, steps: int, moves=(LEFT, RIGHT, FORWARD)) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(a) for a in rng.choice(moves, size=steps)]
@@ -218,15 +233,7 @@ def test_placed_map_memory_cached_rollout_matches_the_sequence_pass(placed_walks
     frames = torch.as_tensor(np.stack([ids(w[0]) for w in walks])).view(6, -1, VIEW, VIEW)
     assert int(frames.max()) < model.config.vocab_size
     actions = torch.as_tensor(np.stack([np.append(w[2], 0) for w in walks]))
-    with torch.no_grad():
-        full = model(frames, actions)
-        cache, state = model.start(frames[:, :3], actions[:, :2])
-        torch.testing.assert_close(state, full.state_logits[:, 2])
-        for t in range(2, frames.shape[1] - 1):
-            logits, _ = model.predict_logits(cache, actions[:, t])
-            torch.testing.assert_close(logits, full.token_logits[:, t], atol=1e-5, rtol=1e-5)
-            cache, state = model.observe(cache, frames[:, t + 1], actions[:, t])
-            torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-5, rtol=1e-5)
+    cache = cached_rollout_matches_sequence_pass(model, frames, actions)
     assert (cache.placement >= 0).sum() >= 3
 
 
@@ -261,15 +268,7 @@ def test_map_memory_is_causal(walk):
 def test_map_memory_cached_rollout_matches_the_sequence_pass(walk):
     tokens, actions, states, ids = walk
     model = map_model(len(ids.table) + 4, ids.hidden)
-    with torch.no_grad():
-        full = model(tokens, actions)
-        cache, state = model.start(tokens[:, :3], actions[:, :2])
-        torch.testing.assert_close(state, full.state_logits[:, 2])
-        for t in range(2, tokens.shape[1] - 1):
-            logits, _ = model.predict_logits(cache, actions[:, t])
-            torch.testing.assert_close(logits, full.token_logits[:, t], atol=1e-5, rtol=1e-5)
-            cache, state = model.observe(cache, tokens[:, t + 1], actions[:, t])
-            torch.testing.assert_close(state, full.state_logits[:, t + 1], atol=1e-5, rtol=1e-5)
+    cached_rollout_matches_sequence_pass(model, tokens, actions)
     # Teacher forcing with the true poses trains the same pass (the loss runs and has the pose part).
     model.train()
     from worldmodel.dynamics import DynamicsBatch
