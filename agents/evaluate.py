@@ -45,7 +45,7 @@ class EvaluateConfig:
         "dreamer,checkpoints,random,sticky_random@0.75,epsilon_oracle@0.75,epsilon_oracle@0.5,"
         "epsilon_oracle@0.25,epsilon_oracle@0.1,oracle",
         "comma-separated policies: dreamer (the run's agent), checkpoints (its checkpoints along training), "
-        "vagen (the run's VAGEN agent), random, oracle, epsilon_oracle@EPS, sticky_random@P, a .pt path, or your own: "
+        "vagen (the run's VAGEN agent), ppo and ppo_checkpoints (the run's PPO baseline, along training), random, oracle, epsilon_oracle@EPS, sticky_random@P, a .pt path, or your own: "
         "package.module:attr, a TorchScript .pt, a stable-baselines3 .zip (docs/your_policy.md)",
     )
     episodes: int = param(20, "episodes per policy, in the real env and in imagination", min=1)
@@ -54,7 +54,7 @@ class EvaluateConfig:
     gif_policies: str = param("dreamer,oracle,random", "policies whose first episode is shown real | imagined side by side")
     gif_max_steps: int = param(60, "frames per GIF at most", min=1)
     gif_scale: int = param(4, "pixel repeat of the GIF frames", min=1)
-    max_checkpoints: int = param(6, "at most this many checkpoints along training (evenly spread, last included)",
+    max_checkpoints: int = param(6, "at most this many checkpoints along training of each agent (evenly spread, last included)",
                                  min=0)
     imagined_reward: str = param(
         "step_aware", "what an imagined success pays in the headline imagined return: step_aware (MiniGrid's reward "
@@ -308,31 +308,37 @@ def side_by_side(real: np.ndarray, imagined: np.ndarray, gap: int = 4) -> np.nda
 
 def resolve_policies(spec: str, run_path: Path, env_id: str, max_checkpoints: int) -> list[Policy]:
     """Build the policies named by ``spec`` (see ``EvaluateConfig.policies``), in order, without duplicates."""
-    from agents.train_dreamer import FINAL_NAME, checkpoints_along_training
+    from agents import train_dreamer, train_ppo
 
+    def saved(path: Path, name: str) -> Policy:
+        policy = make_policy(str(path))
+        policy.name = name
+        return policy
+
+    def along_training(paths: list[Path], final: Path) -> list[Policy]:
+        if len(paths) > max_checkpoints:
+            picks = np.unique(np.linspace(len(paths) - 1, 0, max_checkpoints).round().astype(int))  # the last first
+            paths = [paths[i] for i in picks]
+        final_step = read_checkpoint(final).get("training_step") if final.is_file() else None
+        policies = [make_policy(str(path)) for path in paths]
+        # the final agent is already in the set under its own name
+        return [p for p in policies if getattr(p, "training_step", None) != final_step]
+
+    dreamer_final, ppo_final = run_path / train_dreamer.FINAL_NAME, run_path / train_ppo.FINAL_NAME
     policies: list[Policy] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
         if item == "dreamer":
-            policy = make_policy(str(run_path / FINAL_NAME))
-            policy.name = "dreamer"
-            policies.append(policy)
+            policies.append(saved(dreamer_final, "dreamer"))
         elif item == "vagen":
-            policy = make_policy(str(run_path / "vagen.pt"))
-            policy.name = "vagen"
-            policies.append(policy)
+            policies.append(saved(run_path / "vagen.pt", "vagen"))
+        elif item == "ppo":
+            policies.append(saved(ppo_final, "ppo"))
         elif item == "checkpoints":
-            paths = checkpoints_along_training(run_path)
-            if len(paths) > max_checkpoints:
-                picks = np.unique(np.linspace(0, len(paths) - 1, max_checkpoints).round().astype(int))
-                paths = [paths[i] for i in picks]
-            final_step = read_checkpoint(run_path / FINAL_NAME).get("training_step") if (run_path / FINAL_NAME).is_file() else None
-            for path in paths:
-                policy = make_policy(str(path))
-                if getattr(policy, "training_step", None) == final_step:
-                    continue  # the final agent is already in the set as "dreamer"
-                policies.append(policy)
+            policies += along_training(train_dreamer.checkpoints_along_training(run_path), dreamer_final)
+        elif item == "ppo_checkpoints":
+            policies += along_training(train_ppo.checkpoints_along_training(run_path), ppo_final)
         else:
             policies.append(make_policy(item, env_id=env_id))
     names = [p.name for p in policies]

@@ -301,13 +301,27 @@ def load_sb3_policy(path: str | os.PathLike) -> OutsidePolicy:
     if keys:
         if "image" not in keys:
             raise ValueError(f"policy '{who}' reads a Dict observation {keys}: only MiniGrid's image/direction is served")
+        shapes = {key: tuple(space.spaces[key].shape) for key in keys}
         field = "minigrid"
-        convert = lambda obs: {key: obs[key] for key in keys if key in obs}  # noqa: E731
-    elif tuple(space.shape) == (7, 7, 3):
-        field, convert = "minigrid", (lambda obs: obs["image"])
+        convert = lambda obs: {key: _laid_out(obs[key], shapes[key], who) for key in keys if key in obs}  # noqa: E731
+    elif tuple(space.shape) in ((7, 7, 3), (3, 7, 7)):
+        shape = tuple(space.shape)
+        field, convert = "minigrid", (lambda obs: _laid_out(obs["image"], shape, who))
     else:
-        field, convert = "frames", (lambda obs: obs)
+        shape = tuple(space.shape)
+        field, convert = "frames", (lambda obs: _laid_out(obs, shape, who))
     return OutsidePolicy(lambda obs: model.predict(convert(obs), deterministic=True)[0], field, name=Path(path).stem)
+
+
+def _laid_out(batch: np.ndarray, shape: tuple[int, ...], who: str) -> np.ndarray:
+    """A channels-last image batch in the layout the model's observation space has: stable-baselines3
+    saves image spaces channels-first (its ``VecTransposeImage``), so (B, H, W, C) becomes (B, C, H, W)."""
+    batch = np.asarray(batch)
+    if batch.shape[1:] == shape:
+        return batch
+    if batch.ndim == 4 and (batch.shape[3], *batch.shape[1:3]) == shape:
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    raise ValueError(f"policy '{who}' reads observations of shape {shape}, and this env serves {batch.shape[1:]}")
 
 
 def load_outside_policy(spec: str, num_actions: int = NUM_ACTIONS) -> OutsidePolicy:

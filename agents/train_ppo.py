@@ -6,7 +6,8 @@ and oracle returns that normalise the score), then the loop, one update per pass
   2. GAE over the rollout (:func:`agents.rl.gae`), a truncated episode bootstrapped from the value of
      its final frame;
   3. ``epochs`` passes of ``minibatches`` clipped-PPO steps (:func:`agents.rl.ppo_loss`);
-  4. every ``eval_every`` updates, the policy on ``eval_episodes`` real episodes (steps not counted);
+  4. every ``eval_every`` updates, the policy on ``eval_episodes`` real episodes (steps not counted),
+     saved as ``<run>/ppo_checkpoints/step_<update>.pt`` (the evaluator's ``ppo_checkpoints``);
 then save. Under ``torchrun`` each process rolls its own envs and DistributedDataParallel averages
 the gradients, so one update sees ``world * num_envs * rollout_steps`` real steps; on one process
 it is the plain loop. Writes ``<run>/ppo.pt`` (a policy: ``agents.policy.load_policy``).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,11 +37,17 @@ from common.stage import check_finite
 
 FINAL_NAME = "ppo.pt"
 RESUME_NAME = "ppo.resume.pt"
+CHECKPOINT_FOLDER = "ppo_checkpoints"
 
 
 def stage_config(cfg: Any) -> PPOConfig:
     values = OmegaConf.to_container(cfg.ppo, resolve=True) if OmegaConf.is_config(cfg.ppo) else asdict(cfg.ppo)
     return PPOConfig(**values)  # type: ignore[arg-type]
+
+
+def checkpoints_along_training(run_path: Path) -> list[Path]:
+    """The policies saved at each evaluation along training, in update order."""
+    return sorted((Path(run_path) / CHECKPOINT_FOLDER).glob("step_*.pt"))
 
 
 def tokenizer_path(cfg: Any) -> Path:
@@ -136,6 +144,8 @@ def train(cfg: Any, run_dir: Any, tokenizer: Any = None, log: Any = print) -> di
         generator.manual_seed(derive_seed(cfg.run.seed, rank, update))
         if is_main:
             log(f"[ppo] resumed from {resume_path} at update {update} ({env_steps} env steps)")
+    elif is_main and (run_path / CHECKPOINT_FOLDER).exists():  # a fresh start: a killed run's policies are not this run's
+        shutil.rmtree(run_path / CHECKPOINT_FOLDER)
     wrapped: nn.Module = agent
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(agent, device_ids=[device] if device.type == "cuda" else None)
@@ -244,6 +254,7 @@ def train(cfg: Any, run_dir: Any, tokenizer: Any = None, log: Any = print) -> di
         if stage.eval_every > 0 and update % stage.eval_every == 0 and update < num_updates:
             result = evaluate()
             history.append(result)
+            save_policy(run_path / CHECKPOINT_FOLDER / f"step_{update:06d}.pt", policy(), metrics=result)
             if logger is not None:
                 logger.scalars(env_steps, {f"eval_{k}": v for k, v in result.items() if k not in ("env_steps", "update")})
             log(f"[ppo] update {update}/{num_updates}, {env_steps} env steps: return {result['real_return']:.3f}, "

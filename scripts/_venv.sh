@@ -30,7 +30,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # torch first and pinned, from the chosen index; the rest then finds it installed.
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" ${torch_index[@]+"${torch_index[@]}"} torch
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,minari]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,minari,sb3]"
   "$VENV/bin/python" -c "import torch; print(f'[setup] torch {torch.__version__}:', f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU-only build')"
   echo "$want" > "$stamp"
 fi

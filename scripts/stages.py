@@ -48,6 +48,16 @@ def dreamer_id(cfg: Any) -> str:
     return ",".join(parts)
 
 
+def ppo_id(cfg: Any) -> str:
+    """The PPO baseline and every policy saved along its training."""
+    from agents.train_ppo import FINAL_NAME, checkpoints_along_training
+
+    folder, hint = run_path(cfg), "rerun scripts/train_ppo.py"
+    parts = [checkpoint_content(folder / FINAL_NAME, "ppo", hint)]
+    parts += [checkpoint_content(path, "ppo", hint) for path in checkpoints_along_training(folder)]
+    return ",".join(parts)
+
+
 def policy_ids(cfg: Any) -> dict[str, str]:
     """The content identity of every saved policy that ``evaluate.policies`` names (scripted
     policies have none: their code is their identity), and of every outside policy (a
@@ -71,6 +81,8 @@ def policy_ids(cfg: Any) -> dict[str, str]:
             ids["dreamer"] = dreamer_id(cfg)
         elif item == "vagen":
             ids["vagen"] = checkpoint_content(run_path(cfg) / "vagen.pt", "vagen", "rerun scripts/train_vagen.py")
+        elif item in ("ppo", "ppo_checkpoints"):
+            ids["ppo"] = ppo_id(cfg)
         elif is_path(item):
             if not Path(item).is_file():
                 raise ConfigError(f"evaluate.policies: policy file {item} not found")

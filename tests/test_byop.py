@@ -296,14 +296,13 @@ def test_an_illegal_action_in_the_evaluate_stage_exits_1_naming_the_policy(run, 
     assert f"policy '{spec}' returned action 7, outside Discrete(7)" in err and "Traceback" not in err
 
 
-def test_stable_baselines3_without_the_extra_says_which_extra(tmp_path):
-    import importlib.util
+def test_stable_baselines3_without_the_extra_says_which_extra(tmp_path, monkeypatch):
+    import sys
     import zipfile
 
     from agents.policy import make_policy
 
-    if importlib.util.find_spec("stable_baselines3") is not None:
-        pytest.skip("stable_baselines3 is installed here")
+    monkeypatch.setitem(sys.modules, "stable_baselines3", None)  # as if the extra were not installed
     path = tmp_path / "ppo_doorkey.zip"
     with zipfile.ZipFile(path, "w") as archive:  # the members an SB3 save has
         archive.writestr("data", "{}")
@@ -313,6 +312,70 @@ def test_stable_baselines3_without_the_extra_says_which_extra(tmp_path):
         make_policy(str(path))
     assert f"policy '{path}'" in str(error.value) and "stable_baselines3 is not installed" in str(error.value)
     assert "'sb3' extra" in str(error.value)
+
+
+def _sb3_model(tmp_path, observation: str):
+    """A stable-baselines3 PPO trained a few steps on DoorKey-5x5's native observation: the image
+    alone (``ImgObsWrapper``, a (7, 7, 3) box) or a Dict of image and direction; SB3 saves either
+    image channels-first."""
+    sb3 = pytest.importorskip("stable_baselines3", reason="the 'sb3' extra is not installed")
+    import gymnasium as gym
+    import torch
+    from minigrid.wrappers import ImgObsWrapper
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    class ImageAndDirection(gym.ObservationWrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.observation_space = gym.spaces.Dict({k: env.observation_space[k] for k in ("image", "direction")})
+
+        def observation(self, obs):
+            return {k: obs[k] for k in ("image", "direction")}
+
+    class Flat(BaseFeaturesExtractor):  # SB3's default CNN for a Dict's image wants at least 8x8
+        def __init__(self, space):
+            super().__init__(space, features_dim=7 * 7 * 3 + 4)
+
+        def forward(self, obs):
+            return torch.cat([obs["image"].flatten(1), obs["direction"].flatten(1)], dim=1)
+
+    env = gym.make("MiniGrid-DoorKey-5x5-v0")
+    if observation == "image":
+        env, kind, kwargs = ImgObsWrapper(env), "MlpPolicy", {}
+    else:
+        env, kind, kwargs = ImageAndDirection(env), "MultiInputPolicy", {"features_extractor_class": Flat}
+    model = sb3.PPO(kind, env, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu",
+                    policy_kwargs={"normalize_images": False, **kwargs})
+    model.learn(32)
+    path = tmp_path / f"sb3_{observation}.zip"
+    model.save(str(path))
+    return model, path
+
+
+@pytest.mark.parametrize("observation", ["image", "dict"])
+def test_a_stable_baselines3_model_acts_on_the_native_observation_in_both_worlds(world, tmp_path, observation):
+    from agents.policy import PolicyInput, make_policy
+
+    model, path = _sb3_model(tmp_path, observation)
+    policy = make_policy(str(path))
+    assert policy.inputs == ("minigrid",) and policy.name == path.stem
+    real, imagined = _play_both_worlds(policy, world)
+    assert real.lengths.min() > 0 and imagined.lengths.min() > 0
+    cfg, _ = world
+    obs = _gen_obs(cfg.env.id, 0)
+    own = obs["image"] if observation == "image" else {"image": obs["image"], "direction": obs["direction"]}
+    batch = PolicyInput(minigrid={"image": obs["image"][None], "direction": np.array([obs["direction"]])})
+    assert policy.act(batch)[0] == model.predict(own, deterministic=True)[0]  # acts as SB3 does on MiniGrid's own
+
+
+def test_a_stable_baselines3_model_of_another_frame_size_names_the_shapes(tmp_path):
+    from agents.outside import _laid_out
+
+    frames = np.zeros((2, 40, 40, 3), dtype=np.uint8)
+    assert _laid_out(frames, (3, 40, 40), "m.zip").shape == (2, 3, 40, 40)
+    assert _laid_out(frames, (40, 40, 3), "m.zip") is frames
+    with pytest.raises(ValueError, match=r"policy 'm.zip' reads observations of shape \(3, 48, 48\), and this env serves \(40, 40, 3\)"):
+        _laid_out(frames, (3, 48, 48), "m.zip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +414,27 @@ def test_the_pages_torchscript_example_evaluates(world, tmp_path, monkeypatch):
     from agents.policy import make_policy
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "make_mine.py").write_text(_blocks("python")[-1])  # torch.jit.script reads the source file
+    (tmp_path / "make_mine.py").write_text(next(b for b in _blocks("python") if "torch.jit.save" in b))  # jit reads the source
     runpy.run_path(str(tmp_path / "make_mine.py"), run_name="make_mine")
     policy = make_policy(str(tmp_path / "mine.pt"))
     assert policy.inputs == ("states",)
+    real, imagined = _play_both_worlds(policy, world)
+    assert real.lengths.min() > 0 and imagined.lengths.min() > 0
+
+
+def test_the_pages_stable_baselines3_example_evaluates(world, tmp_path, monkeypatch):
+    """The page's SB3 block as written, with a 256-step budget for its 100k."""
+    pytest.importorskip("stable_baselines3", reason="the 'sb3' extra is not installed")
+    import runpy
+
+    from agents.policy import make_policy
+
+    block = next(b for b in _blocks("python") if "stable_baselines3" in b)
+    assert ".learn(100_000)" in block
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train_sb3.py").write_text(block.replace(".learn(100_000)", ".learn(256)"))
+    runpy.run_path(str(tmp_path / "train_sb3.py"), run_name="train_sb3")
+    policy = make_policy(str(tmp_path / "sb3_doorkey.zip"))
+    assert policy.inputs == ("minigrid",)
     real, imagined = _play_both_worlds(policy, world)
     assert real.lengths.min() > 0 and imagined.lengths.min() > 0

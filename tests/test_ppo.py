@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policy import PolicyInput, load_policy
+from agents.policy import PolicyInput, load_policy, save_policy
 from agents.ppo import PPOConfig, PPOPolicy, check_config, linear_schedule
 
 
@@ -101,6 +101,41 @@ def test_stage_runs_skips_when_complete_and_takes_the_env_action_count(run_root,
     capsys.readouterr()
     main(argv)
     assert "[ppo] complete" in capsys.readouterr().out and (folder / "ppo.pt").stat().st_mtime_ns == written
+
+
+def test_policies_along_training_are_saved_at_each_evaluation_and_evaluated_by_name(run_root):
+    """Every ``eval_every`` updates the policy is saved under ppo_checkpoints/ with its evaluation;
+    ``ppo`` and ``ppo_checkpoints`` name them in evaluate.policies; a fresh start drops a killed run's."""
+    from agents.evaluate import resolve_policies
+    from agents.train_ppo import CHECKPOINT_FOLDER, checkpoints_along_training
+    from scripts.stages import policy_ids
+    from scripts.train_ppo import main
+
+    folder = run_root / "along"
+    _write_untrained_tokenizer(folder)
+    stale = folder / CHECKPOINT_FOLDER / "step_000099.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a killed run's policy")
+    argv = [f"run.root={run_root}", "run.name=along", "run.progress=false", "ppo.total_env_steps=96", "ppo.num_envs=2",
+            "ppo.rollout_steps=16", "ppo.epochs=1", "ppo.minibatches=1", "ppo.eval_every=1", "ppo.eval_episodes=2",
+            "ppo.embed_dim=4", "ppo.channels=4", "ppo.hidden_dim=16"]
+    main(argv)
+    paths = checkpoints_along_training(folder)
+    assert [p.name for p in paths] == ["step_000001.pt", "step_000002.pt"] and not stale.exists()
+    history = torch.load(folder / "ppo.pt", weights_only=False)["history"]
+    assert [torch.load(p, weights_only=False)["metrics"] for p in paths] == history[:2]
+
+    policies = resolve_policies("ppo,ppo_checkpoints,random", folder, "MiniGrid-DoorKey-5x5-v0", max_checkpoints=6)
+    assert [p.name for p in policies] == ["ppo", "ppo@32", "ppo@64", "random"]
+    assert [p.training_step for p in policies[:3]] == [3, 1, 2]
+    assert [p.name for p in resolve_policies("ppo_checkpoints", folder, "x", max_checkpoints=1)] == ["ppo@64"]
+    cfg = _config(run_root, "along", "evaluate.policies=ppo,random,oracle")
+    before = policy_ids(cfg)["ppo"]
+    changed = load_policy(paths[0])
+    with torch.no_grad():
+        next(changed.actor.parameters()).add_(1.0)
+    save_policy(paths[0], changed)
+    assert policy_ids(cfg)["ppo"] != before  # a changed checkpoint along training reruns the evaluation
 
 
 @pytest.mark.parametrize("override, key", [("ppo.minibatches=3", "ppo.minibatches"), ("ppo.lr=0", "ppo.lr"),
