@@ -2,9 +2,9 @@
 """Benchmark: does the world model rank a zoo of policies as the real env does, and how far are its
 imagined returns from the real ones? The field's metrics with 95% bootstrap intervals.
 
-    python benchmarks/ranking.py [--envs doorkey-5x5,doorkey-6x6,...] [--episodes 100] [--root DIR]
+    python benchmarks/ranking.py [--envs doorkey-5x5,doorkey-6x6,...] [--views full,partial] [--episodes 100]
 
-Per env (full view): one quickstart run from scratch with fixed seeds — data (``FRAMES`` frames, a
+Per env and view (``--views``, full by default): one quickstart run from scratch with fixed seeds — data (``FRAMES`` frames, a
 random + epsilon-oracle mix so the model sees the places good policies go), tokenizer, dynamics,
 the Dreamer agent with a checkpoint every ``--every`` updates — then the other agents of the zoo,
 then one evaluation of the whole zoo, each policy ``--episodes`` episodes in the real env and in
@@ -16,14 +16,14 @@ the model from the same first frames:
 - the PPO baseline trained ``--ppo-steps`` real steps on the run's tokens, and up to
   ``--checkpoints`` of its policies along training (one per evaluation, every 8 updates);
 - the VAGEN agent of each strategy in ``--vagen`` (``--vagen-steps`` real turns each, its own run
-  folder), acting on frames (decoded from the model's tokens in imagination);
+  folder; full view only), acting on frames (decoded from the model's tokens in imagination);
 - stable-baselines3 PPO on MiniGrid's native observation (``ImgObsWrapper``), saved at each of
   ``--sb3-steps``: an outside policy, evaluated through its ``.zip`` (skipped, and said so, when
   the ``sb3`` extra is not installed);
 - every spec or ``.pt`` given with ``--extra``.
 
 Prints progress and one JSON object last (also ``benchmarks/results/<--results>.json``):
-``{env_id: {"full": {"num_policies", "episodes", "mae", "mae_normalized", "spearman", "kendall",
+``{env_id: {view: {"num_policies", "episodes", "mae", "mae_normalized", "spearman", "kendall",
 "pearson", "regret_at_1", "regret_at_3", "mmrv", "trust_gap_spearman", "<metric>_ci", ...,
 "eval_seconds", "wall_seconds", "zoo": {family: count}}}}, "machine": {...}}``.
 """
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--envs", default="doorkey-5x5,doorkey-6x6,lavagap-s7,multiroom-n2-s4,keycorridor-s3r1",
                         help="env presets, comma-separated")
+    parser.add_argument("--views", default="full", help="views, comma-separated: full, partial (egocentric)")
     parser.add_argument("--episodes", type=int, default=100, help="episodes per policy in each world")
     parser.add_argument("--every", type=int, default=50, help="Dreamer checkpoint interval (updates)")
     parser.add_argument("--checkpoints", type=int, default=14, help="checkpoints along training of each agent in the zoo")
@@ -118,24 +119,33 @@ def main(argv: list[str] | None = None) -> dict:
     from scripts import quickstart, train_ppo, train_vagen
 
     out: dict = {}
-    for env in (e.strip() for e in args.envs.split(",") if e.strip()):
-        if env not in FRAMES:
-            raise SystemExit(f"no frame budget for env preset '{env}': choose from {sorted(FRAMES)}")
-        env_id, name = results_key(env), f"ranking-{env}"
-        common = ["--env", env, f"run.root={args.root}", "run.progress=false", *overrides]
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    if set(views) - {"full", "partial"}:
+        raise SystemExit(f"--views: choose from full, partial; got '{args.views}'")
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+    unknown = [env for env in envs if env not in FRAMES]
+    if unknown:
+        raise SystemExit(f"--envs: no frame budget for {unknown}: choose from {sorted(FRAMES)}")
+    for env, view in ((env, view) for env in envs for view in views):
+        env_id, name = results_key(env), f"ranking-{env}" + ("" if view == "full" else f"-{view}")
+        common = ["--env", env, f"env.obs={view}", f"run.root={args.root}", "run.progress=false", *overrides]
         argv_run = [*common, f"run.name={name}", f"collect.num_steps={FRAMES[env]}", f"collect.policy_mix={MIX}",
                     f"dreamer.checkpoint_every={args.every}", f"evaluate.episodes={args.episodes}",
                     f"evaluate.max_checkpoints={args.checkpoints}", "evaluate.gif_policies=dreamer"]
         started = time.perf_counter()
-        log(f"{env}: {FRAMES[env]} frames; the world model and the Dreamer agent")
+        log(f"{env} ({view}): {FRAMES[env]} frames; the world model and the Dreamer agent")
         quickstart.main([*argv_run, "evaluate.policies=dreamer,random,oracle"])
         zoo = ["dreamer", "checkpoints", *SCRIPTED]
         if args.ppo_steps > 0:
-            log(f"{env}: the PPO baseline, {args.ppo_steps} real steps")
+            log(f"{env} ({view}): the PPO baseline, {args.ppo_steps} real steps")
             train_ppo.main([*common, f"run.name={name}", f"ppo.total_env_steps={args.ppo_steps}", "ppo.eval_every=8"])
             zoo += ["ppo", "ppo_checkpoints"]
-        for strategy in (s.strip() for s in args.vagen.split(",") if s.strip()):
-            log(f"{env}: the VAGEN agent ({strategy}), {args.vagen_steps} real turns")
+        strategies = [s.strip() for s in args.vagen.split(",") if s.strip()]
+        if strategies and view != "full":
+            log(f"{env} ({view}): no VAGEN agent (it reads the full view only)")
+            strategies = []
+        for strategy in strategies:
+            log(f"{env} ({view}): the VAGEN agent ({strategy}), {args.vagen_steps} real turns")
             folder = f"{name}-vagen-{strategy}"
             train_vagen.main([*common, f"run.name={folder}", f"vagen.strategy={strategy}",
                               f"vagen.total_env_steps={args.vagen_steps}"])
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             sb3 = train_sb3(env_id, Path(args.root) / f"{name}-sb3", seed=0, budgets=budgets)
             zoo += sb3
         zoo += [p for p in args.extra.split(",") if p]
-        log(f"{env}: evaluating the zoo")
+        log(f"{env} ({view}): evaluating the zoo")
         result = quickstart.main([*argv_run, f"evaluate.policies={','.join(zoo)}"])
         metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())["evaluate"]
         row = {k: metrics.get(k) for k in KEYS}
@@ -153,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         row["wall_seconds"] = round(time.perf_counter() - started, 1)
         row["flags"] = len(metrics.get("flags", []))
         row.update(by_family(metrics["policies"]))
-        out.setdefault(env_id, {})["full"] = row
-        log(f"{env}: spearman {row['spearman']}, mae_normalized {row['mae_normalized']}, "
+        out.setdefault(env_id, {})[view] = row
+        log(f"{env} ({view}): spearman {row['spearman']}, mae_normalized {row['mae_normalized']}, "
             f"regret_at_1 {row['regret_at_1']} over {row['num_policies']} policies, evaluated in {row['eval_seconds']} s")
     out["machine"] = machine()
     finish(args.results, out)

@@ -49,6 +49,7 @@ def validate(cfg) -> None:
     values against registries and parsers, and fields against each other. Each error names its key."""
     from agents.ppo import check_config as check_ppo
     from agents.vagen.train import check_config as check_vagen
+    from agents.vagen.train import check_view
     from envs.make import normalize_env_id
     from envs.policies import parse_policy_mix
     from worldmodel.train_tokenizer import model_config as tokenizer_model_config
@@ -80,4 +81,6 @@ def validate(cfg) -> None:
     if cfg.data.mix and cfg.dynamics.memory == "map":
         raise ValueError("dynamics.memory: map is the egocentric view's memory; data.mix trains full-view models")
     check_vagen(cfg.vagen)
+    if cfg.quickstart.vagen:
+        check_view(cfg)
     check_ppo(cfg.ppo)

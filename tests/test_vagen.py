@@ -699,6 +699,17 @@ def test_a_bad_strategy_fails_naming_the_key(tmp_path, capsys):
     assert "vagen.strategy" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_the_egocentric_view_fails_naming_env_obs(tmp_path, capsys):
+    from scripts import quickstart, train_vagen
+
+    for main, extra in ((train_vagen.main, []), (quickstart.main, ["quickstart.vagen=true"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main([f"run.root={tmp_path}", "run.name=ego", "env.obs=partial", *extra])
+        assert exit_info.value.code == 2
+        assert "env.obs: the VAGEN agent reads the full view" in capsys.readouterr().err
+        assert not (tmp_path / "ego" / "vagen.pt").exists()
+
+
 
 
 def test_a_checkpoint_of_the_old_layout_or_another_template_is_refused_by_name():

@@ -50,7 +50,7 @@ from agents.vagen.vocab import (
     world_model_reward,
 )
 from common.atomic import atomic_torch_save
-from common.config import check_values, param
+from common.config import ConfigError, check_values, param
 from common.runs import Logger, RunDir
 from common.seeding import derive_seed, seed_everything
 from common.stage import check_finite, load_resume
@@ -377,11 +377,19 @@ def format_warmup(net: VagenNet, vcfg: Any, vocab: Vocab, frames: np.ndarray, ge
 # ---------------------------------------------------------------------------------------------
 
 
+def check_view(cfg: Any) -> None:
+    """The agent reads the whole grid (its frame encoder and its state fields are the full view's)."""
+    if str(cfg.env.obs) != "full":
+        raise ConfigError(f"env.obs: the VAGEN agent reads the full view (its frame encoder and state fields are "
+                          f"the whole grid's); got env.obs={cfg.env.obs}: train it with env.obs=full")
+
+
 def train(cfg: Any, run: RunDir) -> dict[str, Any]:
     """Train the agent of ``cfg.vagen`` in run folder ``run``; write ``vagen.pt`` and return the
     final evaluation (also merged into ``metrics.json`` under ``vagen``)."""
     vcfg = cfg.vagen
     check_config(vcfg)
+    check_view(cfg)
     final_path, resume_path = run / "vagen.pt", run / "vagen.resume.pt"
 
     # --- set-up -----------------------------------------------------------------------------------
