@@ -760,3 +760,23 @@ def test_steps_to_0_9_is_the_first_evaluation_that_reaches_it_and_stays():
     assert steps_to([[1000, 0.5], [2000, 0.92], [3000, 0.8], [4000, 0.95], [5000, 0.9]]) == 4000  # 2000 fell back
     assert steps_to([[1000, 0.5], [2000, 0.91]]) == 2000  # the last evaluation counts alone
     assert steps_to([[1000, 0.95], [2000, 0.5]]) is None and steps_to([]) is None
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-DoorKey-5x5-v0", "MiniGrid-KeyCorridorS3R1-v0"])
+def test_the_optimal_return_is_the_oracles_return_on_the_envs_own_task(env_id):
+    """KeyCorridor's task is picking up the ball, not reaching a goal tile (which it has none of)."""
+    from agents.vagen.train import optimal_return
+    from envs.make import make_env
+    from envs.oracle import Oracle, task_for_env
+    from envs.state import StateCodec
+
+    env = make_env(env_id)
+    base = env.unwrapped
+    codec = StateCodec(base.width, base.height)
+    _, info = env.reset(seed=7)
+    best = optimal_return(env, info["state"], codec)
+    oracle, total, done = Oracle(codec, task_for_env(env)), 0.0, False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(oracle.action(info["state"]))
+        total, done = total + reward, terminated or truncated
+    assert total > 0 and best == pytest.approx(total)

@@ -528,9 +528,9 @@ def _log(logger: Logger, cfg: Any, rollout: Rollout, collector: Collector, parts
 
 def optimal_return(env: Any, state_array: np.ndarray, codec: StateCodec) -> float:
     """The BFS oracle's return from this state (``return_ratio``'s denominator), NaN if unplannable."""
-    from envs.oracle import plan
+    from envs.oracle import plan, task_for_env
 
-    actions = plan(codec.decode(state_array))
+    actions = plan(codec.decode(state_array), task_for_env(env))  # KeyCorridor: pick up the ball
     if not actions:
         return float("nan")
     return 1.0 - 0.9 * len(actions) / env.unwrapped.max_steps
