@@ -30,6 +30,7 @@ from common.config import param
 from common.runs import RunDir, write_gif, write_png
 from common.seeding import derive_seed, seed_everything
 from envs.native_obs import native_observations
+from envs.state import StateCodec
 from worldmodel.imagine import step_aware_reward
 from worldmodel.tokenizer import encode_frames
 
@@ -185,6 +186,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
         frames.append(frame), states.append(info["state"])
     frames_np, states_np = np.stack(frames), np.stack(states)
     first_states = states_np.copy()
+    codec = StateCodec(envs[0].unwrapped.width, envs[0].unwrapped.height)  # KeyCorridor's grid is not square
     count = len(seeds)
     alive = np.ones(count, dtype=bool)
     returns, lengths, success = np.zeros(count), np.zeros(count, dtype=np.int64), np.zeros(count, dtype=bool)
@@ -195,7 +197,7 @@ def run_real(policy: Policy, env_cfg: Any, seeds: Sequence[int], tokenizer: Any,
             tokens=encode_frames(tokenizer, frames_np) if "tokens" in policy.inputs else None,
             frames=frames_np if "frames" in policy.inputs else None,
             states=states_np if "states" in policy.inputs else None,
-            minigrid=native_observations(states_np) if "minigrid" in policy.inputs else None,
+            minigrid=native_observations(states_np, codec) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
         for i in np.flatnonzero(alive):
@@ -256,6 +258,9 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
     step_aware = np.zeros(count)
     doubt = np.zeros(count) if hasattr(world_model, "uncertainty") else None
     reads_state = bool({"states", "minigrid"} & set(policy.inputs)) and hasattr(world_model, "state_uncertainty")
+    model_config = getattr(world_model, "config", None)
+    codec = (StateCodec(model_config.state_width, model_config.state_height) if hasattr(model_config, "state_width")
+             else StateCodec.for_array_size(states.shape[1]))
     recorded = [np.asarray(tokenizer.decode(tokens[:1]).cpu())[0]] if record_first else []
     policy.reset(count, seed=policy_seed)
     for step_index in range(max_steps):
@@ -265,7 +270,7 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
             tokens=tokens if "tokens" in policy.inputs else None,
             frames=tokenizer.decode(tokens).cpu().numpy() if "frames" in policy.inputs else None,
             states=states if "states" in policy.inputs else None,
-            minigrid=native_observations(states) if "minigrid" in policy.inputs else None,
+            minigrid=native_observations(states, codec) if "minigrid" in policy.inputs else None,
         )
         actions = policy.act(inp)
         if doubt is not None:  # the model's doubt about the step, and about the state the policy read

@@ -222,6 +222,20 @@ def test_each_policy_gets_what_it_declared_in_both_worlds(world, received, name,
                 assert first["direction"][row] == reference["direction"]
 
 
+def test_the_native_observation_of_a_grid_that_is_not_square(received):
+    """KeyCorridorS3R1's grid is 7x3: the real env's observation is built with the env's own width."""
+    from agents.evaluate import run_real
+    from agents.policy import make_policy
+    from common.config import load_config
+    from scripts.config import Config
+
+    cfg = load_config(Config, ["--env", "keycorridor-s3r1"])
+    run_real(make_policy("tests.outside_policy:NativePolicy"), cfg.env, [0, 1], None, policy_seed=0)
+    first = received["minigrid"][0]
+    for row, seed in enumerate((0, 1)):
+        np.testing.assert_array_equal(first["image"][row], _gen_obs(cfg.env.id, seed)["image"])
+
+
 def test_plain_callable_and_torchscript_on_the_native_observation(world, tmp_path):
     import torch
 
