@@ -258,9 +258,11 @@ def run_imagined(policy: Policy, world_model: Any, first_frames: np.ndarray, fir
     step_aware = np.zeros(count)
     doubt = np.zeros(count) if hasattr(world_model, "uncertainty") else None
     reads_state = bool({"states", "minigrid"} & set(policy.inputs)) and hasattr(world_model, "state_uncertainty")
-    model_config = getattr(world_model, "config", None)
-    codec = (StateCodec(model_config.state_width, model_config.state_height) if hasattr(model_config, "state_width")
-             else StateCodec.for_array_size(states.shape[1]))
+    codec = None
+    if "minigrid" in policy.inputs:  # the native observation needs the grid's width: KeyCorridor's is not square
+        model_config = getattr(world_model, "config", None)
+        codec = (StateCodec(model_config.state_width, model_config.state_height) if hasattr(model_config, "state_width")
+                 else StateCodec.for_array_size(states.shape[1]))
     recorded = [np.asarray(tokenizer.decode(tokens[:1]).cpu())[0]] if record_first else []
     policy.reset(count, seed=policy_seed)
     for step_index in range(max_steps):
