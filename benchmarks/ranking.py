@@ -100,7 +100,7 @@ def by_family(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--envs", default="doorkey-5x5,doorkey-6x6,lavagap-s7,multiroom-n2-s4,keycorridor-s3r1",
+    parser.add_argument("--envs", default="doorkey-5x5,doorkey-6x6,lavagap-s7,keycorridor-s3r1,dynamic-obstacles-6x6",
                         help="env presets, comma-separated")
     parser.add_argument("--views", default="full", help="views, comma-separated: full, partial (egocentric)")
     parser.add_argument("--episodes", type=int, default=100, help="episodes per policy in each world")
