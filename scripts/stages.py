@@ -38,24 +38,26 @@ def inverse_id(cfg: Any) -> str:
     return checkpoint_content(run_path(cfg) / "inverse.pt", "inverse dynamics", "run scripts/train_inverse.py")
 
 
+def _agent_id(cfg: Any, trainer: Any, what: str, hint: str) -> str:
+    """The content identity of an agent's final policy and of every policy saved along its training
+    (``trainer``: the training module, with ``FINAL_NAME`` and ``checkpoints_along_training``)."""
+    folder = run_path(cfg)
+    paths = [folder / trainer.FINAL_NAME, *trainer.checkpoints_along_training(folder)]
+    return ",".join(checkpoint_content(path, what, hint) for path in paths)
+
+
 def dreamer_id(cfg: Any) -> str:
     """The final agent and every policy saved along its training."""
-    from agents.train_dreamer import FINAL_NAME, checkpoints_along_training
+    from agents import train_dreamer
 
-    folder = run_path(cfg)
-    parts = [checkpoint_content(folder / FINAL_NAME, "dreamer", DREAMER_HINT)]
-    parts += [checkpoint_content(path, "dreamer", DREAMER_HINT) for path in checkpoints_along_training(folder)]
-    return ",".join(parts)
+    return _agent_id(cfg, train_dreamer, "dreamer", DREAMER_HINT)
 
 
 def ppo_id(cfg: Any) -> str:
     """The PPO baseline and every policy saved along its training."""
-    from agents.train_ppo import FINAL_NAME, checkpoints_along_training
+    from agents import train_ppo
 
-    folder, hint = run_path(cfg), "rerun scripts/train_ppo.py"
-    parts = [checkpoint_content(folder / FINAL_NAME, "ppo", hint)]
-    parts += [checkpoint_content(path, "ppo", hint) for path in checkpoints_along_training(folder)]
-    return ",".join(parts)
+    return _agent_id(cfg, train_ppo, "ppo", "rerun scripts/train_ppo.py")
 
 
 def policy_ids(cfg: Any) -> dict[str, str]:
